@@ -1,0 +1,16 @@
+"""jlora: parameter-efficient fine-tuning for JAX/Flax as pure transforms over parameter pytrees."""
+
+from jlora.core.api import (activate, adapter_names, apply, combine, combine_adapters, count,
+                            delete_adapter, merge, partition, summary, unmerge)
+from jlora.core.lift import lift
+from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_node
+from jlora.core.spec import Axes
+from jlora.methods.lora import LoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRA", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
+    "apply", "partition", "combine", "merge", "unmerge", "summary", "count", "lift",
+    "activate", "adapter_names", "delete_adapter", "combine_adapters",
+]

@@ -1,0 +1,108 @@
+"""Every read of JAX-internal primitive parameters lives here (they move between versions).
+
+Tested by tests/core/test_compat.py against the installed JAX. Known differences:
+jax 0.10: scan has ``num_consts``/``num_carry`` and a ClosedJaxpr ``jaxpr``; jax 0.11 renamed
+the counts and made ``jaxpr`` open (consts passed as leading inputs).
+"""
+
+from __future__ import annotations
+
+from jax.extend import core as jcore
+
+P = jcore.primitives
+
+scan_p = P.scan_p
+jit_p = P.jit_p
+remat_p = P.remat_p
+custom_jvp_call_p = P.custom_jvp_call_p
+custom_vjp_call_p = P.custom_vjp_call_p
+cond_p = P.cond_p
+while_p = P.while_p
+dot_general_p = P.dot_general_p
+gather_p = P.gather_p
+conv_p = P.conv_general_dilated_p
+convert_element_type_p = P.convert_element_type_p
+transpose_p = P.transpose_p
+sharding_constraint_p = P.sharding_constraint_p
+copy_p = P.copy_p
+mul_p = P.mul_p
+
+PASS_THROUGH = tuple(p for p in (P.sharding_constraint_p, P.copy_p, getattr(P, "device_put_p", None),
+                                 getattr(P, "reduce_precision_p", None)) if p is not None)
+
+
+def open_jaxpr(j):
+    """(Jaxpr, consts) from either a ClosedJaxpr or an open Jaxpr."""
+    if isinstance(j, jcore.ClosedJaxpr):
+        return j.jaxpr, list(j.consts)
+    return j, []
+
+
+def _count(params, *names):
+    for n in names:
+        if n in params:
+            v = params[n]
+            return len(v) if isinstance(v, (tuple, list)) else int(v)
+    raise KeyError(f"none of {names} in scan params {sorted(params)}; update jlora/core/_compat.py for this JAX")
+
+
+def scan_info(params):
+    """(body Jaxpr, body consts, num_consts, num_carry, length, reverse, unroll)."""
+    body, consts = open_jaxpr(params["jaxpr"])
+    num_consts = _count(params, "num_consts", "ft_in", "n_consts")
+    num_carry = _count(params, "num_carry", "ft_out", "n_carry")
+    return body, consts, num_consts, num_carry, params["length"], params["reverse"], params.get("unroll", 1)
+
+
+def call_jaxpr(params):
+    """Sub-jaxpr of jit / remat / custom_jvp_call / custom_vjp_call, as (Jaxpr, consts)."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        if key in params:
+            return open_jaxpr(params[key])
+    raise KeyError(f"no sub-jaxpr in params {sorted(params)}")
+
+
+def remat_options(params):
+    return dict(prevent_cse=params.get("prevent_cse", True), policy=params.get("policy"))
+
+
+def cond_branches(params):
+    return [open_jaxpr(b) for b in params["branches"]]
+
+
+def while_info(params):
+    """(cond Jaxpr, cond consts, body Jaxpr, body consts, cond_nconsts, body_nconsts)."""
+    cj, cc = open_jaxpr(params["cond_jaxpr"])
+    bj, bc = open_jaxpr(params["body_jaxpr"])
+    return cj, cc, bj, bc, params["cond_nconsts"], params["body_nconsts"]
+
+
+def bind_params(eqn):
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+        return subfuns, params
+    return [], params
+
+
+def bind(eqn, invals):
+    subfuns, params = bind_params(eqn)
+    ctx = getattr(eqn, "ctx", None)
+    manager = getattr(ctx, "manager", None)
+    if manager is not None:
+        with manager:
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+def sub_jaxprs(eqn):
+    """All (Jaxpr, consts) nested in an equation's params (for analyses)."""
+    out = []
+    for v in eqn.params.values():
+        items = v if isinstance(v, (tuple, list)) else (v,)
+        for item in items:
+            if isinstance(item, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                out.append(open_jaxpr(item))
+    return out

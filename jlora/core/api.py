@@ -1,0 +1,341 @@
+"""apply / partition / combine / merge / unmerge / summary / multi-adapter operations."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.core import axes as axes_mod
+from jlora.core.nodes import LoRANode, Layout, Trainable, AdapterMeta, is_adapter_leaf, is_node, unwrap, _factor_product
+from jlora.core.paths import flatten_with_paths, matches, near_misses
+from jlora.core.spec import resolve_hint
+
+DEFAULT_NAME = "default"
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _is_float(x) -> bool:
+    return _is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _layout_for(spec, path, leaf, inferred, index):
+    for pattern, hint in spec.axes_hints():
+        if matches(path, (pattern,)):
+            return resolve_hint(hint, leaf.shape, path)
+    if index in inferred:
+        return inferred[index]
+    if leaf.ndim == 2:
+        return Layout(0, 1, 1)
+    raise ValueError(
+        f"cannot tell which axes of {path!r} (shape {tuple(leaf.shape)}) are stacked layers, inputs and "
+        f"outputs. Pass model=fn, example=args to jlora.apply so it can trace how the kernel is used, "
+        f"or add a hint: axes={{{path.rsplit('/', 2)[-2] + '/kernel'!r}: jlora.Axes(stack=S, inputs=I)}} "
+        f"(e.g. jlora.Axes(stack=1, inputs=1) for a scanned (layers, in, out) kernel, "
+        f"jlora.Axes(stack=0, inputs=1) for a (d_model, heads, head_dim) projection).")
+
+
+def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, example=None):
+    """Adds the adapter described by ``spec`` to every leaf of ``params`` that it targets.
+
+    Returns a tree with the same structure where each matched kernel is a :class:`LoRANode`
+    (frozen base + trainable factors) and each ``train_also`` leaf is a :class:`Trainable`.
+    Works on Linen variable dicts (dict / FrozenDict) and NNX ``State``. Calling it again on an
+    adapted tree with another ``name`` adds a second adapter to the same bases.
+
+    Example::
+
+        spec = jlora.LoRA(rank=4, alpha=8, targets=r".*/kernel")
+        adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    """
+    if not hasattr(spec, "init_factors"):
+        raise TypeError(f"spec must be a jlora method spec such as jlora.LoRA(...), got {spec!r}")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"adapter name must be a non-empty string without '/', got {name!r}")
+    if key is None:
+        key = jax.random.key(0)
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
+    paths = [p for p, _ in flat]
+    inferred = {}
+    if model is not None:
+        if example is None:
+            raise ValueError("jlora.apply(model=fn) also needs example=args (inputs fn is called with)")
+        inferred = axes_mod.infer_layouts(model, params, example, is_leaf=is_adapter_leaf)
+
+    targeted = [i for i, p in enumerate(paths) if matches(p, spec.targets) and not matches(p, spec.exclude)]
+    if not targeted:
+        raise ValueError(
+            f"targets {list(spec.targets)} matched no parameter path (exclude={list(spec.exclude)}). "
+            f"Closest paths: {near_misses(spec.targets, paths)}")
+    bad = [paths[i] for i in targeted
+           if not (is_node(flat[i][1]) or (_is_float(unwrap(flat[i][1])) and unwrap(flat[i][1]).ndim >= 2))]
+    if bad:
+        raise ValueError(
+            f"targets {list(spec.targets)} match leaves that cannot be adapted (need a floating kernel with "
+            f">= 2 axes): {[(p, _shape_of(dict(flat)[p])) for p in bad][:8]}. Narrow the pattern, e.g. end it in '/kernel'; "
+            f"adaptable paths include {[p for p in paths if _is_float(unwrap(dict(flat)[p])) and unwrap(dict(flat)[p]).ndim >= 2][:8]}")
+
+    new_leaves = []
+    for i, (path, leaf) in enumerate(flat):
+        if i in targeted:
+            leaf = _add_adapter(spec, jax.random.fold_in(key, i), path, leaf, name, inferred, i)
+        elif spec.train_also and matches(path, spec.train_also) and not is_adapter_leaf(leaf):
+            if not _is_float(leaf):
+                raise ValueError(f"train_also matched {path!r}, which is not a floating array ({leaf!r:.80})")
+            leaf = Trainable(leaf, path)
+        new_leaves.append(leaf)
+    if spec.train_also and not any(matches(p, spec.train_also) for p in paths):
+        raise ValueError(f"train_also {list(spec.train_also)} matched no parameter path. Closest: {near_misses(spec.train_also, paths)}")
+    return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+def _shape_of(x):
+    x = x.base if is_node(x) else unwrap(x)
+    return tuple(np.shape(x))
+
+
+def _add_adapter(spec, key, path, leaf, name, inferred, index):
+    if isinstance(leaf, Trainable):
+        raise ValueError(f"{path!r} is trained in full (train_also); it cannot also carry an adapter")
+    if is_node(leaf):
+        if name in leaf.a:
+            raise ValueError(f"{path!r} already has an adapter named {name!r}; pass another name=")
+        a, b, new_base, meta = spec.init_factors(key, leaf.base, leaf.layout, path, embedding=_is_embedding(path, leaf.layout))
+        if new_base is not leaf.base:
+            raise ValueError(f"init={meta.init!r} rewrites the base weight; it can only be the first adapter on {path!r}")
+        return leaf.with_(a={**leaf.a, name: a}, b={**leaf.b, name: b},
+                          adapters=leaf.adapters + ((name, meta),), active=leaf.active + (name,))
+    layout = _layout_for(spec, path, leaf, inferred, index)
+    a, b, new_base, meta = spec.init_factors(key, leaf, layout, path, embedding=_is_embedding(path, layout))
+    return LoRANode(base=new_base, a={name: a}, b={name: b}, layout=layout,
+                    adapters=((name, meta),), active=(name,), path=path)
+
+
+def _is_embedding(path: str, layout: Layout) -> bool:
+    return path.rsplit("/", 1)[-1] == "embedding"
+
+
+# ------------------------------------------------------------------------------------------
+# partition / combine
+
+def _split_node(node: LoRANode, trainable: bool):
+    active = set(node.active)
+    pick = (lambda n: n in active) if trainable else (lambda n: n not in active)
+    return node.with_(
+        base=None if trainable else node.base,
+        a={n: (v if pick(n) else None) for n, v in node.a.items()},
+        b={n: (v if pick(n) else None) for n, v in node.b.items()},
+    )
+
+
+def partition(adapted):
+    """Splits an adapted tree into ``(trainable, frozen)``: two trees of the same structure,
+    each with ``None`` where the other holds the value. Only ``trainable`` should be given to
+    ``jax.grad`` and the optimizer.
+
+    Example::
+
+        trainable, frozen = jlora.partition(adapted)
+        opt_state = optax.adam(1e-3).init(trainable)
+    """
+    def split(leaf, train):
+        if is_node(leaf):
+            return _split_node(leaf, train)
+        if isinstance(leaf, Trainable):
+            return leaf if train else None
+        return None if train else leaf
+
+    trainable = jax.tree_util.tree_map(lambda l: split(l, True), adapted, is_leaf=is_adapter_leaf)
+    frozen = jax.tree_util.tree_map(lambda l: split(l, False), adapted, is_leaf=is_adapter_leaf)
+    return trainable, frozen
+
+
+def combine(trainable, frozen):
+    """Inverse of :func:`partition`: ``combine(*partition(t)) == t``."""
+    return jax.tree_util.tree_map(
+        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+
+
+# ------------------------------------------------------------------------------------------
+# merge / unmerge
+
+def merge(adapted, dtype=None):
+    """Plain params again: every adapter node becomes ``base + sum(active deltas)`` in the base's
+    dtype (or ``dtype``); ``Trainable`` wrappers are unwrapped."""
+    return jax.tree_util.tree_map(lambda l: unwrap(l, dtype) if is_adapter_leaf(l) else l,
+                                  adapted, is_leaf=is_adapter_leaf)
+
+
+def unmerge(merged, adapted):
+    """Recovers the base weights from ``merged`` by subtracting the active deltas of
+    ``adapted`` (the inverse of :func:`merge`, up to float round-off)."""
+    def undo(m, a):
+        if is_node(a):
+            if tuple(np.shape(m)) != a.shape:
+                raise ValueError(f"unmerge: merged leaf at {a.path!r} has shape {np.shape(m)}, adapter expects {a.shape}")
+            base = (jnp.asarray(m).astype(jnp.float32) - a.delta(dtype=jnp.float32)).astype(a.base.dtype)
+            return a.with_(base=base)
+        return a if isinstance(a, Trainable) else m
+
+    return jax.tree_util.tree_map(lambda a, m: undo(m, a), adapted, merged, is_leaf=is_adapter_leaf)
+
+
+# ------------------------------------------------------------------------------------------
+# multiple adapters
+
+def adapter_names(adapted) -> tuple[str, ...]:
+    names = []
+    for leaf in jax.tree_util.tree_leaves(adapted, is_leaf=is_adapter_leaf):
+        if is_node(leaf):
+            for n in leaf.a:
+                if n not in names:
+                    names.append(n)
+    return tuple(names)
+
+
+def activate(adapted, names):
+    """Chooses which named adapters run (and train). ``names`` is a name or a list;
+    ``[]`` disables all adapters (the base model)."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    known = adapter_names(adapted)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter names {unknown}; this tree has {list(known)}")
+
+    def act(leaf):
+        if is_node(leaf):
+            return leaf.with_(active=tuple(n for n in names if n in leaf.a))
+        return leaf
+
+    return jax.tree_util.tree_map(act, adapted, is_leaf=is_adapter_leaf)
+
+
+def delete_adapter(adapted, name: str):
+    """Removes a named adapter everywhere (nodes left with none become plain leaves)."""
+    if name not in adapter_names(adapted):
+        raise ValueError(f"no adapter named {name!r}; this tree has {list(adapter_names(adapted))}")
+
+    def drop(leaf):
+        if not is_node(leaf) or name not in leaf.a:
+            return leaf
+        rest = {k: v for k, v in leaf.a.items() if k != name}
+        if not rest:
+            return leaf.base
+        return leaf.with_(a=rest, b={k: v for k, v in leaf.b.items() if k != name},
+                          adapters=tuple(p for p in leaf.adapters if p[0] != name),
+                          active=tuple(n for n in leaf.active if n != name))
+
+    return jax.tree_util.tree_map(drop, adapted, is_leaf=is_adapter_leaf)
+
+
+def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linear", name: str = "mix",
+                     rank: int | None = None):
+    """PEFT's ``add_weighted_adapter``: a new adapter ``name`` built from existing ones.
+
+    - ``"linear"``: requires equal ranks; ``A = sum sqrt(w_i) s_i A_i``, ``B = sum sqrt(w_i) B_i``
+      (scale 1). Note this is not ``sum w_i dW_i`` (PEFT's semantics; cross terms appear).
+    - ``"cat"``: concatenates along the rank: ``A = [w_i s_i A_i]``, ``B = [B_i]``, so
+      ``dW = sum w_i dW_i`` exactly; rank = sum of ranks.
+    - ``"svd"``: ``sum w_i dW_i`` truncated to ``rank`` (default max rank) by SVD.
+    The new adapter is added (not activated); use :func:`activate`.
+    """
+    if method not in ("linear", "cat", "svd"):
+        raise ValueError(f"method must be 'linear', 'cat' or 'svd', got {method!r}")
+    if not weights:
+        raise ValueError("weights must name at least one adapter")
+    known = adapter_names(adapted)
+    for n, w in weights.items():
+        if n not in known:
+            raise ValueError(f"unknown adapter {n!r}; this tree has {list(known)}")
+        if not isinstance(w, (int, float)):
+            raise TypeError(f"weight for {n!r} must be a number, got {w!r}")
+    if name in known:
+        raise ValueError(f"an adapter named {name!r} already exists")
+
+    def mix(leaf):
+        if not is_node(leaf):
+            return leaf
+        present = [(n, w) for n, w in weights.items() if n in leaf.a]
+        if not present:
+            return leaf
+        meta = leaf.meta
+        s = leaf.layout.stack
+        if method == "linear":
+            ranks = {meta[n].rank for n, _ in present}
+            if len(ranks) != 1:
+                raise ValueError(f"method='linear' needs equal ranks, got {ranks} at {leaf.path!r}; use 'cat' or 'svd'")
+            a = sum(math.copysign(math.sqrt(abs(w)), w) * meta[n].scale * leaf.a[n] for n, w in present)
+            b = sum(math.sqrt(abs(w)) * leaf.b[n] for n, w in present)
+            r = ranks.pop()
+        elif method == "cat":
+            a = jnp.concatenate([w * meta[n].scale * leaf.a[n] for n, w in present], axis=-1)
+            b = jnp.concatenate([leaf.b[n] for n, _ in present], axis=s)
+            r = a.shape[-1]
+        else:
+            r = rank or max(meta[n].rank for n, _ in present)
+            delta = sum(w * meta[n].scale * _factor_product(leaf.a[n], leaf.b[n], leaf.layout) for n, w in present)
+            stack, ins, outs = leaf.layout.split(leaf.shape)
+            mat = delta.reshape(stack + (math.prod(ins), math.prod(outs))).astype(jnp.float32)
+            u, sv, vh = jnp.linalg.svd(mat, full_matrices=False)
+            r = min(r, sv.shape[-1])
+            a = (u[..., :, :r] * sv[..., None, :r]).reshape(stack + ins + (r,))
+            b = vh[..., :r, :].reshape(stack + (r,) + outs)
+        new_meta = AdapterMeta(method=meta[present[0][0]].method, rank=int(r), scale=1.0, dropout=0.0, init=f"combined-{method}")
+        return leaf.with_(a={**leaf.a, name: a}, b={**leaf.b, name: b}, adapters=leaf.adapters + ((name, new_meta),))
+
+    return jax.tree_util.tree_map(mix, adapted, is_leaf=is_adapter_leaf)
+
+
+# ------------------------------------------------------------------------------------------
+# summary
+
+def _nbytes(x):
+    return int(np.prod(np.shape(x))) * jnp.dtype(x.dtype).itemsize if x is not None else 0
+
+
+def count(adapted) -> dict:
+    """``{"trainable": n, "total": n, "trainable_bytes": b, "frozen_bytes": b}``."""
+    trainable, frozen = partition(adapted)
+    t_leaves = [x for x in jax.tree_util.tree_leaves(trainable) if _is_array(x)]
+    f_leaves = [x for x in jax.tree_util.tree_leaves(frozen) if _is_array(x)]
+    n_t = sum(int(np.prod(np.shape(x))) for x in t_leaves)
+    n_f = sum(int(np.prod(np.shape(x))) for x in f_leaves)
+    return {"trainable": n_t, "total": n_t + n_f, "trainable_bytes": sum(map(_nbytes, t_leaves)),
+            "frozen_bytes": sum(map(_nbytes, f_leaves))}
+
+
+def summary(adapted, print_fn=None) -> str:
+    """A table of adapted leaves: path, base shape, method, rank, trainable count, bytes,
+    and the total trainable share. Returns the text (and prints it if ``print_fn``)."""
+    flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
+    rows = []
+    for path, leaf in flat:
+        if is_node(leaf):
+            meta = leaf.meta
+            n = sum(int(np.prod(leaf.a[k].shape)) + int(np.prod(leaf.b[k].shape)) for k in leaf.active)
+            nbytes = sum(_nbytes(leaf.a[k]) + _nbytes(leaf.b[k]) for k in leaf.active)
+            methods = ",".join(sorted({meta[k].method for k in leaf.a}))
+            ranks = ",".join(f"{k}:{meta[k].rank}{'' if k in leaf.active else '(off)'}" for k in leaf.a)
+            rows.append((path, str(leaf.shape), methods, ranks, f"{n:,}", f"{nbytes:,}"))
+        elif isinstance(leaf, Trainable):
+            rows.append((path, str(leaf.shape), "full", "-", f"{int(np.prod(leaf.shape)):,}", f"{_nbytes(leaf.value):,}"))
+    head = ("path", "base shape", "method", "rank", "trainable", "bytes")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
+    c = count(adapted)
+    pct = 100.0 * c["trainable"] / max(c["total"], 1)
+    lines = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    lines.append(f"trainable: {c['trainable']:,} / {c['total']:,} params ({pct:.4f}%), "
+                 f"{c['trainable_bytes']:,} bytes trainable, {c['frozen_bytes']:,} bytes frozen")
+    text = "\n".join(lines)
+    if print_fn is not None:
+        print_fn(text)
+    return text

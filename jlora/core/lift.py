@@ -1,0 +1,423 @@
+"""``jlora.lift``: run any JAX/Flax function on adapted parameter trees, factored.
+
+``lift(fn)`` traces ``fn`` once (per input structure/shapes) with each adapter node replaced by
+a plain array of the base's shape, then evaluates the resulting jaxpr with the nodes carried
+through the equations. Matmuls, embedding lookups and convolutions whose weight is a node are
+emitted as ``x.W0 + s * ((x.A).B)``; ``scan`` / ``remat`` / ``jit`` / ``cond`` / ``while`` are
+re-emitted around the interpreter so stacked layers stay stacked. Only primal equations are
+interpreted; ``jax.grad``/``jax.jit``/``jax.vmap`` around the lifted function work unchanged.
+
+An equation that cannot be factored falls back to materialising that one weight for that one
+op and warns once per (primitive, path); ``strict=True`` raises instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from jlora.core import _compat as C
+from jlora.core.nodes import LoRANode, Trainable, is_adapter_leaf, is_node
+
+
+class FactoringError(RuntimeError):
+    """Raised by ``lift(fn, strict=True)`` when an adapted weight would be materialised."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Live:
+    """A node inside the interpreter, with the dtype it has been cast to (if any)."""
+
+    node: LoRANode
+    dtype: Any = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def base(self):
+        b = self.node.base
+        return b if self.dtype is None else b.astype(self.dtype)
+
+    @property
+    def out_dtype(self):
+        return self.dtype if self.dtype is not None else self.node.base.dtype
+
+
+@dataclasses.dataclass
+class _Ctx:
+    strict: bool
+    warned: set
+    rng: Any = None
+    counter: list = dataclasses.field(default_factory=lambda: [0])
+
+    def with_rng(self, rng):
+        return _Ctx(self.strict, self.warned, rng, [0])
+
+    def next_key(self):
+        self.counter[0] += 1
+        return jax.random.fold_in(self.rng, self.counter[0])
+
+    def fallback(self, prim, live: _Live, why: str):
+        path = live.node.path or "<adapted weight>"
+        msg = (f"jlora.lift: cannot factor `{prim}` on adapted weight {path!r} ({why}); "
+               f"materialising W0 + delta for this op")
+        if self.strict:
+            raise FactoringError(msg)
+        if (str(prim), path) not in self.warned:
+            self.warned.add((str(prim), path))
+            warnings.warn(msg, stacklevel=4)
+        return live.node.materialize(live.out_dtype)
+
+
+def _is_live(x):
+    return isinstance(x, _Live)
+
+
+# ------------------------------------------------------------------------------------------
+# interpreter
+
+def _eval(jaxpr, consts, args, ctx):
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    if len(args) != len(jaxpr.invars):
+        raise AssertionError(f"jaxpr expects {len(jaxpr.invars)} inputs, got {len(args)}")
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(_is_live(x) for x in invals):
+            outs = _dispatch(eqn, invals, ctx)
+        else:
+            outs = C.bind(eqn, invals)
+        for v, o in zip(eqn.outvars, outs):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _arrays(vals, ctx, prim):
+    return [ctx.fallback(prim, v, "returned or carried as a value") if _is_live(v) else v for v in vals]
+
+
+def _dispatch(eqn, invals, ctx):
+    prim = eqn.primitive
+    rule = _RULES.get(prim)
+    if rule is None and prim in C.PASS_THROUGH:
+        return [invals[0]] if _is_live(invals[0]) and len(eqn.outvars) == 1 else _materialising(eqn, invals, ctx, "")
+    if rule is not None:
+        out = rule(eqn, invals, ctx)
+        if out is not None:
+            return out
+    return _materialising(eqn, invals, ctx, "no factoring rule for this use")
+
+
+def _materialising(eqn, invals, ctx, why):
+    vals = [ctx.fallback(eqn.primitive, v, why) if _is_live(v) else v for v in invals]
+    return C.bind(eqn, vals)
+
+
+# ------------------------------------------------------------------------------------------
+# rules
+
+def _convert(eqn, invals, ctx):
+    live = invals[0]
+    new = eqn.params["new_dtype"]
+    if not jnp.issubdtype(new, jnp.floating):
+        return None
+    return [_Live(live.node, jnp.dtype(new))]
+
+
+def _dropout(x, p, ctx):
+    if ctx.rng is None or p <= 0.0:
+        return x
+    keep = jax.random.bernoulli(ctx.next_key(), 1.0 - p, x.shape)
+    return jnp.where(keep, x / (1.0 - p), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def _dot(eqn, invals, ctx):
+    lhs, rhs = invals
+    if _is_live(lhs) and _is_live(rhs):
+        return None
+    node_is_rhs = _is_live(rhs)
+    live, x = (rhs, lhs) if node_is_rhs else (lhs, rhs)
+    node = live.node
+    lay = node.layout
+    s, ni = lay.stack, lay.inputs
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    wc, wb = (rc, rb) if node_is_rhs else (lc, lb)
+    xc, xb = (lc, lb) if node_is_rhs else (rc, rb)
+    if tuple(wb) != tuple(range(s)):
+        return None
+    in_dims = set(range(s, s + ni))
+    out_dims = set(range(s + ni, lay.ndim))
+    if set(wc) == in_dims and len(wc) == ni:
+        mode = "in"
+    elif set(wc) == out_dims and len(wc) == len(out_dims):
+        mode = "out"
+    else:
+        return None
+    params = dict(eqn.params)
+    w0 = live.base
+    base_out = C.bind(eqn, [x, w0] if node_is_rhs else [w0, x])[0]
+    w_dtype = w0.dtype
+    prec = params.get("precision")
+    pref = params.get("preferred_element_type")
+    S = tuple(range(s))
+    nb = len(S)
+    total = base_out
+    for name, a, b, meta in node.active_factors():
+        a, b = a.astype(w_dtype), b.astype(w_dtype)
+        if mode == "in":
+            f1, f2 = a, b
+            f1_pos = {d: d for d in range(s, s + ni)}          # A: S + I + r
+            f2_r = s                                         # B: S + r + O
+        else:
+            f1, f2 = b, a
+            f1_pos = {d: d - ni + 1 for d in range(s + ni, lay.ndim)}  # B: S + r + O
+            f2_r = a.ndim - 1                                 # A: S + I + r
+        f1c = tuple(f1_pos[d] for d in wc)
+        xin = _dropout(x, meta.dropout, ctx)
+        if node_is_rhs:
+            first = lax.dot_general(xin, f1, ((tuple(xc), f1c), (tuple(xb), S)), precision=prec, preferred_element_type=pref)
+            second = lax.dot_general(first, f2, (((first.ndim - 1,), (f2_r,)), (tuple(range(nb)), S)), precision=prec, preferred_element_type=pref)
+        else:
+            first = lax.dot_general(f1, xin, ((f1c, tuple(xc)), (S, tuple(xb))), precision=prec, preferred_element_type=pref)
+            second = lax.dot_general(f2, first, (((f2_r,), (nb,)), (S, tuple(range(nb)))), precision=prec, preferred_element_type=pref)
+        total = total + (second * jnp.asarray(meta.scale, second.dtype)).astype(total.dtype)
+    return [total]
+
+
+def _gather(eqn, invals, ctx):
+    live, idx = invals[0], invals[1]
+    if not _is_live(live) or _is_live(idx):
+        return None
+    node = live.node
+    lay = node.layout
+    dn = eqn.params["dimension_numbers"]
+    sizes = tuple(eqn.params["slice_sizes"])
+    shape = node.shape
+    ok = (lay.stack == 0 and lay.inputs == 1 and lay.outputs == 1
+          and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
+          and tuple(getattr(dn, "operand_batching_dims", ())) == () and sizes == (1, shape[1])
+          and len(dn.offset_dims) == 1)
+    if not ok:
+        return None
+    w0 = live.base
+    base_out = C.bind(eqn, [w0, idx])[0]
+    off = dn.offset_dims[0]
+    total = base_out
+    for name, a, b, meta in node.active_factors():
+        a, b = a.astype(w0.dtype), b.astype(w0.dtype)
+        params = dict(C.bind_params(eqn)[1])
+        params["slice_sizes"] = (1, a.shape[1])
+        rows = eqn.primitive.bind(a, idx, **params)
+        rows = jnp.moveaxis(rows, off, -1)
+        delta = jnp.moveaxis(jnp.tensordot(rows, b, axes=1), -1, off)
+        total = total + (delta * jnp.asarray(meta.scale, delta.dtype)).astype(total.dtype)
+    return [total]
+
+
+def _conv(eqn, invals, ctx):
+    x, live = invals[0], invals[1]
+    if _is_live(x) or not _is_live(live):
+        return None
+    node, lay = live.node, live.node.layout
+    p = eqn.params
+    rhs_spec = p["dimension_numbers"].rhs_spec
+    out_spec = p["dimension_numbers"].out_spec
+    if (lay.stack != 0 or lay.outputs != 1 or rhs_spec[0] != lay.ndim - 1
+            or p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
+        return None
+    w0 = live.base
+    base_out = C.bind(eqn, [x, w0])[0]
+    feat = out_spec[1]
+    total = base_out
+    _, params = C.bind_params(eqn)
+    for name, a, b, meta in node.active_factors():
+        a, b = a.astype(w0.dtype), b.astype(w0.dtype)
+        xin = _dropout(x, meta.dropout, ctx)
+        low = eqn.primitive.bind(xin, a, **params)        # window conv to r channels
+        low = jnp.moveaxis(low, feat, -1)
+        delta = jnp.moveaxis(jnp.tensordot(low, b, axes=1), -1, feat)  # 1x1 conv with B
+        total = total + (delta * jnp.asarray(meta.scale, delta.dtype)).astype(total.dtype)
+    return [total]
+
+
+def _transpose(eqn, invals, ctx):
+    live = invals[0]
+    node, lay = live.node, live.node.layout
+    perm = tuple(eqn.params["permutation"])
+    s, ni = lay.stack, lay.inputs
+    want = tuple(range(s)) + tuple(range(s + ni, lay.ndim)) + tuple(range(s, s + ni))
+    if perm != want:
+        return None
+    new_a = {n: jnp.moveaxis(v, s, -1) for n, v in node.b.items()}   # S+r+O -> S+O+r
+    new_b = {n: jnp.moveaxis(v, -1, s) for n, v in node.a.items()}   # S+I+r -> S+r+I
+    new = node.with_(base=jnp.transpose(node.base, perm), a=new_a, b=new_b, layout=lay.transposed())
+    return [_Live(new, live.dtype)]
+
+
+def _inline(eqn, invals, ctx):
+    sub, consts = C.call_jaxpr(eqn.params)
+    return _eval(sub, consts, invals, ctx)
+
+
+def _remat(eqn, invals, ctx):
+    sub, consts = C.call_jaxpr(eqn.params)
+    opts = C.remat_options(eqn.params)
+
+    def body(*vals):
+        return _arrays(_eval(sub, consts, list(vals), ctx), ctx, eqn.primitive)
+
+    return list(jax.checkpoint(body, **opts)(*invals))
+
+
+def _unstack(live: _Live) -> _Live:
+    node = live.node
+    return _Live(node.with_(layout=node.layout.unstacked(1)), live.dtype)
+
+
+def _scan(eqn, invals, ctx):
+    body, bconsts, nc, ncarry, length, reverse, unroll = C.scan_info(eqn.params)
+    consts = invals[:nc]
+    carry = _arrays(invals[nc:nc + ncarry], ctx, eqn.primitive)
+    xs = list(invals[nc + ncarry:])
+    for i, x in enumerate(xs):
+        if _is_live(x) and x.node.layout.stack < 1:
+            xs[i] = ctx.fallback(eqn.primitive, x, "scanned over an axis that is not a stacked-layer axis")
+    xs = [_unstack(x) if _is_live(x) else x for x in xs]
+    keys = jax.random.split(ctx.rng, length) if ctx.rng is not None else None
+
+    def step(c, inp):
+        x_slices, key = inp
+        sub_ctx = ctx.with_rng(key) if key is not None else ctx
+        outs = _arrays(_eval(body, bconsts, [*consts, *c, *x_slices], sub_ctx), ctx, eqn.primitive)
+        return outs[:ncarry], outs[ncarry:]
+
+    new_carry, ys = lax.scan(step, list(carry), (xs, keys), length=length, reverse=reverse, unroll=unroll)
+    return [*new_carry, *ys]
+
+
+def _cond(eqn, invals, ctx):
+    index, ops = invals[0], invals[1:]
+    branches = C.cond_branches(eqn.params)
+    fns = [functools.partial(lambda j, c, *o: _arrays(_eval(j, c, list(o), ctx), ctx, eqn.primitive), j, c)
+           for j, c in branches]
+    return list(lax.switch(index, fns, *ops))
+
+
+def _while(eqn, invals, ctx):
+    cj, cc, bj, bc, cn, bn = C.while_info(eqn.params)
+    cconsts, bconsts = invals[:cn], invals[cn:cn + bn]
+    init = _arrays(invals[cn + bn:], ctx, eqn.primitive)
+
+    def cond_fun(carry):
+        return _eval(cj, cc, [*cconsts, *carry], ctx)[0]
+
+    def body_fun(carry):
+        return _arrays(_eval(bj, bc, [*bconsts, *carry], ctx), ctx, eqn.primitive)
+
+    return list(lax.while_loop(cond_fun, body_fun, list(init)))
+
+
+_RULES = {
+    C.dot_general_p: _dot,
+    C.gather_p: _gather,
+    C.conv_p: _conv,
+    C.convert_element_type_p: _convert,
+    C.transpose_p: _transpose,
+    C.jit_p: _inline,
+    C.remat_p: _remat,
+    C.scan_p: _scan,
+    C.cond_p: _cond,
+    C.while_p: _while,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# public entry point
+
+
+def lift(fn, strict: bool = False):
+    """Returns ``fn`` made to accept adapted trees (adapter nodes) anywhere in its arguments.
+
+    Adapted matmuls run factored: ``x @ W0 + s * ((dropout(x) @ A) @ B)``; no ``W0 + s*A@B``
+    and no full-size weight gradient is formed. Pass ``jlora_rng=key`` to the lifted function to
+    enable adapter dropout (training); without it dropout is off (evaluation).
+
+    Example::
+
+        forward = jlora.lift(model.apply)
+        logits = forward({"params": jlora.combine(trainable, frozen)}, x)
+
+    Non-array arguments (Python numbers, strings, flags) are treated as static. The traced
+    program is cached per (tree structure, static values, shapes/dtypes), so eager calls don't
+    re-trace; put the lifted function under ``jax.jit`` for speed.
+
+    Args:
+      fn: any function of pytrees of arrays.
+      strict: raise :class:`FactoringError` instead of materialising a weight the interpreter
+        cannot factor.
+    """
+    cache: dict = {}
+    warned: set = set()
+
+    @functools.wraps(fn)
+    def lifted(*args, jlora_rng=None, **kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_adapter_leaf)
+        leaves = [l.value if isinstance(l, Trainable) else l for l in leaves]
+        if not any(is_node(l) for l in leaves):
+            a, k = jax.tree_util.tree_unflatten(treedef, leaves)
+            return fn(*a, **k)
+        dyn_pos = [i for i, l in enumerate(leaves) if is_node(l) or _is_arraylike(l)]
+        static = tuple((i, leaves[i]) for i in range(len(leaves)) if i not in set(dyn_pos))
+        avals = []
+        for i in dyn_pos:
+            l = leaves[i]
+            base = l.base if is_node(l) else l
+            avals.append(jax.ShapeDtypeStruct(np.shape(base), jnp.result_type(base)))
+        key = (treedef, tuple(i for i in dyn_pos), tuple((a.shape, str(a.dtype)) for a in avals))
+        try:
+            key = key + (static,)
+            hash(key)
+        except TypeError:
+            key = None
+        entry = cache.get(key) if key is not None else None
+        if entry is None:
+            template = list(leaves)
+
+            def flat_fn(*dyn):
+                full = list(template)
+                for i, v in zip(dyn_pos, dyn):
+                    full[i] = v
+                a, k = jax.tree_util.tree_unflatten(treedef, full)
+                return fn(*a, **k)
+
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+            entry = (closed, jax.tree_util.tree_structure(out_shape))
+            if key is not None:
+                cache[key] = entry
+        closed, out_tree = entry
+        ctx = _Ctx(strict=strict, warned=warned, rng=jlora_rng)
+        vals = [_Live(leaves[i]) if is_node(leaves[i]) else leaves[i] for i in dyn_pos]
+        outs = _arrays(_eval(closed.jaxpr, closed.consts, vals, ctx), ctx, "output")
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    lifted.cache = cache
+    return lifted
+
+
+def _is_arraylike(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or hasattr(x, "aval")

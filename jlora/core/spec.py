@@ -1,0 +1,76 @@
+"""Base class shared by every method's spec (targets, exclusions, axis hints)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from jlora.core.nodes import Layout
+from jlora.core.paths import normalize_patterns
+
+
+def Axes(stack: int = 0, inputs: int = 1, outputs: int | None = None):
+    """An axis hint for ``spec.axes``: ``{"pattern": jlora.Axes(stack=1, inputs=1)}``.
+
+    ``outputs`` defaults to "the remaining axes" and is filled in when the leaf is seen.
+    """
+    return (stack, inputs, outputs)
+
+
+def resolve_hint(hint, shape, path: str) -> Layout:
+    if isinstance(hint, Layout):
+        layout = hint
+    else:
+        try:
+            stack, inputs, outputs = (tuple(hint) + (None,))[:3]
+        except TypeError:
+            raise TypeError(f"axes hint for {path!r} must be jlora.Axes(stack=, inputs=) or a Layout, got {hint!r}") from None
+        if outputs is None:
+            outputs = len(shape) - stack - inputs
+        layout = Layout(int(stack), int(inputs), int(outputs))
+    if layout.ndim != len(shape):
+        raise ValueError(
+            f"axes hint {layout} for {path!r} covers {layout.ndim} axes but the leaf has shape {tuple(shape)}")
+    return layout
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """Fields every method shares. Subclasses add their own hyper-parameters."""
+
+    targets: Any = None
+    exclude: Any = None
+    train_also: Any = None
+    axes: Mapping[str, Any] | None = None
+
+    method = "base"
+
+    def _validate_common(self):
+        targets = normalize_patterns(self.targets, "targets")
+        if not targets:
+            raise ValueError(f"{type(self).__name__}.targets must name at least one parameter path pattern, got {self.targets!r}")
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "exclude", normalize_patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "train_also", normalize_patterns(self.train_also, "train_also"))
+        if self.axes is not None:
+            if not isinstance(self.axes, Mapping):
+                raise TypeError(f"axes must map path patterns to jlora.Axes(...) hints, got {self.axes!r}")
+            normalize_patterns(tuple(self.axes), "axes")
+            object.__setattr__(self, "axes", tuple(self.axes.items()))
+
+    def axes_hints(self) -> tuple:
+        return tuple(self.axes or ())
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable description (used by checkpoints)."""
+        out = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value}
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif hasattr(value, "dtype") or type(value).__module__.startswith(("numpy", "jax")):
+                value = str(getattr(value, "__name__", value))
+            out[f.name] = value
+        return out
