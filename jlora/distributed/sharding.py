@@ -1,0 +1,353 @@
+"""Sharding for adapted parameter trees: meshes, regex partition rules, and the shardings of
+LoRA factors, which inherit the partitioning of the kernel they adapt.
+
+A *rule* is ``(regex, PartitionSpec)``. A leaf's path is its '/'-joined key path
+(``params/block_0/attn/query/kernel``; NNX paths drop the trailing ``value``). The first rule
+whose regex ``re.search``-es the path decides the leaf's spec; anchor with ``^...$`` for an exact
+match. Leaves that no rule matches are replicated.
+
+For a :class:`~jlora.core.nodes.LoRANode` at path ``p`` the rule matched on ``p`` gives the
+base's spec ``(s..., i..., o...)`` (stack, input and output axes), and the factors inherit it::
+
+    base: stack + inputs + outputs   -> P(s..., i..., o...)
+    a:    stack + inputs + (rank,)   -> P(s..., i..., None)
+    b:    stack + (rank,) + outputs  -> P(s..., None, o...)
+
+so a kernel sharded ``P("fsdp", "tp")`` gets ``a: P("fsdp", None)`` and ``b: P(None, "tp")``;
+``x @ a @ b`` then needs no more communication than ``x @ base``.
+
+Example::
+
+    from jax.sharding import PartitionSpec as P
+    from jlora.distributed import make_mesh, shardings_for
+
+    mesh = make_mesh((2, 4), ("data", "fsdp"))
+    rules = [(r"kernel$", P("fsdp", None)), (r"embedding$", P(None, "fsdp"))]
+    trainable, frozen = jlora.partition(jlora.apply(params, spec, key))
+    frozen = jax.device_put(frozen, shardings_for(frozen, mesh, rules))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jlora.core.nodes import LoRANode, Trainable, is_adapter_leaf, is_node
+from jlora.core.paths import flatten_with_paths
+
+__all__ = [
+    "make_mesh", "normalize_rules", "spec_for_path", "partition_specs", "shardings_for",
+    "batch_specs", "batch_shardings", "opt_state_shardings", "replicated", "shard",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# meshes
+
+def make_mesh(shape: Sequence[int], names: Sequence[str], *, devices=None) -> Mesh:
+    """A :class:`jax.sharding.Mesh` of ``shape`` over ``devices`` (default ``jax.devices()``),
+    with ``Auto`` (compiler-propagated) axes. One entry of ``shape`` may be ``-1``: it takes
+    whatever the other axes leave.
+
+    Example::
+
+        mesh = make_mesh((2, -1), ("data", "fsdp"))   # 8 devices -> data=2, fsdp=4
+    """
+    shape, names = tuple(shape), tuple(names)
+    if len(shape) != len(names):
+        raise ValueError(f"make_mesh: shape {shape} has {len(shape)} axes but names {names} has {len(names)}")
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"make_mesh: axis names must be distinct non-empty strings, got {names}")
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if any((not isinstance(s, int) or isinstance(s, bool)) or (s < 1 and s != -1) for s in shape) or shape.count(-1) > 1:
+        raise ValueError(f"make_mesh: shape entries must be positive ints (at most one -1), got {shape}")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if n % known:
+            raise ValueError(f"make_mesh: {n} devices cannot be split into shape {shape} ({n} is not divisible by {known})")
+        shape = tuple(n // known if s == -1 else s for s in shape)
+    if math.prod(shape) != n:
+        hint = ("; for tests on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                "before jax is imported") if devices and devices[0].platform == "cpu" else ""
+        raise ValueError(f"make_mesh: shape {shape} needs {math.prod(shape)} devices, have {n}{hint}")
+    auto = (jax.sharding.AxisType.Auto,) * len(shape)
+    return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+# ------------------------------------------------------------------------------------------
+# rules -> PartitionSpecs
+
+def _as_spec(spec, where) -> P:
+    if spec is None:
+        return P()
+    if isinstance(spec, P):
+        return spec
+    if isinstance(spec, (tuple, list)):
+        return P(*spec)
+    raise TypeError(f"{where}: a rule's spec must be a jax.sharding.PartitionSpec (or a tuple), got {spec!r}")
+
+
+def normalize_rules(rules) -> tuple[tuple[re.Pattern, P], ...]:
+    """Validates ``[(regex, PartitionSpec), ...]`` (a dict also works) and compiles the regexes."""
+    if rules is None:
+        return ()
+    if isinstance(rules, dict):
+        rules = list(rules.items())
+    out = []
+    try:
+        items = list(rules)
+    except TypeError:
+        raise TypeError(f"rules must be a list of (regex, PartitionSpec) pairs, got {rules!r}") from None
+    for i, rule in enumerate(items):
+        if isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], re.Pattern):
+            out.append((rule[0], _as_spec(rule[1], f"rule {i}")))
+            continue
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise TypeError(f"rule {i} must be a (regex string, PartitionSpec) pair, got {rule!r}")
+        try:
+            pattern = re.compile(rule[0])
+        except re.error as e:
+            raise ValueError(f"rule {i}: {rule[0]!r} is not a valid regex: {e}") from None
+        out.append((pattern, _as_spec(rule[1], f"rule {i} ({rule[0]!r})")))
+    return tuple(out)
+
+
+def spec_for_path(path: str, rules) -> P | None:
+    """The spec of the first rule whose regex ``re.search``-es ``path``; ``None`` if none does."""
+    for pattern, spec in normalize_rules(rules):
+        if pattern.search(path):
+            return spec
+    return None
+
+
+def _padded(spec: P, ndim: int, path: str, shape) -> tuple:
+    entries = tuple(spec)
+    if len(entries) > ndim:
+        raise ValueError(
+            f"sharding rule gives {path!r} (shape {tuple(shape)}, {ndim} axes) the spec {spec}, "
+            f"which has {len(entries)} entries; a spec may have at most one entry per axis")
+    return entries + (None,) * (ndim - len(entries))
+
+
+def _node_specs(node: LoRANode, spec: P | None, path: str):
+    """(base_spec, a_spec, b_spec) for a node; the factors inherit the base's axes."""
+    layout = node.layout
+    shape = node.shape if node.base is not None else None
+    if spec is None:
+        return P(), P(), P()
+    entries = _padded(spec, layout.ndim, path, shape if shape is not None else f"<{layout.ndim} axes>")
+    s, i = layout.stack, layout.stack + layout.inputs
+    a = entries[:i] + (None,)
+    b = entries[:s] + (None,) + entries[i:]
+    return P(*entries), P(*a), P(*b)
+
+
+def _map_leaves(tree, fn):
+    """``fn(path, leaf)`` over the adapter-aware leaves of ``tree`` (None entries stay None)."""
+    flat, treedef = flatten_with_paths(tree, is_leaf=is_adapter_leaf)
+    return jax.tree_util.tree_unflatten(treedef, [fn(path, leaf) for path, leaf in flat])
+
+
+def partition_specs(tree, rules):
+    """A tree like ``tree`` holding a :class:`PartitionSpec` in place of every array (inside
+    adapter nodes too; ``None`` entries stay ``None``). Needs no mesh and does not validate
+    sizes; see :func:`shardings_for`.
+
+    Example::
+
+        specs = partition_specs(adapted, [(r"kernel$", P("fsdp", None))])
+        specs["params"]["Dense_0"]["kernel"].a["default"]   # P('fsdp', None)
+    """
+    rules = normalize_rules(rules)
+
+    def one(path, leaf):
+        spec = spec_for_path(path, rules)
+        if is_node(leaf):
+            base_s, a_s, b_s = _node_specs(leaf, spec, path)
+            return leaf.with_(
+                base=None if leaf.base is None else base_s,
+                a={n: (None if v is None else a_s) for n, v in leaf.a.items()},
+                b={n: (None if v is None else b_s) for n, v in leaf.b.items()},
+            )
+        if isinstance(leaf, Trainable):
+            ndim = len(np.shape(leaf.value))
+            return leaf.__class__(P(*_padded(spec, ndim, path, np.shape(leaf.value))) if spec is not None else P(), leaf.path)
+        if spec is None:
+            return P()
+        return P(*_padded(spec, len(np.shape(leaf)), path, np.shape(leaf)))
+
+    return _map_leaves(tree, one)
+
+
+# ------------------------------------------------------------------------------------------
+# validation against a mesh
+
+def _axis_names(entry) -> tuple:
+    if entry is None or entry is P.UNCONSTRAINED:
+        return ()
+    if isinstance(entry, (tuple, list)):
+        return tuple(entry)
+    return (entry,)
+
+
+def _check_spec(spec: P, shape, mesh: Mesh, path: str, rule: str = ""):
+    sizes = dict(mesh.shape)
+    shape = tuple(shape)
+    where = f"{path!r} (shape {shape}, spec {spec}{rule})"
+    if len(tuple(spec)) > len(shape):
+        raise ValueError(f"{where}: the spec has {len(tuple(spec))} entries but the array has {len(shape)} axes")
+    used = []
+    for dim, entry in enumerate(tuple(spec)):
+        names = _axis_names(entry)
+        unknown = [n for n in names if n not in sizes]
+        if unknown:
+            raise ValueError(f"{where}: mesh axis {unknown[0]!r} is not in the mesh, whose axes are "
+                             f"{dict(sizes)}")
+        used += names
+        size = math.prod(sizes[n] for n in names)
+        if names and shape[dim] % size:
+            raise ValueError(
+                f"{where}: axis {dim} has size {shape[dim]}, which is not divisible by mesh axes {names} "
+                f"of total size {size}; change the rule or pad the dimension")
+    dup = sorted({n for n in used if used.count(n) > 1})
+    if dup:
+        raise ValueError(f"{where}: mesh axis {dup[0]!r} is used for more than one array axis")
+
+
+def shardings_for(tree, mesh: Mesh, rules):
+    """A tree like ``tree`` with a :class:`NamedSharding` on ``mesh`` in place of every array
+    (``None`` entries, as in the halves of :func:`jlora.partition`, stay ``None``).
+
+    Rules are matched on each leaf's path (for a LoRA node: the node's path, and the factors
+    inherit the base's axes; see the module docstring). Unmatched leaves are replicated. Raises
+    ``ValueError`` naming the path, shape and spec when a spec names an axis the mesh lacks or a
+    sharded dimension is not divisible by its mesh axes. ``tree`` may hold arrays or
+    ``jax.ShapeDtypeStruct``s.
+
+    Example::
+
+        trainable, frozen = jlora.partition(adapted)
+        t_sh = shardings_for(trainable, mesh, [(r"kernel$", P("fsdp", None))])
+        trainable = jax.device_put(trainable, t_sh)
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (see jlora.distributed.make_mesh), got {type(mesh).__name__}")
+    rules = normalize_rules(rules)
+    flat, _ = flatten_with_paths(tree, is_leaf=is_adapter_leaf)
+    specs = partition_specs(tree, rules)
+    flat_specs, treedef = flatten_with_paths(specs, is_leaf=is_adapter_leaf)
+
+    def rule_of(path):
+        for pattern, spec in rules:
+            if pattern.search(path):
+                return f", from rule {pattern.pattern!r}"
+        return ""
+
+    out = []
+    for (path, leaf), (_, spec) in zip(flat, flat_specs):
+        if is_node(leaf):
+            r = rule_of(path)
+            if leaf.base is not None:
+                _check_spec(spec.base, leaf.base.shape, mesh, path, r)
+            for kind in ("a", "b"):
+                for name, v in getattr(leaf, kind).items():
+                    if v is not None:
+                        _check_spec(getattr(spec, kind)[name], v.shape, mesh, f"{path}/{kind}/{name}", r)
+            wrap = lambda s: None if s is None else NamedSharding(mesh, s)
+            out.append(spec.with_(base=wrap(spec.base),
+                                  a={n: wrap(s) for n, s in spec.a.items()},
+                                  b={n: wrap(s) for n, s in spec.b.items()}))
+        elif isinstance(leaf, Trainable):
+            _check_spec(spec.value, np.shape(leaf.value), mesh, path, rule_of(path))
+            out.append(leaf.__class__(NamedSharding(mesh, spec.value), leaf.path))
+        else:
+            _check_spec(spec, np.shape(leaf), mesh, path, rule_of(path))
+            out.append(NamedSharding(mesh, spec))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def shard(tree, mesh: Mesh, rules):
+    """``jax.device_put(tree, shardings_for(tree, mesh, rules))``."""
+    return jax.device_put(tree, shardings_for(tree, mesh, rules))
+
+
+# ------------------------------------------------------------------------------------------
+# batches and optimizer state
+
+def _batch_axes(mesh: Mesh, batch_axes) -> tuple:
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    missing = [a for a in axes if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"batch axis {missing[0]!r} is not in the mesh, whose axes are {dict(mesh.shape)}; "
+                         f"pass batch_axes= naming the data-parallel mesh axes")
+    return axes
+
+
+def batch_specs(batch, batch_axes=("data",)):
+    """A ``PartitionSpec`` per batch leaf: its leading dim over ``batch_axes``; scalars replicated."""
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    entry = axes[0] if len(axes) == 1 else (axes or None)
+
+    def one(x):
+        return P(entry) if axes and np.ndim(x) >= 1 else P()
+
+    return jax.tree_util.tree_map(one, batch)
+
+
+def batch_shardings(batch, mesh: Mesh, batch_axes=("data",)):
+    """``NamedSharding``s splitting each batch leaf's leading dim over ``batch_axes``.
+
+    Example::
+
+        batch = jax.device_put(batch, batch_shardings(batch, mesh, ("data", "fsdp")))
+    """
+    axes = _batch_axes(mesh, batch_axes)
+    size = math.prod(mesh.shape[a] for a in axes)
+    flat, treedef = flatten_with_paths(batch)
+    for path, x in flat:
+        shape = np.shape(x)
+        if axes and len(shape) >= 1 and shape[0] % size:
+            raise ValueError(f"batch leaf {path or '<root>'!r} (shape {tuple(shape)}) has leading dim {shape[0]}, "
+                             f"which is not divisible by the {size} devices of batch axes {axes}")
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), batch_specs(batch, axes))
+
+
+def opt_state_shardings(opt_state, trainable, trainable_shardings, mesh: Mesh):
+    """Shardings for an optax state: every sub-tree shaped like ``trainable`` (Adam's ``mu`` and
+    ``nu``, momentum traces, ...) gets ``trainable_shardings``; everything else (step counts,
+    scalars) is replicated.
+
+    Example::
+
+        opt_state = optimizer.init(trainable)
+        o_sh = opt_state_shardings(opt_state, trainable, shardings_for(trainable, mesh, rules), mesh)
+    """
+    treedef = jax.tree_util.tree_structure(trainable)
+    shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(trainable)]
+    rep = replicated(mesh)
+
+    def like_params(x):
+        try:
+            if jax.tree_util.tree_structure(x) != treedef:
+                return False
+        except Exception:  # pragma: no cover - odd leaves
+            return False
+        return [np.shape(l) for l in jax.tree_util.tree_leaves(x)] == shapes
+
+    def one(x):
+        if like_params(x):
+            return trainable_shardings
+        return jax.tree_util.tree_map(lambda _: rep, x)
+
+    return jax.tree_util.tree_map(one, opt_state, is_leaf=like_params)

@@ -1,0 +1,5 @@
+"""Training utilities for adapted models. See :func:`jlora.train.make_step`."""
+
+from jlora.train.step import init_opt_state, make_step
+
+__all__ = ["make_step", "init_opt_state"]

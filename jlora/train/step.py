@@ -1,0 +1,308 @@
+"""A jitted training step for adapted models: gradients w.r.t. the trainable half only,
+optax update, buffer donation, gradient accumulation and (optionally) mesh sharding.
+
+Example::
+
+    import jax, optax, jlora
+    from jlora.train import make_step, init_opt_state
+
+    adapted = jlora.apply(params, jlora.LoRA(rank=4, targets=r".*kernel"), key=jax.random.key(0))
+    trainable, frozen = jlora.partition(adapted)
+    forward = jlora.lift(model.apply)
+
+    def loss_fn(params, batch, key):
+        pred = forward({"params": params}, batch["x"])
+        return jnp.mean((pred - batch["y"]) ** 2)
+
+    optimizer = optax.adam(1e-3)
+    step = make_step(loss_fn, optimizer, accum_steps=2)
+    opt_state = init_opt_state(optimizer, trainable)
+    for batch in batches:
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, key)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jlora.core.nodes import Trainable, is_adapter_leaf, is_node
+from jlora.core.paths import flatten_with_paths
+
+__all__ = ["make_step", "init_opt_state"]
+
+_RESERVED = ("loss", "grad_norm")
+
+
+def combine(trainable, frozen):
+    """``jlora.combine`` that also accepts ``train_also`` leaves: a :class:`Trainable` in
+    ``trainable`` faces ``None`` in ``frozen``, which ``jlora.core.api.combine`` (mapping with
+    ``is_leaf=lambda x: x is None`` only) rejects as a structure mismatch."""
+    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
+                                  is_leaf=lambda x: x is None or isinstance(x, Trainable))
+
+
+# ------------------------------------------------------------------------------------------
+# boundary checks
+
+def _check_halves(trainable, frozen):
+    """Catches the usual mix-ups: the whole adapted tree (or the frozen half) passed as
+    ``trainable``, nothing to train, or the halves swapped. Plain arrays in ``trainable`` are
+    allowed (they are trained in full)."""
+    t_flat, _ = flatten_with_paths(trainable, is_leaf=is_adapter_leaf)
+    n_arrays = 0
+    for path, leaf in t_flat:
+        if is_node(leaf):
+            if leaf.base is not None:
+                raise ValueError(
+                    f"trainable holds the frozen base weight of {path!r}; pass the two halves of "
+                    f"`trainable, frozen = jlora.partition(adapted)`, not the adapted tree itself")
+            n_arrays += sum(v is not None for v in leaf.a.values()) + sum(v is not None for v in leaf.b.values())
+        else:  # a Trainable (train_also) leaf, or a plain array the caller chose to train in full
+            n_arrays += 1
+    if n_arrays == 0:
+        raise ValueError("trainable holds no arrays, so there is nothing to train; pass the first half of "
+                         "`jlora.partition(adapted)` (are any adapters active? see jlora.activate)")
+    f_flat, _ = flatten_with_paths(frozen, is_leaf=is_adapter_leaf)
+    for path, leaf in f_flat:
+        if is_node(leaf) and any(leaf.a.get(n) is not None for n in leaf.active):
+            raise ValueError(f"frozen holds the active adapter factors of {path!r}; pass "
+                             f"`trainable, frozen = jlora.partition(adapted)` in that order")
+
+
+def _check_batch(batch, accum_steps: int):
+    flat, _ = flatten_with_paths(batch)
+    if not flat:
+        raise ValueError("batch holds no arrays")
+    if accum_steps == 1:
+        return
+    for path, x in flat:
+        shape = np.shape(x)
+        name = path or "<batch>"
+        if len(shape) == 0:
+            raise ValueError(f"accum_steps={accum_steps} splits every batch leaf along its leading dim, but "
+                             f"{name!r} is a scalar; pass per-example arrays only")
+        if shape[0] % accum_steps:
+            raise ValueError(f"batch leaf {name!r} has leading dim {shape[0]} (shape {tuple(shape)}), which is not "
+                             f"divisible by accum_steps={accum_steps}")
+
+
+def _split_output(out):
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise TypeError(f"loss_fn must return a scalar loss or (loss, aux_dict); got a tuple of {len(out)} items")
+        loss, aux = out
+    else:
+        loss, aux = out, {}
+    if not hasattr(loss, "shape"):
+        loss = jnp.asarray(loss)
+    if tuple(loss.shape) != ():
+        raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}; reduce it "
+                         f"(e.g. jnp.mean) inside loss_fn")
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise TypeError(f"loss_fn must return a floating loss, got dtype {loss.dtype}")
+    if aux is None:
+        aux = {}
+    if not isinstance(aux, Mapping):
+        raise TypeError(f"loss_fn's aux output must be a dict of metrics, got {type(aux).__name__}")
+    clash = [k for k in aux if k in _RESERVED]
+    if clash:
+        raise ValueError(f"loss_fn's aux uses reserved metric name {clash[0]!r} (reserved: {_RESERVED})")
+    return loss, dict(aux)
+
+
+# ------------------------------------------------------------------------------------------
+# the step
+
+def _global_norm(tree):
+    """``optax.global_norm`` (``optax.tree.norm`` in newer optax, where the former is deprecated)."""
+    tree_ns = getattr(optax, "tree", None)
+    if tree_ns is not None and hasattr(tree_ns, "norm"):
+        return tree_ns.norm(tree)
+    return optax.global_norm(tree)
+
+
+def _acc_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.inexact) else jnp.float32
+
+
+def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
+              mesh=None, rules=None, batch_axes=("data",), donate: bool = True):
+    """Builds ``step(trainable, frozen, opt_state, batch, key=None) -> (trainable, opt_state, metrics)``.
+
+    ``loss_fn(params, batch, key)`` gets ``params = jlora.combine(trainable, frozen)`` (lift the
+    model inside it) and returns a scalar loss or ``(loss, aux_dict)``. Gradients are taken
+    w.r.t. ``trainable`` only and applied with ``optimizer``; ``frozen`` is never written.
+    ``metrics`` holds ``"loss"``, ``"grad_norm"`` (``optax.global_norm`` of the averaged gradients, before
+    the optimizer) and the aux entries.
+
+    Args:
+      loss_fn: ``(params, batch, key) -> loss`` or ``(loss, aux)``.
+      optimizer: an ``optax.GradientTransformation``.
+      accum_steps: split every batch leaf's leading dim into this many micro-batches, run them
+        one after another under ``lax.scan`` and average the gradients, loss and aux (the same
+        update as one step on the whole batch when the loss is a mean over examples). Micro-batch
+        ``j`` holds examples ``j, j + accum_steps, j + 2 * accum_steps, ...`` so that each
+        data-parallel shard contributes to every micro-batch. Each micro-batch gets the key
+        ``jax.random.fold_in(key, j)``.
+      mesh, rules: when given, the step is jitted with ``in_shardings`` / ``out_shardings`` from
+        :func:`jlora.distributed.shardings_for` (parameters, optimizer state) and the batch is split
+        along ``batch_axes`` on its leading dim; inputs are placed with ``jax.device_put`` first
+        (a no-op when they already have those shardings). Without ``rules`` everything but the
+        batch is replicated (plain data parallelism).
+      batch_axes: mesh axes the batch's leading dim is split over, e.g. ``("data", "fsdp")``.
+      donate: donate the ``trainable`` and ``opt_state`` buffers (don't reuse the arrays passed in).
+
+    Example::
+
+        step = make_step(loss_fn, optax.adamw(1e-3), accum_steps=4,
+                         mesh=make_mesh((2, 4), ("data", "fsdp")),
+                         rules=[(r"kernel$", P("fsdp", None))], batch_axes=("data", "fsdp"))
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, key)
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation (with init/update), got {optimizer!r}")
+    if not isinstance(accum_steps, int) or isinstance(accum_steps, bool) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    if rules is not None and mesh is None:
+        raise ValueError("rules= needs a mesh=; pass mesh=jlora.distributed.make_mesh(...)")
+    if mesh is not None:
+        from jlora.distributed import sharding as shd
+        from jax.sharding import Mesh
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        batch_axes = shd._batch_axes(mesh, batch_axes)
+        rules = shd.normalize_rules(rules)
+    donate_argnums = (0, 2) if donate else ()
+
+    def loss_and_grads(trainable, frozen, batch, key):
+        def wrapped(t):
+            try:
+                params = combine(t, frozen)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"trainable and frozen do not fit together ({e}); pass the two halves of "
+                                 f"the same `jlora.partition(adapted)`") from e
+            return _split_output(loss_fn(params, batch, key))
+
+        (loss, aux), grads = jax.value_and_grad(wrapped, has_aux=True)(trainable)
+        return loss, aux, grads
+
+    def micro_constraint(x):
+        if mesh is None or not batch_axes or x.ndim < 2:
+            return x
+        size = math.prod(mesh.shape[a] for a in batch_axes)
+        if x.shape[1] % size:
+            return x
+        entry = batch_axes[0] if len(batch_axes) == 1 else tuple(batch_axes)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, entry)))
+
+    def accumulate(trainable, frozen, batch, key):
+        k = accum_steps
+
+        def split(x):
+            x = jnp.asarray(x)
+            x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+            return micro_constraint(x)
+
+        micro = jax.tree_util.tree_map(split, batch)
+        keys = None if key is None else jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(k))
+        first = jax.tree_util.tree_map(lambda x: x[0], (micro, keys))
+        loss_s, aux_s, grads_s = jax.eval_shape(lambda mb, kk: loss_and_grads(trainable, frozen, mb, kk), *first)
+        zeros = lambda s: jnp.zeros(s.shape, _acc_dtype(s.dtype))
+        carry0 = (jax.tree_util.tree_map(zeros, (loss_s, aux_s, grads_s)))
+
+        def body(carry, xs):
+            mb, kk = xs
+            out = loss_and_grads(trainable, frozen, mb, kk)
+            return jax.tree_util.tree_map(lambda c, v: c + v.astype(c.dtype), carry, out), None
+
+        (loss, aux, grads), _ = jax.lax.scan(body, carry0, (micro, keys))
+        loss = loss / k
+        aux = jax.tree_util.tree_map(lambda v: v / k, aux)
+        grads = jax.tree_util.tree_map(lambda g, s: (g / k).astype(s.dtype), grads, grads_s)
+        return loss, aux, grads
+
+    def _step(trainable, frozen, opt_state, batch, key):
+        if accum_steps == 1:
+            loss, aux, grads = loss_and_grads(trainable, frozen, batch, key)
+        else:
+            loss, aux, grads = accumulate(trainable, frozen, batch, key)
+        grad_norm = _global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm, **aux}
+        return trainable, opt_state, metrics
+
+    jitted = jax.jit(_step, donate_argnums=donate_argnums) if mesh is None else None
+    checked: set = set()
+    sharded: dict = {}
+
+    def _shardings(trainable, frozen, opt_state, batch):
+        t_sh = shd.shardings_for(trainable, mesh, rules)
+        f_sh = shd.shardings_for(frozen, mesh, rules)
+        o_sh = shd.opt_state_shardings(opt_state, trainable, t_sh, mesh)
+        b_sh = shd.batch_shardings(batch, mesh, batch_axes)
+        return t_sh, f_sh, o_sh, b_sh
+
+    def step(trainable, frozen, opt_state, batch, key=None):
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = jax.random.key(key)
+        sig = jax.tree_util.tree_structure((trainable, frozen, batch))
+        shapes = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
+        if (sig, shapes) not in checked:
+            _check_halves(trainable, frozen)
+            _check_batch(batch, accum_steps)
+            checked.add((sig, shapes))
+        if mesh is None:
+            return jitted(trainable, frozen, opt_state, batch, key)
+        args = (trainable, frozen, opt_state, batch, key)
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        cache_key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        entry = sharded.get(cache_key)
+        if entry is None:
+            t_sh, f_sh, o_sh, b_sh = _shardings(trainable, frozen, opt_state, batch)
+            rep = shd.replicated(mesh)
+            in_sh = (t_sh, f_sh, o_sh, b_sh, None if key is None else rep)
+            fn = jax.jit(_step, in_shardings=in_sh, out_shardings=(t_sh, o_sh, rep),
+                         donate_argnums=donate_argnums)
+            entry = sharded[cache_key] = (fn, in_sh)
+        fn, in_sh = entry
+        return fn(*jax.device_put(args, in_sh))
+
+    step.jitted = jitted
+    step.shardings = _shardings if mesh is not None else None
+    step.__doc__ = ("step(trainable, frozen, opt_state, batch, key=None) -> (trainable, opt_state, metrics); "
+                    "built by jlora.train.make_step.")
+    return step
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, mesh=None, rules=None):
+    """``optimizer.init(trainable)``; with ``mesh`` (and ``rules``) the state is created already
+    sharded like the step expects (moments follow the trainable leaves, counters replicated).
+
+    Example::
+
+        opt_state = init_opt_state(optax.adam(1e-3), trainable)
+    """
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation (with init/update), got {optimizer!r}")
+    t_flat, _ = flatten_with_paths(trainable, is_leaf=is_adapter_leaf)
+    for path, leaf in t_flat:
+        if is_node(leaf) and leaf.base is not None:
+            raise ValueError(f"trainable holds the frozen base weight of {path!r}; pass the first half of "
+                             f"`jlora.partition(adapted)`, not the adapted tree itself")
+    if mesh is None:
+        return optimizer.init(trainable)
+    from jlora.distributed import sharding as shd
+    t_sh = shd.shardings_for(trainable, mesh, rules)
+    abstract = jax.eval_shape(optimizer.init, trainable)
+    o_sh = shd.opt_state_shardings(abstract, trainable, t_sh, mesh)
+    return jax.jit(optimizer.init, in_shardings=(t_sh,), out_shardings=o_sh)(jax.device_put(trainable, t_sh))

@@ -1,0 +1,254 @@
+"""jlora.train.make_step: learning, frozen leaves untouched, accumulation, donation, errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora.core.nodes import is_adapter_leaf
+from jlora.distributed import make_mesh
+from jlora.train import init_opt_state, make_step
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x))
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(4)(x)
+
+
+def _setup(rank=4, **spec_kwargs):
+    model = MLP()
+    x = jax.random.normal(jax.random.key(1), (64, 16))
+    y = x @ jax.random.normal(jax.random.key(2), (16, 4))  # a task the random frozen MLP does not solve
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = jlora.LoRA(rank=rank, alpha=2.0 * rank, targets=r".*kernel", **spec_kwargs)
+    adapted = jlora.apply(params, spec, key=jax.random.key(3))
+    forward = jlora.lift(model.apply)
+
+    def loss_fn(p, batch, key):
+        pred = forward({"params": p}, batch["x"])
+        err = pred - batch["y"]
+        return jnp.mean(err ** 2), {"mae": jnp.mean(jnp.abs(err))}
+
+    return model, params, adapted, loss_fn, {"x": x, "y": y}
+
+
+def _copy(tree):
+    return jax.tree_util.tree_map(lambda v: jnp.array(v, copy=True), tree)
+
+
+def _snapshot(tree):
+    return jax.tree_util.tree_map(lambda v: np.array(v, copy=True), tree)
+
+
+def _factors(tree):
+    """{(path, 'a'|'b', name): array} for every factor held in ``tree``."""
+    out = {}
+    for path, leaf in jlora.core.paths.flatten_with_paths(tree, is_leaf=is_adapter_leaf)[0]:
+        if jlora.is_node(leaf):
+            for kind in ("a", "b"):
+                for name, v in getattr(leaf, kind).items():
+                    if v is not None:
+                        out[(path, kind, name)] = np.asarray(v)
+    return out
+
+
+def test_lora_learns_and_frozen_leaves_are_untouched():
+    model, params, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    frozen_before = _snapshot(frozen)
+    factors_before = _factors(trainable)
+    assert len(factors_before) == 6  # 3 kernels x (a, b)
+    frozen_loss = float(jnp.mean((model.apply({"params": params}, batch["x"]) - batch["y"]) ** 2))
+
+    optimizer = optax.adam(1e-2)
+    step = make_step(loss_fn, optimizer)
+    opt_state = init_opt_state(optimizer, trainable)
+    losses = []
+    for i in range(200):
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert set(metrics) == {"loss", "grad_norm", "mae"}
+    assert np.isfinite(float(metrics["grad_norm"]))
+    # B starts at zero, so the first step sees exactly the frozen model.
+    np.testing.assert_allclose(losses[0], frozen_loss, rtol=1e-5)
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+    # Frozen leaves (bases, biases) are bitwise untouched.
+    frozen_after = _snapshot(frozen)
+    for a, b in zip(jax.tree_util.tree_leaves(frozen_before), jax.tree_util.tree_leaves(frozen_after)):
+        assert np.array_equal(a, b)
+    assert jax.tree_util.tree_structure(frozen_before) == jax.tree_util.tree_structure(frozen_after)
+    # Only adapter leaves are trained, and every one of them moved.
+    factors_after = _factors(trainable)
+    assert factors_after.keys() == factors_before.keys()
+    for k in factors_before:
+        assert not np.array_equal(factors_before[k], factors_after[k]), k
+    assert all(jlora.is_node(leaf) for leaf in jax.tree_util.tree_leaves(trainable, is_leaf=is_adapter_leaf))
+    # The merged model reproduces the final loss: only the adapters carry what was learned.
+    merged = jlora.merge(jlora.combine(trainable, frozen))
+    for path_leaf, orig in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree_util.tree_leaves(params)):
+        path, leaf = path_leaf
+        if "bias" in jax.tree_util.keystr(path):
+            assert np.array_equal(np.asarray(leaf), np.asarray(orig))
+    final = float(jnp.mean((model.apply({"params": merged}, batch["x"]) - batch["y"]) ** 2))
+    assert final < 0.5 * frozen_loss
+
+
+def test_train_also_leaves_are_updated():
+    _, _, adapted, loss_fn, batch = _setup(train_also=r".*Dense_2/bias")
+    trainable, frozen = jlora.partition(adapted)
+    bias_before = np.asarray(trainable["Dense_2"]["bias"].value).copy()
+    optimizer = optax.sgd(0.05)
+    step = make_step(loss_fn, optimizer)
+    trainable, _, _ = step(trainable, frozen, init_opt_state(optimizer, trainable), batch)
+    assert isinstance(trainable["Dense_2"]["bias"], jlora.Trainable)
+    assert not np.array_equal(bias_before, np.asarray(trainable["Dense_2"]["bias"].value))
+    assert frozen["Dense_2"]["bias"] is None and frozen["Dense_1"]["bias"] is not None
+
+
+def _nonzero_b(trainable):
+    """B starts at zero (so A's first gradient is zero); give it values so every factor gets a gradient."""
+    def fill(leaf):
+        if jlora.is_node(leaf):
+            b = {n: (None if v is None else 0.1 * jax.random.normal(jax.random.key(7), v.shape, v.dtype))
+                 for n, v in leaf.b.items()}
+            return leaf.with_(b=b)
+        return leaf
+    return jax.tree_util.tree_map(fill, trainable, is_leaf=is_adapter_leaf)
+
+
+def test_accumulation_matches_full_batch():
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    trainable = _nonzero_b(trainable)
+    optimizer = optax.sgd(0.05)
+
+    def run(accum):
+        t, o = _copy(trainable), init_opt_state(optimizer, _copy(trainable))
+        step = make_step(loss_fn, optimizer, accum_steps=accum)
+        metrics = []
+        for _ in range(3):
+            t, o, m = step(t, frozen, o, batch, jax.random.key(0))
+            metrics.append(m)
+        return t, metrics
+
+    full, m_full = run(1)
+    acc, m_acc = run(4)
+    # not a vacuous comparison: the params moved
+    assert not np.allclose(_factors(full)[("Dense_0/kernel", "a", "default")],
+                           _factors(trainable)[("Dense_0/kernel", "a", "default")])
+    chex.assert_trees_all_close(acc, full, atol=1e-5, rtol=1e-5)
+    for a, b in zip(m_acc, m_full):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+        np.testing.assert_allclose(a["mae"], b["mae"], rtol=1e-5)
+
+
+def test_accumulation_micro_batches_are_strided():
+    seen = []
+
+    def loss_fn(p, batch, key):
+        jax.debug.callback(lambda v: seen.append(np.asarray(v)), batch["i"])
+        return jnp.sum(p["w"].value ** 2) * 0.0 + jnp.mean(batch["i"].astype(jnp.float32))
+
+    trainable = {"w": jlora.Trainable(jnp.ones((2,)), "w")}
+    optimizer = optax.sgd(0.1)
+    step = make_step(loss_fn, optimizer, accum_steps=2)
+    _, _, m = step(trainable, {"w": None}, optimizer.init(trainable), {"i": jnp.arange(8)})
+    jax.effects_barrier()
+    assert [s.tolist() for s in seen] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    np.testing.assert_allclose(m["loss"], 3.5)
+
+
+def test_donation_and_no_donation():
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    optimizer = optax.adam(1e-3)
+    kept = _copy(trainable)
+    step = make_step(loss_fn, optimizer, donate=False)
+    step(kept, frozen, init_opt_state(optimizer, kept), batch)
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(kept))
+
+    donated = _copy(trainable)
+    opt_state = init_opt_state(optimizer, donated)
+    step = make_step(loss_fn, optimizer)
+    new, new_state, _ = step(donated, frozen, opt_state, batch)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(donated))
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(opt_state) if np.ndim(x) > 0)
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(frozen))
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(new))
+
+
+def test_single_device_mesh_matches_plain_step():
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    trainable = _nonzero_b(trainable)
+    optimizer = optax.adam(1e-2)
+    mesh = make_mesh((1,), ("data",))
+    plain = make_step(loss_fn, optimizer, accum_steps=2)
+    meshed = make_step(loss_fn, optimizer, accum_steps=2, mesh=mesh,
+                       rules=[(r"kernel$", jax.sharding.PartitionSpec("data", None))])
+    t1, o1, m1 = plain(_copy(trainable), frozen, init_opt_state(optimizer, trainable), batch)
+    t2, o2, m2 = meshed(_copy(trainable), frozen, init_opt_state(optimizer, trainable, mesh=mesh), batch)
+    chex.assert_trees_all_close(t1, t2, atol=1e-6)
+    chex.assert_trees_all_close(o1, o2, atol=1e-6)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    assert t2["Dense_0"]["kernel"].a["default"].sharding.spec == jax.sharding.PartitionSpec("data", None)
+
+
+# ------------------------------------------------------------------------------------------
+# errors at the boundary
+
+def test_indivisible_batch_names_both_numbers():
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    optimizer = optax.sgd(0.1)
+    step = make_step(loss_fn, optimizer, accum_steps=4)
+    bad = {"x": batch["x"][:10], "y": batch["y"][:10]}
+    with pytest.raises(ValueError, match=r"leading dim 10.*accum_steps=4"):
+        step(trainable, frozen, optimizer.init(trainable), bad)
+
+
+def test_rejects_mixed_up_trees():
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    optimizer = optax.sgd(0.1)
+    step = make_step(loss_fn, optimizer)
+    with pytest.raises(ValueError, match="jlora.partition"):
+        step(adapted, frozen, optimizer.init(trainable), batch)
+    with pytest.raises(ValueError, match="in that order|frozen base"):
+        step(frozen, trainable, optimizer.init(trainable), batch)
+    with pytest.raises(ValueError, match="not the adapted tree"):
+        init_opt_state(optimizer, adapted)
+
+
+def test_bad_loss_outputs_and_arguments():
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    optimizer = optax.sgd(0.1)
+
+    def vector_loss(p, b, k):
+        return loss_fn(p, b, k)[0] * jnp.ones(3)
+
+    with pytest.raises(ValueError, match=r"scalar loss, got shape \(3,\)"):
+        make_step(vector_loss, optimizer)(trainable, frozen, optimizer.init(trainable), batch)
+
+    def reserved(p, b, k):
+        return loss_fn(p, b, k)[0], {"loss": 1.0}
+
+    with pytest.raises(ValueError, match="reserved"):
+        make_step(reserved, optimizer)(trainable, frozen, optimizer.init(trainable), batch)
+
+    with pytest.raises(ValueError, match="accum_steps"):
+        make_step(loss_fn, optimizer, accum_steps=0)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        make_step(loss_fn, "adam")
+    with pytest.raises(ValueError, match="needs a mesh"):
+        make_step(loss_fn, optimizer, rules=[(r"kernel", jax.sharding.PartitionSpec())])
