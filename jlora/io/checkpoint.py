@@ -1,0 +1,525 @@
+"""Orbax checkpoints for adapters, merged weights and training state. No pickle anywhere.
+
+Three kinds of checkpoint:
+
+* **Adapter** (:func:`save_adapter` / :func:`load_adapter`): only what was trained. A directory
+  holding ``jlora_adapter.json`` (format version, per-node metadata, the spec) and ``arrays/``,
+  an Orbax checkpoint of a flat dict keyed by ``'/'``-joined leaf paths::
+
+      params/Dense_0/kernel/a/default     factor A of adapter "default"
+      params/Dense_0/kernel/b/default     factor B
+      params/Dense_0/kernel/base          residual base (PiSSA / OLoRA nodes only, see below)
+      params/head/kernel/value            a ``Trainable`` (train_also) leaf
+
+  Every named adapter on a node is saved, active or not. Its size on disk is about the
+  trainable bytes. PiSSA and OLoRA initialisation rewrite the base into a residual
+  (``W - s * A0 @ B0``); for nodes carrying such an adapter the residual base is saved too, so
+  loading onto the *original* weights reproduces the same forward (these checkpoints are
+  therefore as large as the adapted kernels).
+
+* **Merged** (:func:`save_merged`): ``jlora.merge(adapted)`` as a plain nested dict written by
+  Orbax's ``StandardCheckpointHandler``; ``ocp.StandardCheckpointer().restore(path)`` reads it
+  back without jlora.
+
+* **Training state** (:func:`checkpoint_manager`, :func:`save_state`, :func:`restore_state`):
+  trainable tree, optimizer state and PRNG key(s) per step in an ``ocp.CheckpointManager``;
+  resuming is bit-for-bit.
+
+:func:`save_adapter` and :func:`save_merged` write into a temporary sibling directory and rename
+it into place, so a save that fails midway leaves an existing checkpoint at ``path`` untouched;
+they refuse to replace an existing ``path`` unless ``overwrite=True``. They target a local (or
+locally mounted) filesystem from a single process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jlora.core.api import merge as _merge
+from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_adapter_leaf
+from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
+
+FORMAT = "jlora.adapter"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+META_FILE = "jlora_adapter.json"
+ARRAYS_DIR = "arrays"
+STATE_FORMAT = "jlora.train_state"
+STATE_FORMAT_VERSION = 1
+
+# Initialisations that rewrite the base weight (AdapterMeta.init); their nodes save the base.
+REWRITES_BASE = frozenset({"pissa", "olora"})
+
+_STATE_ITEMS = ("trainable", "opt_state", "rng")
+_STATE_META_ITEM = "jlora"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the parameters given."""
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p != "")
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _sharding_of(x):
+    """The sharding an array restored in place of ``x`` (same shape) should get."""
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, jax.sharding.Sharding) else _default_sharding()
+
+
+def _replicated_like(x):
+    """A sharding for a factor stored next to base ``x``: replicated over the base's devices."""
+    s = getattr(x, "sharding", None)
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    if isinstance(s, jax.sharding.SingleDeviceSharding):
+        return s
+    if isinstance(s, jax.sharding.Sharding) and len(s.device_set) == 1:
+        return jax.sharding.SingleDeviceSharding(next(iter(s.device_set)))
+    return _default_sharding()
+
+
+def _checkpointer():
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+def _single_process(what: str):
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"{what} writes from a single process; in a multi-process run use "
+            f"jlora.io.checkpoint_manager / save_state (Orbax coordinates those across hosts)")
+
+
+def _atomic_write(path, overwrite: bool, write):
+    """Calls ``write(tmp_dir)`` on a fresh temporary sibling of ``path`` and renames it into place.
+
+    On any failure the temporary directory is removed and ``path`` is left as it was.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{name}.jlora-tmp-", dir=parent)
+    try:
+        target = os.path.join(scratch, "new")
+        write(target)
+        if os.path.lexists(path):
+            old = os.path.join(scratch, "old")
+            os.rename(path, old)
+            try:
+                os.rename(target, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+        else:
+            os.rename(target, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# adapters
+
+def _node_record(path: str, node: LoRANode, arrays: dict) -> dict:
+    names = list(node.a)
+    meta = node.meta
+    missing = [n for n in names if node.a[n] is None or node.b.get(n) is None]
+    if node.base is None or missing:
+        raise ValueError(
+            f"save_adapter needs the full adapted tree (jlora.combine(trainable, frozen)); node {path!r} "
+            f"has no {'base' if node.base is None else f'factors for {missing}'}")
+    adapters = []
+    for n in names:
+        ka, kb = _join(path, "a", n), _join(path, "b", n)
+        arrays[ka], arrays[kb] = node.a[n], node.b[n]
+        adapters.append({"name": n, **dataclasses.asdict(meta[n]),
+                         "a": {"key": ka, "shape": list(np.shape(node.a[n])), "dtype": _dtype_name(node.a[n].dtype)},
+                         "b": {"key": kb, "shape": list(np.shape(node.b[n])), "dtype": _dtype_name(node.b[n].dtype)}})
+    inits = sorted({meta[n].init for n in names} & REWRITES_BASE)
+    record = {
+        "path": path,
+        "base_shape": list(node.shape),
+        "base_dtype": _dtype_name(node.dtype),
+        "layout": dataclasses.asdict(node.layout),
+        "adapters": adapters,
+        "active": list(node.active),
+        "base_key": None,
+    }
+    if inits:  # PiSSA / OLoRA: the base is a residual; keep it so the forward is reproduced
+        record["base_key"] = _join(path, "base")
+        arrays[record["base_key"]] = node.base
+    return record
+
+
+def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
+    """Saves the adapter factors (every named adapter, active or not) and ``Trainable`` leaves of
+    ``adapted``, plus a JSON description, as a directory at ``path``. Returns the absolute path.
+
+    Frozen base weights are not saved, except the residual bases of PiSSA / OLoRA nodes (their
+    initialisation rewrote the base). ``spec.to_json()`` is stored when ``spec`` is given.
+    The write is atomic; an existing ``path`` is only replaced with ``overwrite=True``.
+
+    Example::
+
+        adapted = jlora.apply(params, jlora.LoRA(rank=8, targets="kernel"), key=jax.random.key(0))
+        jlora.io.save_adapter("out/adapter", adapted, spec=spec)
+    """
+    _single_process("save_adapter")
+    flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
+    arrays, nodes, trainables = {}, [], []
+    for leaf_path, leaf in flat:
+        if isinstance(leaf, LoRANode):
+            nodes.append(_node_record(leaf_path, leaf, arrays))
+        elif isinstance(leaf, Trainable):
+            if leaf.value is None:
+                raise ValueError(f"Trainable leaf {leaf_path!r} holds no value")
+            key = _join(leaf_path, "value")
+            arrays[key] = leaf.value
+            trainables.append({"path": leaf_path, "key": key, "shape": list(np.shape(leaf.value)),
+                               "dtype": _dtype_name(leaf.value.dtype)})
+        elif is_adapter_leaf(leaf):
+            raise NotImplementedError(f"save_adapter does not know how to save {type(leaf).__name__} at {leaf_path!r}")
+    if not nodes and not trainables:
+        raise ValueError("save_adapter: the tree has no adapter nodes or Trainable leaves; did you pass the plain params?")
+    if spec is not None and not hasattr(spec, "to_json"):
+        raise TypeError(f"spec must be a jlora spec with .to_json(), got {spec!r}")
+    from jlora import __version__
+
+    def write(target):
+        os.makedirs(target)
+        _checkpointer().save(os.path.join(target, ARRAYS_DIR), args=ocp.args.StandardSave(arrays))
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "jlora_version": __version__,
+                "nodes": nodes, "trainables": trainables,
+                "spec": None if spec is None else spec.to_json()}
+        text = json.dumps(meta, indent=1)  # raises before anything lands at `path`
+        with open(os.path.join(target, META_FILE), "w") as f:
+            f.write(text)
+
+    return _atomic_write(path, overwrite, write)
+
+
+def read_adapter_metadata(path) -> dict:
+    """The JSON description stored by :func:`save_adapter` (validated format and version)."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no adapter checkpoint directory at {path}")
+    meta_file = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_file):
+        hint = (" (it looks like a plain Orbax checkpoint, e.g. from save_merged; restore it with "
+                "orbax.checkpoint.StandardCheckpointer().restore)") if os.path.exists(
+                    os.path.join(path, "_CHECKPOINT_METADATA")) else ""
+        raise CheckpointError(f"{path} is not a jlora adapter checkpoint: it has no {META_FILE}{hint}")
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_file} is not readable JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a jlora adapter checkpoint ({META_FILE} has format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+    if meta.get("version") not in SUPPORTED_VERSIONS:
+        raise CheckpointError(f"{path}: unknown jlora adapter format version {meta.get('version')!r}; "
+                              f"this jlora reads versions {list(SUPPORTED_VERSIONS)} (upgrade jlora?)")
+    return meta
+
+
+def _adapter_meta(fields: dict, where: str) -> AdapterMeta:
+    known = {f.name for f in dataclasses.fields(AdapterMeta)}
+    values = {k: v for k, v in fields.items() if k in known}
+    try:
+        return AdapterMeta(**values)
+    except TypeError as e:
+        raise CheckpointError(f"bad adapter metadata for {where}: {e}") from None
+
+
+def load_adapter(path, params):
+    """Re-creates the adapted tree saved by :func:`save_adapter` on top of ``params``.
+
+    ``params`` is the plain model (Linen dict / FrozenDict or NNX ``State``) with the same paths,
+    or an already adapted tree (its nodes' bases are used; nodes the checkpoint does not name
+    are kept as they are). Each recorded node becomes a :class:`LoRANode` with the saved factors,
+    adapters and active names; PiSSA / OLoRA nodes get their saved residual base. Raises
+    :class:`CheckpointError` naming the path and both shapes/dtypes when ``params`` does not fit.
+
+    Example::
+
+        params = model.init(key, x)                      # or the pretrained weights
+        adapted = jlora.io.load_adapter("out/adapter", params)
+        y = jlora.lift(model.apply)(adapted, x)
+    """
+    meta = read_adapter_metadata(path)
+    path = os.path.abspath(os.fspath(path))
+    flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
+    index = {p: i for i, (p, _) in enumerate(flat)}
+
+    problems, bases, placements = [], {}, {}
+
+    def check(record, kind):
+        p = record["path"]
+        if p not in index:
+            problems.append(f"{p!r}: not found in params (closest: {near_misses([p], list(index), n=3)})")
+            return
+        leaf = flat[index[p]][1]
+        base = leaf.base if isinstance(leaf, LoRANode) else leaf.value if isinstance(leaf, Trainable) else leaf
+        shape = list(record["base_shape"] if kind == "node" else record["shape"])
+        dtype = record["base_dtype"] if kind == "node" else record["dtype"]
+        if not (hasattr(base, "shape") and hasattr(base, "dtype")):
+            problems.append(f"{p!r}: params hold {type(base).__name__}, not an array of shape {tuple(shape)}")
+            return
+        if list(np.shape(base)) != shape or _dtype_name(base.dtype) != dtype:
+            problems.append(f"{p!r}: checkpoint has shape {tuple(shape)} {dtype}, params have shape "
+                            f"{tuple(np.shape(base))} {_dtype_name(base.dtype)}")
+            return
+        bases[p] = base
+
+    for record in meta["nodes"]:
+        check(record, "node")
+    for record in meta["trainables"]:
+        check(record, "trainable")
+    if problems:
+        raise CheckpointError(f"adapter checkpoint {path} does not fit these params:\n  " + "\n  ".join(problems))
+
+    abstract = {}
+    for record in meta["nodes"]:
+        base = bases[record["path"]]
+        for ad in record["adapters"]:
+            for f in ("a", "b"):
+                abstract[ad[f]["key"]] = jax.ShapeDtypeStruct(
+                    tuple(ad[f]["shape"]), jnp.dtype(ad[f]["dtype"]), sharding=_replicated_like(base))
+        if record.get("base_key"):
+            abstract[record["base_key"]] = jax.ShapeDtypeStruct(
+                tuple(record["base_shape"]), jnp.dtype(record["base_dtype"]), sharding=_sharding_of(base))
+    for record in meta["trainables"]:
+        base = bases[record["path"]]
+        abstract[record["key"]] = jax.ShapeDtypeStruct(tuple(record["shape"]), jnp.dtype(record["dtype"]),
+                                                       sharding=_sharding_of(base))
+    try:
+        arrays = _checkpointer().restore(os.path.join(path, ARRAYS_DIR), args=ocp.args.StandardRestore(abstract))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"adapter checkpoint {path} has no readable {ARRAYS_DIR}/ ({e})") from None
+
+    for record in meta["nodes"]:
+        p = record["path"]
+        names = [ad["name"] for ad in record["adapters"]]
+        placements[p] = LoRANode(
+            base=arrays[record["base_key"]] if record.get("base_key") else bases[p],
+            a={ad["name"]: arrays[ad["a"]["key"]] for ad in record["adapters"]},
+            b={ad["name"]: arrays[ad["b"]["key"]] for ad in record["adapters"]},
+            layout=Layout(**record["layout"]),
+            adapters=tuple((ad["name"], _adapter_meta(ad, f"{p!r}/{ad['name']}")) for ad in record["adapters"]),
+            active=tuple(n for n in record["active"] if n in names),
+            path=p)
+    for record in meta["trainables"]:
+        placements[record["path"]] = Trainable(arrays[record["key"]], record["path"])
+    leaves = [placements.get(p, leaf) for p, leaf in flat]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ------------------------------------------------------------------------------------------
+# merged
+
+def _to_pure(tree):
+    """FrozenDict / NNX State -> nested plain dicts (what plain Orbax restores)."""
+    to_pure = getattr(tree, "to_pure_dict", None)
+    if callable(to_pure):
+        return to_pure()
+    try:
+        from flax.core import unfreeze
+    except ImportError:  # pragma: no cover
+        return tree
+    return unfreeze(tree)
+
+
+def save_merged(path, adapted, *, dtype=None, overwrite: bool = False) -> str:
+    """Saves ``jlora.merge(adapted, dtype)`` (plain weights, as nested dicts) with Orbax's
+    standard handler, atomically. No jlora is needed to read it back::
+
+        jlora.io.save_merged("out/merged", adapted)
+        params = orbax.checkpoint.StandardCheckpointer().restore("out/merged")
+    """
+    _single_process("save_merged")
+    merged = _to_pure(_merge(adapted, dtype))
+
+    def write(target):
+        _checkpointer().save(target, args=ocp.args.StandardSave(merged))
+
+    return _atomic_write(path, overwrite, write)
+
+
+# ------------------------------------------------------------------------------------------
+# training state
+
+class RestoredState(NamedTuple):
+    step: int
+    trainable: Any
+    opt_state: Any
+    rng: Any
+
+
+def checkpoint_manager(directory, max_to_keep: int | None = 3, **options) -> ocp.CheckpointManager:
+    """An ``orbax.checkpoint.CheckpointManager`` for :func:`save_state` / :func:`restore_state`
+    keeping the newest ``max_to_keep`` steps (``options`` go to ``CheckpointManagerOptions``).
+    Saves are asynchronous; call ``manager.wait_until_finished()`` / ``manager.close()`` at the end.
+
+    Example::
+
+        manager = jlora.io.checkpoint_manager("out/train", max_to_keep=3)
+    """
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=opts)
+
+
+def _is_key(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _flatten_state(tree, item: str):
+    """(flat dict key -> leaf, treedef, keys in leaf order). ``None`` entries are empty subtrees."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat, keys = {}, []
+    for p, leaf in leaves:
+        key = "/".join(key_to_str(k) for k in p) or "_"
+        if key in flat:
+            raise ValueError(f"{item}: two leaves share the path {key!r}; cannot checkpoint this tree")
+        flat[key] = leaf
+        keys.append(key)
+    return flat, treedef, keys
+
+
+def _describe(leaf) -> dict:
+    if _is_key(leaf):
+        data = jax.eval_shape(jax.random.key_data, leaf)
+        return {"shape": list(data.shape), "dtype": _dtype_name(data.dtype), "prng_key": True}
+    if not hasattr(leaf, "dtype"):
+        leaf = np.asarray(leaf)
+    return {"shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf.dtype)}
+
+
+def save_state(manager: ocp.CheckpointManager, step: int, trainable, opt_state, rng=None, *,
+               wait: bool = False, force: bool = False) -> bool:
+    """Saves ``trainable`` (from ``jlora.partition``), the optimizer state and PRNG key(s) as
+    step ``step``. Trees may contain ``None``; typed keys are stored as ``jax.random.key_data``.
+    Asynchronous unless ``wait=True``. Returns whether a checkpoint was written (the manager's
+    save interval may skip steps unless ``force``).
+
+    Example::
+
+        jlora.io.save_state(manager, step, trainable, opt_state, rng)
+    """
+    items = {"trainable": trainable, "opt_state": opt_state, "rng": rng}
+    args, description = {}, {}
+    for item, tree in items.items():
+        flat, _, keys = _flatten_state(tree, item)
+        description[item] = {k: _describe(flat[k]) for k in keys}
+        data = {k: (jax.random.key_data(v) if _is_key(v) else v if hasattr(v, "dtype") else np.asarray(v))
+                for k, v in flat.items()}
+        if data:  # Orbax refuses empty items
+            args[item] = ocp.args.StandardSave(data)
+    meta = {"format": STATE_FORMAT, "version": STATE_FORMAT_VERSION, "items": description}
+    args[_STATE_META_ITEM] = ocp.args.JsonSave(meta)
+    saved = manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    if wait:
+        manager.wait_until_finished()
+    return saved
+
+
+def restore_state(manager: ocp.CheckpointManager, trainable_template, opt_state_template, rng_template=None,
+                  step: int | None = None) -> RestoredState:
+    """Restores what :func:`save_state` wrote at ``step`` (default: the latest) into the
+    structure of the templates (e.g. ``jlora.partition(jlora.apply(...))[0]``,
+    ``optimizer.init(that)`` and ``jax.random.key(0)``; arrays or ``jax.ShapeDtypeStruct``;
+    leaves are placed with the template's sharding). Returns ``(step, trainable, opt_state, rng)``.
+
+    Example::
+
+        step, trainable, opt_state, rng = jlora.io.restore_state(manager, trainable, opt_state, rng)
+    """
+    manager.wait_until_finished()
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no training checkpoints in {manager.directory}")
+    step = int(step)
+    if step not in manager.all_steps():
+        raise FileNotFoundError(f"no training checkpoint for step {step} in {manager.directory}; "
+                                f"steps: {list(manager.all_steps())}")
+    meta = manager.restore(step, args=ocp.args.Composite(**{_STATE_META_ITEM: ocp.args.JsonRestore()}))[_STATE_META_ITEM]
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"step {step} in {manager.directory} was not written by jlora.io.save_state")
+    if meta.get("version") != STATE_FORMAT_VERSION:
+        raise CheckpointError(f"unknown jlora training-state format version {meta.get('version')!r}")
+
+    templates = {"trainable": trainable_template, "opt_state": opt_state_template, "rng": rng_template}
+    plans, args, problems = {}, {}, []
+    for item, tree in templates.items():
+        if item == "rng" and tree is None:
+            continue  # not asked for
+        flat, treedef, keys = _flatten_state(tree, item)
+        saved = meta["items"].get(item, {})
+        missing = [k for k in keys if k not in saved]
+        extra = [k for k in saved if k not in flat]
+        if missing:
+            problems.append(f"{item}: template leaves not in the checkpoint: {missing[:5]}"
+                            f"{f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''}")
+        if extra:
+            problems.append(f"{item}: checkpoint leaves not in the template: {extra[:5]}"
+                            f"{f' (+{len(extra) - 5} more)' if len(extra) > 5 else ''}")
+        abstract = {}
+        for k in keys:
+            if k not in saved:
+                continue
+            want = _describe(flat[k])
+            if want != saved[k]:
+                problems.append(f"{item} {k!r}: checkpoint has shape {tuple(saved[k]['shape'])} {saved[k]['dtype']}, "
+                                f"template has shape {tuple(want['shape'])} {want['dtype']}")
+                continue
+            leaf = flat[k]
+            sharding = getattr(leaf, "sharding", None)
+            if not isinstance(sharding, jax.sharding.Sharding) or want.get("prng_key"):
+                sharding = _default_sharding()
+            abstract[k] = jax.ShapeDtypeStruct(tuple(want["shape"]), jnp.dtype(want["dtype"]), sharding=sharding)
+        plans[item] = (flat, treedef, keys)
+        if abstract:
+            args[item] = ocp.args.StandardRestore(abstract)
+    if problems:
+        raise CheckpointError(f"training checkpoint step {step} in {manager.directory} does not fit the "
+                              f"templates:\n  " + "\n  ".join(problems))
+    restored = manager.restore(step, args=ocp.args.Composite(**args)) if args else {}
+
+    out = {"rng": None}
+    for item, (flat, treedef, keys) in plans.items():
+        values = restored[item] if item in args else {}
+        leaves = []
+        for k in keys:
+            v = values[k]
+            if _is_key(flat[k]):
+                v = jax.random.wrap_key_data(v, impl=jax.random.key_impl(flat[k])) if isinstance(flat[k], jax.Array) \
+                    else jax.random.wrap_key_data(v, impl=flat[k].dtype._impl)
+            leaves.append(v)
+        out[item] = jax.tree_util.tree_unflatten(treedef, leaves)
+    return RestoredState(step, out["trainable"], out["opt_state"], out["rng"])
