@@ -161,7 +161,8 @@ def partition(adapted):
 def combine(trainable, frozen):
     """Inverse of :func:`partition`: ``combine(*partition(t)) == t``."""
     return jax.tree_util.tree_map(
-        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+        lambda t, f: f if t is None else t, trainable, frozen,
+        is_leaf=lambda x: x is None or isinstance(x, Trainable))
 
 
 # ------------------------------------------------------------------------------------------

@@ -278,8 +278,8 @@ def _remat(eqn, invals, ctx):
     sub, consts = C.call_jaxpr(eqn.params)
     opts = C.remat_options(eqn.params)
 
-    def body(*vals):
-        return _arrays(_eval(sub, consts, list(vals), ctx), ctx, eqn.primitive)
+    def body(*vals):  # adapter nodes may pass through (NNX returns module state)
+        return _eval(sub, consts, list(vals), ctx)
 
     return list(jax.checkpoint(body, **opts)(*invals))
 
@@ -303,11 +303,18 @@ def _scan(eqn, invals, ctx):
     def step(c, inp):
         x_slices, key = inp
         sub_ctx = ctx.with_rng(key) if key is not None else ctx
-        outs = _arrays(_eval(body, bconsts, [*consts, *c, *x_slices], sub_ctx), ctx, eqn.primitive)
-        return outs[:ncarry], outs[ncarry:]
+        outs = _eval(body, bconsts, [*consts, *c, *x_slices], sub_ctx)
+        # nodes may come out as per-layer outputs (NNX returns module state), not as carry
+        return _arrays(outs[:ncarry], ctx, eqn.primitive), outs[ncarry:]
 
     new_carry, ys = lax.scan(step, list(carry), (xs, keys), length=length, reverse=reverse, unroll=unroll)
+    ys = [_Live(y.node.with_(layout=_restack(y.node.layout)), y.dtype)
+          if _is_live(y) else y for y in ys]
     return [*new_carry, *ys]
+
+
+def _restack(layout):
+    return type(layout)(layout.stack + 1, layout.inputs, layout.outputs)
 
 
 def _cond(eqn, invals, ctx):
@@ -406,14 +413,18 @@ def lift(fn, strict: bool = False):
                 return fn(*a, **k)
 
             closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
-            entry = (closed, jax.tree_util.tree_structure(out_shape))
+
+            def run(vals, rng, closed=closed):
+                ctx = _Ctx(strict=strict, warned=warned, rng=rng)
+                return _arrays(_eval(closed.jaxpr, closed.consts, vals, ctx), ctx, "output")
+
+            # compiled, so eager calls are not interpreted op by op; a no-op under an outer jit
+            entry = (jax.jit(run), jax.tree_util.tree_structure(out_shape))
             if key is not None:
                 cache[key] = entry
-        closed, out_tree = entry
-        ctx = _Ctx(strict=strict, warned=warned, rng=jlora_rng)
+        run, out_tree = entry
         vals = [_Live(leaves[i]) if is_node(leaves[i]) else leaves[i] for i in dyn_pos]
-        outs = _arrays(_eval(closed.jaxpr, closed.consts, vals, ctx), ctx, "output")
-        return jax.tree_util.tree_unflatten(out_tree, outs)
+        return jax.tree_util.tree_unflatten(out_tree, run(vals, jlora_rng))
 
     lifted.cache = cache
     return lifted

@@ -32,20 +32,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jlora.core.api import combine
 from jlora.core.nodes import Trainable, is_adapter_leaf, is_node
 from jlora.core.paths import flatten_with_paths
 
 __all__ = ["make_step", "init_opt_state"]
 
 _RESERVED = ("loss", "grad_norm")
-
-
-def combine(trainable, frozen):
-    """``jlora.combine`` that also accepts ``train_also`` leaves: a :class:`Trainable` in
-    ``trainable`` faces ``None`` in ``frozen``, which ``jlora.core.api.combine`` (mapping with
-    ``is_leaf=lambda x: x is None`` only) rejects as a structure mismatch."""
-    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
-                                  is_leaf=lambda x: x is None or isinstance(x, Trainable))
 
 
 # ------------------------------------------------------------------------------------------

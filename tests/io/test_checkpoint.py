@@ -75,13 +75,6 @@ def _forward(adapted):
     return np.asarray(jlora.lift(MLP().apply)(adapted, X))
 
 
-def _combine(trainable, frozen):
-    # jlora.combine raises on Trainable (train_also) leaves: frozen holds None where trainable
-    # holds a Trainable node, and tree_map only treats None as a leaf. Same semantics otherwise.
-    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
-                                  is_leaf=lambda x: x is None or isinstance(x, jlora.Trainable))
-
-
 def _dir_bytes(path):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
@@ -294,7 +287,7 @@ def test_resume_is_bit_for_bit(tmp_path):
         x = jax.random.normal(jax.random.fold_in(jax.random.key(7), i), (5, 16))
 
         def loss(t):
-            return jnp.mean((lifted(_combine(t, frozen), x, jlora_rng=sub) - y_true) ** 2)
+            return jnp.mean((lifted(jlora.combine(t, frozen), x, jlora_rng=sub) - y_true) ** 2)
 
         grads = jax.grad(loss)(trainable)
         updates, opt_state = opt.update(grads, opt_state, trainable)
