@@ -14,3 +14,11 @@ __all__ = [
     "apply", "partition", "combine", "merge", "unmerge", "summary", "count", "lift",
     "activate", "adapter_names", "delete_adapter", "combine_adapters",
 ]
+
+
+def __getattr__(name):  # lazy submodules: `jlora.train`, `jlora.io`, `jlora.distributed`
+    if name in ("train", "io", "distributed"):
+        import importlib
+
+        return importlib.import_module(f"jlora.{name}")
+    raise AttributeError(f"module 'jlora' has no attribute {name!r}")

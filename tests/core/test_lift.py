@@ -196,7 +196,9 @@ def test_cond_and_while_carry_adapters():
 
     def fn(p, x, flag):
         y = jax.lax.cond(flag > 0, lambda: dense.apply(p, x), lambda: -dense.apply(p, x))
-        return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(dense.apply(p, h)), y)
+        y = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(dense.apply(p, h)), y)  # a scan
+        _, y = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(dense.apply(p, c[1]))), (0, y))
+        return y
 
     for flag in (1, -1):
         f = jnp.asarray(flag)
