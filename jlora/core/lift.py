@@ -269,6 +269,19 @@ def _transpose(eqn, invals, ctx):
     return [_Live(new, live.dtype)]
 
 
+def _scalar_mul(eqn, invals, ctx):
+    """``c * W`` for a scalar ``c``: a node with base ``c*W0`` and ``B`` scaled by ``c``."""
+    if _is_live(invals[0]) and _is_live(invals[1]):
+        return None
+    live, c = (invals[0], invals[1]) if _is_live(invals[0]) else (invals[1], invals[0])
+    if np.ndim(c) != 0:
+        return None
+    node = live.node
+    new = node.with_(base=live.base * c, b={n: v * c.astype(v.dtype) if hasattr(c, "astype") else v * c
+                                            for n, v in node.b.items()})
+    return [_Live(new, live.dtype)]
+
+
 def _inline(eqn, invals, ctx):
     sub, consts = C.call_jaxpr(eqn.params)
     return _eval(sub, consts, invals, ctx)
@@ -345,6 +358,7 @@ _RULES = {
     C.conv_p: _conv,
     C.convert_element_type_p: _convert,
     C.transpose_p: _transpose,
+    C.mul_p: _scalar_mul,
     C.jit_p: _inline,
     C.remat_p: _remat,
     C.scan_p: _scan,

@@ -227,8 +227,8 @@ def test_bf16_base_fp32_adapters_bf16_compute():
 # ---------------------------------------------------------------------------------------------
 # fallbacks
 
-def _scaled_kernel_fn(p, x):
-    return x @ (2.0 * p["params"]["kernel"])
+def _scaled_kernel_fn(p, x):  # an elementwise non-linearity of the kernel cannot be factored
+    return x @ jnp.tanh(p["params"]["kernel"])
 
 
 def test_fallback_materialises_warns_once_and_is_correct():
@@ -241,7 +241,7 @@ def test_fallback_materialises_warns_once_and_is_correct():
         out1 = lifted(ad, x)
         out2 = lifted(ad, x)
     msgs = [str(w.message) for w in caught if "jlora.lift" in str(w.message)]
-    assert len(msgs) == 1 and "params/kernel" in msgs[0] and "mul" in msgs[0]
+    assert len(msgs) == 1 and "params/kernel" in msgs[0] and "tanh" in msgs[0]
     np.testing.assert_allclose(out1, _scaled_kernel_fn(jlora.merge(ad), x), atol=1e-5)
     np.testing.assert_allclose(out1, out2)
 
@@ -253,11 +253,15 @@ def test_strict_raises_instead_of_materialising():
         jlora.lift(_scaled_kernel_fn, strict=True)(ad, jnp.ones((3, 6)))
 
 
-def test_transposed_use_is_factored():
+@pytest.mark.parametrize("fn,shape", [
+    (lambda p, y: y @ p["params"]["kernel"].T, (3, 4)),                      # transpose
+    (lambda p, y: y @ (0.5 * p["params"]["kernel"]), (3, 6)),                # scalar scale
+    (lambda p, y: jnp.einsum("bi,io->bo", y, p["params"]["kernel"] * jnp.float32(3.0)), (3, 6)),
+], ids=["transpose", "scalar_mul", "scalar_mul_rhs"])
+def test_transposed_and_scaled_uses_are_factored(fn, shape):
     params = {"params": {"kernel": jax.random.normal(KEY, (6, 4))}}
     ad = _adapt(params, ".*kernel")
-    fn = lambda p, y: y @ p["params"]["kernel"].T
-    y = jax.random.normal(KEY, (3, 4))
+    y = jax.random.normal(KEY, shape)
     np.testing.assert_allclose(jlora.lift(fn, strict=True)(ad, y), fn(jlora.merge(ad), y), atol=1e-5)
 
 
