@@ -70,13 +70,17 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
             raise ValueError("jlora.apply(model=fn) also needs example=args (inputs fn is called with)")
         inferred = axes_mod.infer_layouts(model, params, example, is_leaf=is_adapter_leaf)
 
-    targeted = [i for i, p in enumerate(paths) if matches(p, spec.targets) and not matches(p, spec.exclude)]
+    # PEFT: a name in a list targets that module's kernel (``"query"`` adapts query/kernel, not
+    # query/bias), and modules_to_save (``train_also``) are never targeted.
+    targeted = [i for i, p in enumerate(paths)
+                if matches(p, spec.targets) and not matches(p, spec.exclude)
+                and not (spec.train_also and matches(p, spec.train_also))
+                and (_adaptable(flat[i][1]) or matches(p, spec.targets, modules=False))]
     if not targeted:
         raise ValueError(
             f"targets {list(spec.targets)} matched no parameter path (exclude={list(spec.exclude)}). "
             f"Closest paths: {near_misses(spec.targets, paths)}")
-    bad = [paths[i] for i in targeted
-           if not (is_node(flat[i][1]) or (_is_float(unwrap(flat[i][1])) and unwrap(flat[i][1]).ndim >= 2))]
+    bad = [paths[i] for i in targeted if not _adaptable(flat[i][1])]
     if bad:
         raise ValueError(
             f"targets {list(spec.targets)} match leaves that cannot be adapted (need a floating kernel with "
@@ -95,6 +99,10 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
     if spec.train_also and not any(matches(p, spec.train_also) for p in paths):
         raise ValueError(f"train_also {list(spec.train_also)} matched no parameter path. Closest: {near_misses(spec.train_also, paths)}")
     return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+def _adaptable(leaf) -> bool:
+    return is_node(leaf) or (_is_float(unwrap(leaf)) and unwrap(leaf).ndim >= 2)
 
 
 def _shape_of(x):
@@ -241,7 +249,7 @@ def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linea
                      rank: int | None = None):
     """PEFT's ``add_weighted_adapter``: a new adapter ``name`` built from existing ones.
 
-    - ``"linear"``: requires equal ranks; ``A = sum sqrt(w_i) s_i A_i``, ``B = sum sqrt(w_i) B_i``
+    - ``"linear"``: requires equal ranks; ``A = sum sqrt(w_i s_i) A_i``, ``B = sum sqrt(w_i s_i) B_i``
       (scale 1). Note this is not ``sum w_i dW_i`` (PEFT's semantics; cross terms appear).
     - ``"cat"``: concatenates along the rank: ``A = [w_i s_i A_i]``, ``B = [B_i]``, so
       ``dW = sum w_i dW_i`` exactly; rank = sum of ranks.
@@ -273,8 +281,8 @@ def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linea
             ranks = {meta[n].rank for n, _ in present}
             if len(ranks) != 1:
                 raise ValueError(f"method='linear' needs equal ranks, got {ranks} at {leaf.path!r}; use 'cat' or 'svd'")
-            a = sum(math.copysign(math.sqrt(abs(w)), w) * meta[n].scale * leaf.a[n] for n, w in present)
-            b = sum(math.sqrt(abs(w)) * leaf.b[n] for n, w in present)
+            a = sum(math.copysign(math.sqrt(abs(w) * meta[n].scale), w) * leaf.a[n] for n, w in present)
+            b = sum(math.sqrt(abs(w) * meta[n].scale) * leaf.b[n] for n, w in present)
             r = ranks.pop()
         elif method == "cat":
             a = jnp.concatenate([w * meta[n].scale * leaf.a[n] for n, w in present], axis=-1)

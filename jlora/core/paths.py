@@ -50,15 +50,18 @@ def normalize_patterns(patterns, what: str) -> tuple[str, ...]:
     return patterns
 
 
-def matches(path: str, patterns: Iterable[str]) -> bool:
+def matches(path: str, patterns: Iterable[str], modules: bool = True) -> bool:
     """PEFT-like matching: a pattern matches when it ``re.fullmatch``es the whole path, or
     when it names the path's last components (``"query"`` matches ``.../query/kernel``;
-    ``"query/kernel"`` matches ``.../query/kernel``)."""
+    ``"query/kernel"`` matches ``.../query/kernel``). With ``modules=False`` only the leaf-path
+    forms count (not a pattern that names the leaf's parent module, like ``"query"``)."""
     parts = path.split("/")
     for p in patterns:
         for start in range(len(parts)):
             if re.fullmatch(p, "/".join(parts[start:])):
                 return True
+        if not modules:
+            continue
         for start in range(len(parts) - 1):
             if re.fullmatch(p, "/".join(parts[start:-1])):
                 return True
@@ -69,10 +72,11 @@ def near_misses(patterns: Sequence[str], paths: Sequence[str], n: int = 8) -> li
     """Paths most similar to the patterns, for error messages."""
     scored = {}
     for pattern in patterns:
-        literal = re.sub(r"[\\^$.*+?()\[\]{}|]", "", pattern)
+        literal = re.sub(r"[\\^$.*+?()\[\]{}|]", "", pattern).strip("/")
         for path in paths:
+            parts = path.split("/")
             score = max(
-                difflib.SequenceMatcher(None, literal, path).ratio(),
+                max(difflib.SequenceMatcher(None, literal, "/".join(parts[i:])).ratio() for i in range(len(parts))),
                 difflib.SequenceMatcher(None, literal, path.split("/")[-1]).ratio(),
                 max((difflib.SequenceMatcher(None, literal, part).ratio() for part in path.split("/")), default=0),
             )
