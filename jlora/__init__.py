@@ -1,7 +1,7 @@
 """jlora: parameter-efficient fine-tuning for JAX/Flax as pure transforms over parameter pytrees."""
 
 from jlora.core.api import (activate, adapter_names, apply, combine, combine_adapters, count,
-                            delete_adapter, merge, partition, summary, unmerge)
+                            delete_adapter, mark_trainable, merge, partition, summary, unmerge)
 from jlora.core.lift import lift
 from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_node
 from jlora.core.spec import Axes
@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRA", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
     "apply", "partition", "combine", "merge", "unmerge", "summary", "count", "lift",
-    "activate", "adapter_names", "delete_adapter", "combine_adapters",
+    "activate", "adapter_names", "mark_trainable", "delete_adapter", "combine_adapters",
 ]
 
 

@@ -131,6 +131,35 @@ def _is_embedding(path: str, layout: Layout) -> bool:
     return path.rsplit("/", 1)[-1] == "embedding"
 
 
+def mark_trainable(params, patterns):
+    """Marks every floating leaf whose path matches ``patterns`` as trained in full (a
+    :class:`Trainable`), with no adapter: e.g. head-only training or full fine-tuning of a subset.
+
+    Example::
+
+        params = jlora.mark_trainable(params, r".*/classifier/(kernel|bias)")
+        trainable, frozen = jlora.partition(params)
+    """
+    from jlora.core.paths import normalize_patterns
+
+    patterns = normalize_patterns(patterns, "patterns")
+    if not patterns:
+        raise ValueError("mark_trainable needs at least one path pattern")
+    flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
+    hit = [i for i, (p, leaf) in enumerate(flat) if matches(p, patterns, modules=False) and not is_adapter_leaf(leaf)]
+    if not hit:
+        raise ValueError(f"patterns {list(patterns)} matched no plain leaf. Closest paths: "
+                         f"{near_misses(patterns, [p for p, _ in flat])}")
+    leaves = []
+    for i, (path, leaf) in enumerate(flat):
+        if i in hit:
+            if not _is_float(leaf):
+                raise ValueError(f"{path!r} is not a floating array and cannot be trained")
+            leaf = Trainable(leaf, path)
+        leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 # ------------------------------------------------------------------------------------------
 # partition / combine
 

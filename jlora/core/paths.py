@@ -57,6 +57,8 @@ def matches(path: str, patterns: Iterable[str], modules: bool = True) -> bool:
     forms count (not a pattern that names the leaf's parent module, like ``"query"``)."""
     parts = path.split("/")
     for p in patterns:
+        if re.fullmatch(p, "/" + path):  # `.*/query/kernel` also matches a top-level `query/kernel`
+            return True
         for start in range(len(parts)):
             if re.fullmatch(p, "/".join(parts[start:])):
                 return True

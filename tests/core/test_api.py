@@ -11,7 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
+import chex
+
 import jlora
+from jlora.core.paths import flatten_with_paths
 
 from ._helpers import randomize_b
 
@@ -421,3 +424,22 @@ def test_summary_lists_paths_ranks_and_percentage():
     assert pct == pytest.approx(100 * c["trainable"] / c["total"], abs=1e-4)
     assert f"{c['trainable']:,} / {c['total']:,}" in text
     assert c["trainable"] == 28 + 32 + 16
+
+
+def test_mark_trainable_head_only():
+    params = {"params": {"enc": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}}
+    marked = jlora.mark_trainable(params, r".*/head/(kernel|bias)")
+    trainable, frozen = jlora.partition(marked)
+    t_paths = sorted(p for p, leaf in flatten_with_paths(trainable, is_leaf=lambda x: isinstance(x, jlora.Trainable))[0]
+                     if isinstance(leaf, jlora.Trainable))
+    assert t_paths == ["params/head/bias", "params/head/kernel"]
+    assert jax.tree_util.tree_leaves(frozen)[0].shape == (4, 4) and len(jax.tree_util.tree_leaves(frozen)) == 1
+    chex.assert_trees_all_equal(jlora.merge(jlora.combine(trainable, frozen)), params)
+    with pytest.raises(ValueError, match="matched no plain leaf"):
+        jlora.mark_trainable(params, r".*/nothing")
+
+
+def test_dot_star_slash_pattern_matches_top_level_module():
+    params = {"query": {"kernel": jnp.ones((4, 4))}, "other": {"kernel": jnp.ones((4, 4))}}
+    ad = jlora.apply(params, jlora.LoRA(rank=2, targets=r".*/query/kernel"), jax.random.key(0))
+    assert jlora.is_node(ad["query"]["kernel"]) and not jlora.is_node(ad["other"]["kernel"])
