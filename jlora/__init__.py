@@ -17,7 +17,7 @@ __all__ = [
 
 
 def __getattr__(name):  # lazy submodules: `jlora.train`, `jlora.io`, `jlora.distributed`
-    if name in ("train", "io", "distributed"):
+    if name in ("train", "io", "distributed", "data", "models", "assets", "tasks"):
         import importlib
 
         return importlib.import_module(f"jlora.{name}")

