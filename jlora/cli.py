@@ -1,0 +1,241 @@
+"""The ``jlora`` command: ``train`` / ``eval`` / ``export`` / ``inspect``.
+
+Examples::
+
+    jlora train --model minilm --data rotten_tomatoes --method lora --rank 8 --alpha 16 \\
+                --steps 300 --batch 16 --lr 2e-3 --out runs/rt-lora
+    jlora train --config run.yaml            # the same keys as the flags (dashes or underscores)
+    jlora eval --run runs/rt-lora --split test
+    jlora export --run runs/rt-lora --format merged --out runs/rt-lora/merged
+    jlora inspect --model minilm --method lora --rank 8 --targets all-linear
+
+A run directory holds ``config.json`` (the resolved settings), ``adapter/`` (jlora adapter
+checkpoint), ``metrics.jsonl`` (one JSON record per logged step), ``plot.png``, ``summary.txt``
+and ``results.json`` (final validation and test metrics; ``test`` is reported, never used to
+choose anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
+                rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
+                seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
+                eval_limit=None)
+METHODS = ("lora", "head")
+
+
+def _add_train_args(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="YAML or JSON file with any of these settings")
+    p.add_argument("--model", choices=("minilm", "smollm2"))
+    p.add_argument("--data", help="rotten_tomatoes | bbc_news | chatterbot | natural_instructions:<subtask>")
+    p.add_argument("--method", choices=METHODS, help="lora, or head (train only the new head: baseline)")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--targets", help="'default', 'all-linear' or a regex over parameter paths")
+    p.add_argument("--rslora", action="store_true", default=None)
+    p.add_argument("--init", choices=("kaiming", "gaussian", "pissa", "olora"))
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--eval-every", type=int, help="evaluate on validation every N steps (0: at the end only)")
+    p.add_argument("--eval-limit", type=int, help="evaluate on at most N examples per split")
+    p.add_argument("--accum-steps", type=int)
+    p.add_argument("--scan-layers", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--out", help="run directory (created; must not hold another run)")
+
+
+def load_config(args: argparse.Namespace | dict) -> dict:
+    """Defaults <- config file <- explicit flags; validated."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    cfg = dict(DEFAULTS)
+    if given.get("config"):
+        path = pathlib.Path(given["config"])
+        if not path.is_file():
+            raise SystemExit(f"jlora: config file {path} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            loaded = yaml.safe_load(text) or {}
+        else:
+            loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"jlora: config file {path} must hold a mapping, got {type(loaded).__name__}")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise SystemExit(f"jlora: unknown keys in {path}: {unknown}; known: {sorted(DEFAULTS)}")
+        cfg.update(loaded)
+    cfg.update({k: v for k, v in given.items() if k in DEFAULTS and v is not None})
+    if cfg["method"] not in METHODS:
+        raise SystemExit(f"jlora: method must be one of {METHODS}, got {cfg['method']!r}")
+    for key in ("steps", "batch", "rank", "max_length", "accum_steps"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise SystemExit(f"jlora: {key} must be a positive integer, got {cfg[key]!r}")
+    if not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] > 0):
+        raise SystemExit(f"jlora: lr must be a positive number, got {cfg['lr']!r}")
+    if cfg["batch"] % cfg["accum_steps"]:
+        raise SystemExit(f"jlora: batch {cfg['batch']} is not divisible by accum_steps {cfg['accum_steps']}")
+    return cfg
+
+
+def build(cfg: dict, task=None):
+    """(task, adapted params, spec or None) for a config."""
+    import jax
+
+    import jlora
+    from jlora.tasks import make_task
+
+    if task is None:
+        task = make_task(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
+                         scan_layers=cfg["scan_layers"])
+    if cfg["method"] == "head":
+        return task, jlora.mark_trainable(task.params, task.head), None
+    targets = task.targets.get(cfg["targets"], cfg["targets"])
+    exclude = task.exclude.get(cfg["targets"]) if hasattr(task, "exclude") else None
+    spec = jlora.LoRA(rank=cfg["rank"], alpha=cfg["alpha"], targets=targets, exclude=exclude, rslora=cfg["rslora"],
+                      init=cfg["init"], dropout=cfg["dropout"], train_also=task.head)
+    model_fn = task.model.apply if cfg["scan_layers"] else None
+    adapted = jlora.apply(task.params, spec, jax.random.key(cfg["seed"]), model=model_fn,
+                          example=task.example() if model_fn else None)
+    return task, adapted, spec
+
+
+def train(cfg: dict, task=None, log=print) -> dict:
+    """Runs one training configuration end to end; returns the results dict."""
+    import jax
+    import optax
+
+    import jlora
+    from jlora import io as jio
+    from jlora.data import batches
+    from jlora.train import fit, make_step, plot_history
+
+    out = pathlib.Path(cfg["out"] or f"runs/{cfg['model']}-{cfg['data'].replace(':', '_')}-{cfg['method']}")
+    if (out / "config.json").exists():
+        raise SystemExit(f"jlora: {out} already holds a run; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    task, adapted, spec = build(cfg, task)
+    summary = jlora.summary(adapted)
+    (out / "summary.txt").write_text(summary + "\n")
+    counts = jlora.count(adapted)
+    log(summary.splitlines()[-1])
+    lifted = jlora.lift(task.model.apply)
+    optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg["lr"], max(1, cfg["steps"] // 10), cfg["steps"]),
+                            weight_decay=cfg["weight_decay"])
+    trainable, frozen = jlora.partition(adapted)
+    opt_state = optimizer.init(trainable)
+    step = make_step(task.loss_fn(lifted), optimizer, accum_steps=cfg["accum_steps"])
+    stream = batches(task.arrays["train"], cfg["batch"], seed=cfg["seed"], epochs=None)
+
+    def eval_fn(t):
+        return task.evaluate(lifted, jlora.combine(t, frozen), "validation", limit=cfg["eval_limit"])
+
+    setup_s = time.perf_counter() - t0
+    trainable, opt_state, history = fit(
+        step, trainable, frozen, opt_state, stream, cfg["steps"], jax.random.key(cfg["seed"] + 1),
+        tokens_per_batch=cfg["batch"] * task.tokens_per_example(), log_path=str(out / "metrics.jsonl"),
+        eval_fn=eval_fn, eval_every=cfg["eval_every"] or None, progress=cfg["progress"],
+        desc=f"{cfg['method']} {cfg['model']}/{cfg['data']}")
+    adapted = jlora.combine(trainable, frozen)
+    jio.save_adapter(str(out / "adapter"), adapted, spec=spec)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    test = task.evaluate(lifted, adapted, "test", limit=cfg["eval_limit"])
+    timed = [r for r in history if r["step"] > 1]
+    results = {
+        "config": cfg, "trainable_params": counts["trainable"], "total_params": counts["total"],
+        "trainable_percent": 100.0 * counts["trainable"] / counts["total"],
+        "adapter_bytes_on_disk": _dir_bytes(out / "adapter"),
+        "validation": {k: v for k, v in history[-1].items() if k.startswith("eval_")},
+        "test": test, "final_train_loss": history[-1]["loss"],
+        "steps_per_s": (timed[-1]["step"] - 1) / (timed[-1]["elapsed_s"] - history[0]["elapsed_s"]) if timed else None,
+        "setup_s": setup_s, "wall_s": time.perf_counter() - t0,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_history(history, str(out / "plot.png"), title=f"{cfg['method']} on {cfg['model']}/{cfg['data']}")
+    log(f"test accuracy {test.get('accuracy', float('nan')):.4f}  test loss {test['loss']:.4f}  -> {out}")
+    results["_adapted"] = adapted
+    results["_task"] = task
+    return results
+
+
+def _dir_bytes(path) -> int:
+    return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+def _load_run(run: str):
+    import jlora  # noqa: F401
+    from jlora import io as jio
+
+    run = pathlib.Path(run)
+    if not (run / "config.json").is_file():
+        raise SystemExit(f"jlora: {run} is not a run directory (no config.json)")
+    cfg = json.loads((run / "config.json").read_text())
+    from jlora.tasks import make_task
+
+    task = make_task(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
+                     scan_layers=cfg["scan_layers"])
+    adapted = jio.load_adapter(str(run / "adapter"), task.params)
+    return cfg, task, adapted
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jlora", description="Parameter-efficient fine-tuning for JAX/Flax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_args(sub.add_parser("train", help="fine-tune a model; writes a run directory"))
+    p_eval = sub.add_parser("eval", help="evaluate a run's adapter on a split")
+    p_eval.add_argument("--run", required=True)
+    p_eval.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p_eval.add_argument("--limit", type=int)
+    p_exp = sub.add_parser("export", help="write merged weights, the adapter, or HF PEFT files")
+    p_exp.add_argument("--run", required=True)
+    p_exp.add_argument("--format", required=True, choices=("merged", "adapter", "peft"))
+    p_exp.add_argument("--out", required=True)
+    p_ins = sub.add_parser("inspect", help="print the adapter summary table for a run or a spec")
+    p_ins.add_argument("--run")
+    _add_train_args(p_ins)
+    args = parser.parse_args(argv)
+
+    import jlora
+    from jlora import io as jio
+
+    if args.command == "train":
+        results = train(load_config(args))
+        print(json.dumps({k: v for k, v in results.items() if not k.startswith("_") and k != "config"}, indent=2))
+    elif args.command == "eval":
+        cfg, task, adapted = _load_run(args.run)
+        metrics = task.evaluate(jlora.lift(task.model.apply), adapted, args.split, limit=args.limit)
+        print(json.dumps({"run": args.run, "split": args.split, **metrics}, indent=2))
+    elif args.command == "export":
+        cfg, task, adapted = _load_run(args.run)
+        if args.format == "merged":
+            jio.save_merged(args.out, adapted)
+        elif args.format == "adapter":
+            jio.save_adapter(args.out, adapted)
+        else:
+            jio.save_peft(args.out, adapted, task.naming, task_type=getattr(task, "peft_task_type", None))
+        print(f"wrote {args.format} to {args.out}")
+    elif args.command == "inspect":
+        if args.run:
+            _, _, adapted = _load_run(args.run)
+        else:
+            _, adapted, _ = build(load_config(args))
+        print(jlora.summary(adapted))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

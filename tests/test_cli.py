@@ -1,0 +1,55 @@
+"""The jlora CLI end to end on the real MiniLM checkpoint and Rotten Tomatoes (a few steps)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jlora import cli
+
+
+def test_config_precedence_and_validation(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("rank: 4\nsteps: 7\nmax-length: 32\n")
+    cfg = cli.load_config({"config": str(cfg_file), "steps": 9, "lr": None})
+    assert (cfg["rank"], cfg["steps"], cfg["max_length"], cfg["lr"]) == (4, 9, 32, cli.DEFAULTS["lr"])
+    (tmp_path / "bad.json").write_text(json.dumps({"rnak": 3}))
+    with pytest.raises(SystemExit, match="unknown keys.*rnak"):
+        cli.load_config({"config": str(tmp_path / "bad.json")})
+    with pytest.raises(SystemExit, match="rank must be a positive integer, got 0"):
+        cli.load_config({"rank": 0})
+    with pytest.raises(SystemExit, match="not divisible by accum_steps 3"):
+        cli.load_config({"batch": 8, "accum_steps": 3})
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.load_config({"config": str(tmp_path / "missing.yaml")})
+
+
+def test_train_eval_export_inspect(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--steps", "3", "--batch", "4", "--max-length", "24", "--eval-limit", "24",
+                     "--out", str(run), "--no-progress"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    for name in ("config.json", "metrics.jsonl", "plot.png", "summary.txt", "adapter/jlora_adapter.json"):
+        assert (run / name).exists(), name
+    assert results["test"]["examples"] == 24 and 0.0 <= results["test"]["accuracy"] <= 1.0
+    assert 0 < results["trainable_percent"] < 1.0
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 3] and all(np.isfinite(l["loss"]) for l in lines)
+    capsys.readouterr()
+
+    assert cli.main(["eval", "--run", str(run), "--split", "test", "--limit", "24"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(results["test"]["accuracy"])  # reloaded adapter == trained one
+
+    assert cli.main(["export", "--run", str(run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+    import orbax.checkpoint as ocp
+    merged = ocp.StandardCheckpointer().restore(str(tmp_path / "merged"))
+    assert merged["params"]["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"].shape == (384, 384)
+
+    capsys.readouterr()
+    assert cli.main(["inspect", "--run", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "attention/self/query/kernel" in table and "classifier/kernel" in table and "full" in table
+
+    with pytest.raises(SystemExit, match="already holds a run"):
+        cli.main(["train", "--steps", "1", "--out", str(run), "--no-progress"])
