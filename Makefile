@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -n 2 --durations=10
 
 demo: $(STAMP)
-	@echo "not yet: the real-model demo (MiniLM on Rotten Tomatoes) lands with issue 3 (models, data, CLI)."
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
