@@ -21,6 +21,12 @@ def _is_array(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+def _own_copy(x):
+    """A trained-in-full leaf gets its own buffer: a training step donates ``trainable``, which
+    must never delete the caller's original params."""
+    return jnp.array(x, copy=True)
+
+
 def _is_float(x) -> bool:
     return _is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
 
@@ -94,7 +100,7 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
         elif spec.train_also and matches(path, spec.train_also) and not is_adapter_leaf(leaf):
             if not _is_float(leaf):
                 raise ValueError(f"train_also matched {path!r}, which is not a floating array ({leaf!r:.80})")
-            leaf = Trainable(leaf, path)
+            leaf = Trainable(_own_copy(leaf), path)
         new_leaves.append(leaf)
     if spec.train_also and not any(matches(p, spec.train_also) for p in paths):
         raise ValueError(f"train_also {list(spec.train_also)} matched no parameter path. Closest: {near_misses(spec.train_also, paths)}")
@@ -155,7 +161,7 @@ def mark_trainable(params, patterns):
         if i in hit:
             if not _is_float(leaf):
                 raise ValueError(f"{path!r} is not a floating array and cannot be trained")
-            leaf = Trainable(leaf, path)
+            leaf = Trainable(_own_copy(leaf), path)
         leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 

@@ -443,3 +443,12 @@ def test_dot_star_slash_pattern_matches_top_level_module():
     params = {"query": {"kernel": jnp.ones((4, 4))}, "other": {"kernel": jnp.ones((4, 4))}}
     ad = jlora.apply(params, jlora.LoRA(rank=2, targets=r".*/query/kernel"), jax.random.key(0))
     assert jlora.is_node(ad["query"]["kernel"]) and not jlora.is_node(ad["other"]["kernel"])
+
+
+def test_donating_trainable_leaves_never_deletes_the_callers_params():
+    params = {"params": {"enc": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}}
+    for marked in (jlora.mark_trainable(params, r".*/head/bias"),
+                   jlora.apply(params, jlora.LoRA(rank=2, targets=r".*/enc/kernel", train_also=r".*/head/bias"), jax.random.key(0))):
+        trainable, _ = jlora.partition(marked)
+        jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x + 1, t), donate_argnums=0)(trainable)
+        np.testing.assert_array_equal(params["params"]["head"]["bias"], np.zeros(2))  # still alive
