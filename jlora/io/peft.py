@@ -1,0 +1,763 @@
+"""Hugging Face PEFT LoRA adapter files: export jlora adapters, import PEFT-trained ones.
+
+A PEFT LoRA adapter is a directory with two files, which :func:`save_peft` writes and
+:func:`load_peft` reads:
+
+* ``adapter_config.json``: the ``LoraConfig`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``,
+  ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``target_modules``, ``modules_to_save``, ...);
+* ``adapter_model.safetensors``: tensors keyed by PyTorch module names::
+
+      base_model.model.<module>.lora_A.weight          (r, in_features)
+      base_model.model.<module>.lora_B.weight          (out_features, r)
+      base_model.model.<module>.lora_embedding_A       (r, num_embeddings)     nn.Embedding targets
+      base_model.model.<module>.lora_embedding_B       (embedding_dim, r)
+      base_model.model.<module>.weight / .bias         modules_to_save (PyTorch layout)
+
+jlora keeps factors in Flax's (in, out) order: ``a: stack + inputs + (r,)``, ``b: stack + (r,) +
+outputs``, so ``lora_A.weight = a.reshape(in, r).T`` and ``lora_B.weight = b.reshape(r, out).T``
+(several input / output axes, e.g. a DenseGeneral ``(d_model, heads, head_dim)`` kernel, are
+flattened row-major, as a PyTorch ``nn.Linear(d_model, heads * head_dim)`` stores them).
+PEFT's scaling is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``); jlora's
+``AdapterMeta.scale`` is that number.
+
+Module names come from a ``naming(path, layer)`` function mapping a jlora leaf path (e.g.
+``'params/encoder/layer_0/attention/self/query/kernel'``) to the PyTorch module name without the
+``base_model.model.`` prefix (``'bert.encoder.layer.0.attention.self.query'``). For a kernel with a
+stacked-layers axis (a scanned ``(L, in, out)`` kernel, ``layout.stack == 1``) it is called once per
+layer with ``layer=0..L-1``; each layer is written as its own module, and :func:`load_peft`
+gathers the L modules and stacks them again. :func:`default_naming` covers simple Flax models.
+
+Not covered: DoRA (``use_dora``), ``lora_bias``, ``layer_replication``, trainable tokens,
+``target_parameters`` (errors), convolution kernels in PyTorch's (out, in, kh, kw) order (a Flax
+``Conv`` kernel would be exported as a flattened Linear), PiSSA / OLoRA nodes on save (their base
+is a residual that PEFT files cannot describe), and stacked ``modules_to_save`` leaves.
+
+Example::
+
+    naming = lambda path, layer: jlora.io.peft.default_naming(path, layer)
+    jlora.io.save_peft("out/peft", adapted, naming, base_model_name_or_path="bert-base-uncased")
+    torch_model = peft.PeftModel.from_pretrained(hf_model, "out/peft")   # in PyTorch
+
+    adapted = jlora.io.load_peft("hub/adapter", params, naming)          # and back
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import json
+import math
+import os
+import re
+import struct
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_adapter_leaf
+from jlora.core.paths import flatten_with_paths
+from jlora.io.checkpoint import REWRITES_BASE, CheckpointError, _atomic_write
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+Naming = Callable[[str, "int | None"], str]
+
+__all__ = ["save_peft", "load_peft", "read_peft_config", "default_naming", "PeftFormatError",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
+
+
+class PeftFormatError(CheckpointError):
+    """A PEFT adapter directory that cannot be read or does not fit the parameters given."""
+
+
+# ------------------------------------------------------------------------------------------
+# naming
+
+def default_naming(path: str, layer: int | None = None) -> str:
+    """A ``naming`` function for plain Flax models whose module names equal the PyTorch ones.
+
+    Drops a leading Linen ``params`` collection and the leaf name and joins the rest with dots
+    (``'params/encoder/fc1/kernel'`` -> ``'encoder.fc1'``; NNX ``'fc1/kernel'`` -> ``'fc1'``). With
+    ``layer`` the index goes after the first module name (``'params/layers/fc/kernel', 2`` ->
+    ``'layers.2.fc'``), i.e. the stacked module is the top-level one.
+    """
+    parts = path.split("/")
+    if len(parts) > 2 and parts[0] == "params":
+        parts = parts[1:]
+    parts = parts[:-1]
+    if not parts:
+        raise ValueError(f"default_naming: {path!r} has no module name (a leaf at the top level)")
+    if layer is not None:
+        parts = [parts[0], str(int(layer)), *parts[1:]]
+    return ".".join(parts)
+
+
+def _checked_name(name, path, layer):
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"naming({path!r}, {layer!r}) must return a non-empty module name, got {name!r}")
+    return name.removeprefix(PREFIX)
+
+
+def _call_naming(naming, path, layer):
+    return _checked_name(naming(path, layer), path, layer)
+
+
+def _try_naming(naming, path, layer):
+    """``naming(path, layer)``, or ``None`` when it raises (it is probed on leaves it may not know)."""
+    try:
+        name = naming(path, layer)
+    except Exception:  # noqa: BLE001 - a naming function may reject paths it does not map
+        return None
+    return _checked_name(name, path, layer)
+
+
+def _module_of_leaf(naming, path):
+    """Module name of a non-kernel leaf (bias, scale): naming(path), else naming(<module>/kernel)."""
+    name = _try_naming(naming, path, None)
+    if name is None and "/" in path:
+        name = _try_naming(naming, path.rsplit("/", 1)[0] + "/kernel", None)
+    return name
+
+
+# ------------------------------------------------------------------------------------------
+# safetensors (own reader/writer: numpy has no bfloat16, safetensors.numpy cannot write it)
+
+def _st_dtypes():
+    import ml_dtypes
+
+    table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+             "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    return {k: np.dtype(v) for k, v in table.items()}
+
+
+def _write_safetensors(file, tensors: dict, metadata: dict | None = None):
+    names = {v: k for k, v in _st_dtypes().items()}
+    header, chunks, offset = {}, [], 0
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        if arr.dtype not in names:
+            raise TypeError(f"cannot store {key!r} of dtype {arr.dtype} in safetensors")
+        if sys.byteorder != "little":  # pragma: no cover
+            arr = arr.byteswap()
+        data = arr.tobytes()
+        header[key] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for data in chunks:
+            f.write(data)
+
+
+def _read_safetensors(file) -> dict:
+    with open(file, "rb") as f:
+        raw = f.read()
+    try:
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+    except (struct.error, ValueError) as e:
+        raise PeftFormatError(f"{file} is not a safetensors file ({e})") from None
+    dtypes, body, out = _st_dtypes(), 8 + n, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = dtypes[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise PeftFormatError(f"{file}: bad safetensors entry for {key!r}: {info!r}") from None
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or body + end > len(raw):
+            raise PeftFormatError(f"{file}: tensor {key!r} has inconsistent offsets {info['data_offsets']}")
+        arr = np.frombuffer(raw, dtype=dtype, count=count, offset=body + begin).reshape(shape)
+        if sys.byteorder != "little":  # pragma: no cover
+            arr = arr.byteswap()
+        out[key] = arr.copy()
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# PEFT config helpers
+
+def _get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """``peft.utils.other.get_pattern_key``: the first pattern matching the end of the module name
+    at a ``.`` boundary, else the module name itself."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    return pattern.get(_get_pattern_key(list(pattern), module), default)
+
+
+def _peft_scale(alpha, r, rslora) -> float:
+    return float(alpha) / (math.sqrt(r) if rslora else r)
+
+
+def _nice(value: float, check) -> float | int:
+    """``value`` rounded to 12 significant digits (an int when whole) if ``check`` still holds."""
+    short = float(f"{value:.12g}")
+    if check(short):
+        value = short
+    return int(value) if float(value).is_integer() and abs(value) < 2 ** 53 else value
+
+
+def _most_common(values):
+    counts = collections.Counter(values)
+    best = max(counts.values())
+    return next(v for v in values if counts[v] == best)  # first seen among the most frequent
+
+
+def _target_match(target_modules, module: str) -> bool:
+    """PEFT's ``check_target_module_exists`` for a str (fullmatch) or a list (name or ``.name``
+    suffix), without exclusions."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return module in target_modules or any(module.endswith("." + t) for t in target_modules)
+
+
+def _pattern_keys(wanted: dict, default, all_modules):
+    """rank_pattern / alpha_pattern keys for the modules whose value differs from ``default``.
+
+    Keys are the full module names, so PEFT's ``(.*\\.)?(key)$`` lookup finds them; if a key
+    would also catch another module (``fc`` is a suffix of ``layers.0.fc``), every key is
+    anchored instead (``^fc``), which PEFT's lookup matches only at the start of the name."""
+    pattern = {m: v for m, v in wanted.items() if v != default}
+    if not pattern:
+        return {}
+    if all(_pattern_value(pattern, m, default) == wanted[m] for m in all_modules):
+        return pattern
+    return {"^" + re.escape(m): v for m, v in pattern.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# jlora leaf <-> PyTorch parameter (modules_to_save)
+
+def _to_torch_param(path: str, value) -> tuple[str, np.ndarray]:
+    leaf = path.rsplit("/", 1)[-1]
+    value = np.asarray(value)
+    if leaf == "kernel":
+        if value.ndim != 2:
+            raise ValueError(
+                f"modules_to_save: cannot write the {value.ndim}-D kernel {path!r} {value.shape} as a PyTorch "
+                f"weight (only 2-D Dense kernels, transposed to (out, in), are supported)")
+        return "weight", np.ascontiguousarray(value.T)
+    if leaf in ("scale", "embedding"):  # LayerNorm/RMSNorm scale, nn.Embed table: same layout
+        return "weight", value
+    if leaf == "bias":
+        return "bias", value.reshape(-1)
+    return leaf, value
+
+
+def _from_torch_param(path: str, like, value, key) -> np.ndarray:
+    leaf = path.rsplit("/", 1)[-1]
+    shape = tuple(np.shape(like))
+    if leaf == "kernel" and len(shape) == 2:
+        value = value.T
+    if value.shape != shape:
+        if value.size != math.prod(shape) or leaf == "kernel":
+            raise PeftFormatError(f"{key}: shape mismatch for {path!r}: expected {_expected(leaf, shape)}, "
+                                  f"found {tuple(value.shape)}")
+        value = value.reshape(shape)
+    return np.ascontiguousarray(value)
+
+
+def _expected(leaf, shape):
+    return f"{shape[::-1]} (PyTorch layout of kernel {shape})" if leaf == "kernel" and len(shape) == 2 else f"{shape}"
+
+
+def _torch_param_name(path: str) -> str:
+    leaf = path.rsplit("/", 1)[-1]
+    return "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+
+
+def _is_embedding(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] == "embedding"
+
+
+def _lora_keys(module: str, embedding: bool) -> tuple[str, str]:
+    if embedding:
+        return f"{PREFIX}{module}.lora_embedding_A", f"{PREFIX}{module}.lora_embedding_B"
+    return f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
+
+
+def _suffix(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+# ------------------------------------------------------------------------------------------
+# save
+
+def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_model_name_or_path: str | None = None,
+              task_type: str | None = None, overwrite: bool = False, spec=None) -> str:
+    """Writes adapter ``adapter`` of ``adapted`` as a PEFT LoRA adapter directory at ``path``
+    (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
+    ``peft.PeftModel.from_pretrained(torch_model, path)``. Returns the absolute path.
+
+    Every :class:`LoRANode` carrying ``adapter`` becomes ``lora_A`` / ``lora_B`` of the module
+    ``naming(path, None)`` (or, for a stacked ``(L, ...)`` kernel, of the L modules
+    ``naming(path, i)``); factors keep their dtype. ``Trainable`` leaves (``train_also``) become
+    ``modules_to_save``: their module's every parameter (Trainable or not) is written in PyTorch
+    layout (2-D kernels transposed to (out, in), ``scale`` / ``embedding`` as ``weight``).
+    ``r`` is the most common rank and ``lora_alpha`` is chosen so that PEFT's scaling equals each
+    node's scale (``rank_pattern`` / ``alpha_pattern`` for the modules that differ). Pass the
+    ``jlora.LoRA`` ``spec`` to write ``use_rslora`` (then alpha = scale * sqrt(r)); without it
+    ``use_rslora`` is false and alpha = scale * r (the same scaling either way).
+
+    The write is atomic; an existing ``path`` is only replaced with ``overwrite=True``.
+    """
+    if not callable(naming):
+        raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
+    flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
+    tensors: dict[str, np.ndarray] = {}
+    modules: dict[str, tuple] = {}  # module -> (rank, scale, dropout, jlora path)
+    others_with_adapter = []
+
+    def claim(module, where):
+        if module in modules or any(k.startswith(f"{PREFIX}{module}.") for k in tensors):
+            raise ValueError(f"naming maps {where} to the module {module!r}, which another leaf already uses")
+
+    for leaf_path, leaf in flat:
+        if isinstance(leaf, LoRANode):
+            if adapter not in leaf.a:
+                if leaf.a:
+                    others_with_adapter.append(leaf_path)
+                continue
+            meta = leaf.meta[adapter]
+            if leaf_path.rsplit("/", 1)[-1] in ("bias", "scale"):
+                raise ValueError(f"{leaf_path!r} carries a LoRA adapter, but PEFT adapts only module weights (kernels, "
+                                 f"embeddings); narrow the spec's targets (e.g. r'.*/fc/kernel')")
+            if meta.method != "lora":
+                raise ValueError(f"{leaf_path!r}: adapter {adapter!r} is a {meta.method!r} adapter; PEFT LoRA files "
+                                 f"hold only plain LoRA (method 'lora')")
+            if meta.init in REWRITES_BASE:
+                raise ValueError(
+                    f"{leaf_path!r}: adapter {adapter!r} was initialised with {meta.init!r}, which rewrote the base "
+                    f"weight into a residual; a PEFT file only holds the factors and would be applied to the original "
+                    f"weights. Export the merged weights (jlora.merge) instead")
+            a, b = leaf.a[adapter], leaf.b[adapter]
+            if a is None or b is None or leaf.base is None:
+                raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
+                                 f"{leaf_path!r} is missing {'its base' if leaf.base is None else 'factors'}")
+            layout = leaf.layout
+            if layout.stack > 1:
+                raise ValueError(
+                    f"{leaf_path!r} has {layout.stack} stacked axes (layout {layout}); PEFT modules are per layer and "
+                    f"save_peft unstacks only one stacked axis. Reshape the stack into one axis first")
+            stack, inputs, outputs = layout.split(leaf.shape)
+            n_in, n_out, r = math.prod(inputs), math.prod(outputs), int(a.shape[-1])
+            a = np.asarray(a).reshape(stack + (n_in, r))
+            b = np.asarray(b).reshape(stack + (r, n_out))
+            embedding = _is_embedding(leaf_path)
+            layers = [(None, a, b)] if not stack else [(i, a[i], b[i]) for i in range(stack[0])]
+            for layer, ai, bi in layers:
+                module = _call_naming(naming, leaf_path, layer)
+                claim(module, f"{leaf_path!r}" + ("" if layer is None else f" layer {layer}"))
+                key_a, key_b = _lora_keys(module, embedding)
+                tensors[key_a] = np.ascontiguousarray(ai.T)  # (r, in)
+                tensors[key_b] = np.ascontiguousarray(bi.T)  # (out, r)
+                modules[module] = (r, float(meta.scale), float(meta.dropout), leaf_path)
+        elif isinstance(leaf, Trainable):
+            continue
+        elif is_adapter_leaf(leaf):
+            raise ValueError(f"save_peft cannot export {type(leaf).__name__} at {leaf_path!r} (only LoRA nodes)")
+
+    # modules_to_save: every parameter of each module holding a Trainable leaf
+    by_parent = collections.defaultdict(list)
+    for leaf_path, leaf in flat:
+        by_parent[leaf_path.rsplit("/", 1)[0] if "/" in leaf_path else ""].append((leaf_path, leaf))
+    save_modules = []
+    for parent, leaves in by_parent.items():
+        if not any(isinstance(leaf, Trainable) for _, leaf in leaves):
+            continue
+        first = next(p for p, leaf in leaves if isinstance(leaf, Trainable))
+        module = _module_of_leaf(naming, first)
+        if module is None:
+            module = _call_naming(naming, first, None)  # raises the naming function's own error
+        if module in modules:
+            raise ValueError(f"module {module!r} both carries LoRA and is trained in full ({first!r}); PEFT "
+                             f"excludes modules_to_save from LoRA targeting")
+        for leaf_path, leaf in leaves:
+            if isinstance(leaf, LoRANode):
+                raise ValueError(f"{leaf_path!r} carries an adapter but its module {module!r} is trained in full "
+                                 f"({first!r}); PEFT cannot express both")
+            value = leaf.value if isinstance(leaf, Trainable) else leaf
+            if value is None:
+                raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
+                                 f"{leaf_path!r} holds no value")
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                continue
+            name, tensor = _to_torch_param(leaf_path, value)
+            key = f"{PREFIX}{module}.{name}"
+            if key in tensors:
+                raise ValueError(f"two leaves of {parent!r} map to the same PyTorch parameter {key!r}")
+            tensors[key] = tensor
+        save_modules.append(module)
+
+    if not modules:
+        hint = f" (nodes carry other adapters: {others_with_adapter[:4]})" if others_with_adapter else ""
+        extra = (" PEFT cannot load an adapter that only has modules_to_save (the Trainable leaves)"
+                 if save_modules else " Did you pass the plain params?")
+        raise ValueError(f"save_peft: no LoRA node carries an adapter named {adapter!r}{hint}.{extra}")
+
+    config = _make_config(modules, sorted(set(save_modules)), flat, naming, spec,
+                          base_model_name_or_path, task_type)
+    text = json.dumps(config, indent=2, sort_keys=True)
+
+    def write(target):
+        os.makedirs(target)
+        _write_safetensors(os.path.join(target, WEIGHTS_NAME), tensors, {"format": "pt"})
+        with open(os.path.join(target, CONFIG_NAME), "w") as f:
+            f.write(text)
+
+    return _atomic_write(path, overwrite, write)
+
+
+def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_or_path, task_type):
+    rslora = bool(getattr(spec, "rslora", False)) if spec is not None else False
+    names = list(modules)
+    ranks = {m: modules[m][0] for m in names}
+    scales = {m: modules[m][1] for m in names}
+    alphas = {}
+    for m in names:
+        r, s = ranks[m], scales[m]
+        alphas[m] = _nice(s * (math.sqrt(r) if rslora else r),
+                          lambda v, r=r, s=s: math.isclose(_peft_scale(v, r, rslora), s, rel_tol=1e-13, abs_tol=0.0))
+    r = _most_common([ranks[m] for m in names])
+    alpha = _most_common([alphas[m] for m in names])
+    dropout = _most_common([modules[m][2] for m in names])
+    rank_pattern = _pattern_keys(ranks, r, names)
+    alpha_pattern = _pattern_keys(alphas, alpha, names)
+
+    # target_modules: the module-name suffixes, unless they would also catch a module we know of
+    # that is not adapted (then an exact regex of the adapted names)
+    suffixes = sorted({_suffix(m) for m in names})
+    known = set()
+    for leaf_path, leaf in flat:
+        base = leaf.base if isinstance(leaf, LoRANode) else leaf.value if isinstance(leaf, Trainable) else leaf
+        if getattr(base, "ndim", 0) != 2 or isinstance(leaf, Trainable) or \
+                leaf_path.rsplit("/", 1)[-1] not in ("kernel", "embedding"):
+            continue
+        name = _try_naming(naming, leaf_path, None)
+        if name is not None:
+            known.add(name)
+    excluded = set(modules_to_save)
+    stray = sorted(m for m in known - set(names) - excluded if _target_match(suffixes, m))
+    target_modules = suffixes
+    if stray:
+        target_modules = "|".join(re.escape(m) for m in sorted(names))
+    return {
+        "alpha_pattern": alpha_pattern,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": alpha,
+        "lora_bias": False,
+        "lora_dropout": dropout,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": modules_to_save or None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": rank_pattern,
+        "revision": None,
+        "target_modules": target_modules,
+        "task_type": task_type,
+        "use_dora": False,
+        "use_rslora": rslora,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# load
+
+_UNSUPPORTED = {
+    "use_dora": "DoRA adapters (use_dora=true)",
+    "lora_bias": "LoRA B biases (lora_bias=true)",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "target_parameters (LoRA on raw parameters)",
+    "use_qalora": "QA-LoRA (use_qalora=true)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+}
+
+
+def read_peft_config(path) -> dict:
+    """The ``adapter_config.json`` of a PEFT adapter directory, checked to be a LoRA config that
+    jlora can load (``peft_type`` "LORA", no DoRA / lora_bias / layer replication ...)."""
+    path = os.path.abspath(os.fspath(path))
+    file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no PEFT adapter at {path}: {CONFIG_NAME} is missing")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PeftFormatError(f"{file} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{file} does not hold a JSON object")
+    peft_type = config.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise PeftFormatError(f"{file}: unknown or unsupported peft_type {peft_type!r}; jlora.io.load_peft reads "
+                              f"'LORA' adapters")
+    for field, what in _UNSUPPORTED.items():
+        if config.get(field):
+            raise PeftFormatError(f"{file}: {what} is not supported by jlora.io.load_peft ({field}={config[field]!r})")
+    return config
+
+
+def _split_layout(rest, n_in, n_out, path):
+    """The (inputs, outputs) split of the non-stacked axes ``rest`` with the given flat sizes."""
+    fits = [k for k in range(1, len(rest)) if math.prod(rest[:k]) == n_in and math.prod(rest[k:]) == n_out]
+    if not fits:
+        return None
+    if len(fits) > 1:
+        raise PeftFormatError(f"{path!r} {rest}: cannot tell which axes are inputs ({n_in} features) and outputs "
+                              f"({n_out}); pass model=fn, example=args to load_peft")
+    return fits[0]
+
+
+def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=None, example=None):
+    """Reads a PEFT LoRA adapter directory and returns ``params`` adapted with it.
+
+    ``params`` are plain jlora params (a Linen dict / FrozenDict or NNX ``State``; an already
+    adapted tree gets ``adapter`` added). Every floating kernel (>= 2 axes) is mapped with
+    ``naming``; the PEFT modules found in the file become :class:`LoRANode` s with
+    ``a = lora_A.T``, ``b = lora_B.T`` (reshaped to the kernel's input / output axes) and
+    ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``; ``rank_pattern`` /
+    ``alpha_pattern`` looked up as PEFT does). A stacked ``(L, ...)`` kernel gathers the L modules
+    ``naming(path, i)`` and stacks their factors (ranks that differ between layers are zero-padded,
+    scales that differ are folded into ``b``). Which axes are stacked / inputs / outputs comes from
+    ``model=fn, example=args`` (traced like ``jlora.apply``), else from the file's shapes.
+    ``modules_to_save`` (and trained biases with ``bias`` "all" / "lora_only") become
+    :class:`Trainable` leaves in the params' dtype, transposes undone.
+
+    Raises :class:`PeftFormatError` naming the module that no kernel maps to, the expected and
+    found shapes, or the unsupported config field.
+    """
+    if not callable(naming):
+        raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
+    if not isinstance(adapter, str) or not adapter or "/" in adapter:
+        raise ValueError(f"adapter name must be a non-empty string without '/', got {adapter!r}")
+    config = read_peft_config(path)
+    path = os.path.abspath(os.fspath(path))
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_file):
+        hint = " (adapter_model.bin pickles are not read; convert with safetensors)" if os.path.isfile(
+            os.path.join(path, "adapter_model.bin")) else ""
+        raise FileNotFoundError(f"no PEFT adapter weights at {weights_file}{hint}")
+    raw = _read_safetensors(weights_file)
+    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+
+    # -- sort the file's keys --------------------------------------------------------------
+    lora: dict[str, dict] = collections.defaultdict(dict)  # module -> {"A": arr, "B": arr, "embedding": bool}
+    extra: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key) or re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B)", key)
+        if m:
+            module, kind = m.group(1), m.group(2)
+            lora[module][kind[-1]] = value
+            lora[module]["embedding"] = kind.startswith("lora_embedding")
+        elif re.fullmatch(r".+\.(lora_B\.bias|lora_magnitude_vector(\.weight)?)", key):
+            raise PeftFormatError(f"{weights_file}: {key!r} belongs to a LoRA variant jlora does not load "
+                                  f"(lora_bias / DoRA)")
+        elif re.search(r"\.lora_[A-Za-z_]+\b", key):
+            raise PeftFormatError(f"{weights_file}: unrecognised LoRA tensor {key!r}")
+        else:
+            extra[key] = value
+    for module, parts in lora.items():
+        for part in ("A", "B"):
+            if part not in parts:
+                raise PeftFormatError(f"{weights_file}: module {module!r} has lora_{'AB'.replace(part, '')} but no lora_{part}")
+
+    r_default = int(config.get("r", 8))
+    alpha_default = config.get("lora_alpha", 8)
+    rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    if str(config.get("init_lora_weights")).lower() in ("pissa", "olora", "corda", "eva", "loftq") or \
+            str(config.get("init_lora_weights")).lower().startswith("pissa"):
+        import warnings
+
+        warnings.warn(f"{path}: this adapter was initialised with init_lora_weights={config['init_lora_weights']!r}, "
+                      f"which changes the base weights; unless it was saved with path_initial_model_for_weight_conversion "
+                      f"it only reproduces the trained model on top of those changed weights", stacklevel=2)
+
+    # -- map the params' kernels to module names --------------------------------------------
+    flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
+    inferred = {}
+    if model is not None:
+        if example is None:
+            raise ValueError("load_peft(model=fn) also needs example=args (inputs fn is called with)")
+        from jlora.core import axes as axes_mod
+
+        inferred = axes_mod.infer_layouts(model, params, example, is_leaf=is_adapter_leaf)
+
+    placements = {}
+    claimed: dict[str, str] = {}
+    seen_names: list[str] = []
+    for index, (leaf_path, leaf) in enumerate(flat):
+        base = leaf.base if isinstance(leaf, LoRANode) else leaf
+        if isinstance(leaf, Trainable) or not (hasattr(base, "shape") and hasattr(base, "dtype")):
+            continue
+        if base.ndim < 2 or not jnp.issubdtype(base.dtype, jnp.floating) or \
+                leaf_path.rsplit("/", 1)[-1] in ("bias", "scale"):  # DenseGeneral biases are 2-D
+            continue
+        shape = tuple(base.shape)
+        layout = leaf.layout if isinstance(leaf, LoRANode) else inferred.get(index)
+        if layout is None and base.ndim == 2:
+            layout = Layout(0, 1, 1)
+        if layout is not None:
+            if layout.stack > 1:
+                continue
+            stacked = layout.stack == 1
+        else:  # N-D kernel, no model: ask the file whether it is one module or one per layer
+            name = _try_naming(naming, leaf_path, None)
+            stacked = not (name is not None and name in lora)
+            if stacked and _try_naming(naming, leaf_path, 0) not in lora:
+                if name is not None:
+                    seen_names.append(name)
+                continue
+        layers = list(range(shape[0])) if stacked else [None]
+        names = [_try_naming(naming, leaf_path, i) for i in layers]
+        seen_names.extend(n for n in names if n is not None)
+        present = [n for n in names if n is not None and n in lora]
+        if not present:
+            continue
+        missing = [f"{n!r}" if n else f"layer {i} (naming raised)" for i, n in zip(layers, names) if n not in lora]
+        if missing:
+            raise PeftFormatError(f"{weights_file}: {leaf_path!r} is stacked over {len(layers)} layers, but the adapter "
+                                  f"has no LoRA weights for {', '.join(missing[:6])}"
+                                  f"{' ...' if len(missing) > 6 else ''} (found {present[:3]})")
+        for n in names:
+            if n in claimed:
+                raise PeftFormatError(f"naming maps both {claimed[n]!r} and {leaf_path!r} to the module {n!r}")
+            claimed[n] = leaf_path
+        placements[index] = _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
+                                        r_default, alpha_default, rslora, rank_pattern, alpha_pattern, dropout,
+                                        weights_file)
+
+    unmatched = sorted(set(lora) - set(claimed))
+    if unmatched:
+        closest = difflib.get_close_matches(unmatched[0], sorted(set(seen_names)), n=4, cutoff=0.3)
+        raise PeftFormatError(
+            f"{weights_file}: the adapter's module {unmatched[0]!r}"
+            f"{f' (and {len(unmatched) - 1} more)' if len(unmatched) > 1 else ''} matches no kernel of params: "
+            f"naming mapped no kernel to it. Closest module names naming produced: {closest or sorted(set(seen_names))[:4]}")
+
+    # -- modules_to_save / trained biases -------------------------------------------------------
+    if extra:
+        by_key = {}
+        for index, (leaf_path, leaf) in enumerate(flat):
+            value = leaf.value if isinstance(leaf, Trainable) else leaf
+            if isinstance(leaf, LoRANode) or not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                continue
+            module = _module_of_leaf(naming, leaf_path)
+            if module is not None:
+                by_key.setdefault(f"{module}.{_torch_param_name(leaf_path)}", index)
+                if _torch_param_name(leaf_path) == "bias":  # bias="all"/"lora_only": <module>.base_layer.bias
+                    by_key.setdefault(f"{module}.base_layer.bias", index)
+        for key, value in sorted(extra.items()):
+            if key not in by_key:
+                closest = difflib.get_close_matches(key, sorted(by_key), n=4, cutoff=0.3)
+                raise PeftFormatError(f"{weights_file}: {PREFIX}{key} (modules_to_save / bias) matches no leaf of "
+                                      f"params; closest: {closest}")
+            index = by_key[key]
+            if index in placements:
+                raise PeftFormatError(f"{weights_file}: {key!r} targets {flat[index][0]!r}, which also carries LoRA")
+            leaf_path, leaf = flat[index]
+            like = leaf.value if isinstance(leaf, Trainable) else leaf
+            arr = _from_torch_param(leaf_path, like, value, f"{weights_file}: {PREFIX}{key}")
+            placements[index] = Trainable(jnp.asarray(arr, dtype=like.dtype), leaf_path)
+
+    if not placements:
+        raise PeftFormatError(f"{weights_file} holds no tensors")
+    leaves = [placements.get(i, leaf) for i, (_, leaf) in enumerate(flat)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r_default, alpha_default, rslora,
+                rank_pattern, alpha_pattern, dropout, weights_file):
+    rest = shape[1:] if stacked else shape
+    embedding = {bool(lora[n].get("embedding")) for n in names}
+    if len(embedding) > 1:
+        raise PeftFormatError(f"{weights_file}: the layers of {leaf_path!r} mix Linear and Embedding LoRA weights")
+    first_a, first_b = lora[names[0]]["A"], lora[names[0]]["B"]
+    if first_a.ndim != 2 or first_b.ndim != 2:
+        raise PeftFormatError(f"{weights_file}: {names[0]!r}: expected 2-D lora_A / lora_B, found shapes "
+                              f"{first_a.shape} and {first_b.shape} (convolution LoRA is not supported)")
+    if layout is None:
+        k = _split_layout(rest, first_a.shape[1], first_b.shape[0], leaf_path)
+        if k is None:
+            raise PeftFormatError(f"{weights_file}: shape mismatch for module {names[0]!r} (params {leaf_path!r} "
+                                  f"{shape}): found lora_A {first_a.shape}, lora_B {first_b.shape}, which fit no "
+                                  f"split of {rest} into inputs x outputs")
+        layout = Layout(1 if stacked else 0, k, len(rest) - k)
+    _, inputs, outputs = layout.split(shape)
+    n_in, n_out = math.prod(inputs), math.prod(outputs)
+
+    factors, ranks, scales = [], [], []
+    for n in names:
+        a, b = lora[n]["A"], lora[n]["B"]
+        r = a.shape[0] if a.ndim == 2 else -1
+        if a.ndim != 2 or b.ndim != 2 or a.shape != (r, n_in) or b.shape != (n_out, r):
+            raise PeftFormatError(
+                f"{weights_file}: shape mismatch for module {n!r} (params {leaf_path!r} {shape}, layout {layout}): "
+                f"expected lora_A (r, {n_in}) and lora_B ({n_out}, r), found {tuple(a.shape)} and {tuple(b.shape)}")
+        r_cfg = int(_pattern_value(rank_pattern, n, r_default))
+        if r_cfg != r:
+            raise PeftFormatError(f"{weights_file}: module {n!r} has rank {r} in the weights but the config says "
+                                  f"r={r_cfg} (r / rank_pattern)")
+        alpha = _pattern_value(alpha_pattern, n, alpha_default)
+        factors.append((a.T, b.T))
+        ranks.append(r)
+        scales.append(_peft_scale(alpha, r, rslora))
+
+    rank, scale = max(ranks), scales[0]
+    a_list, b_list = [], []
+    for (a, b), r, s in zip(factors, ranks, scales):
+        if r < rank:  # zero-pad: the same product, one rank for the stack
+            a = np.concatenate([a, np.zeros((a.shape[0], rank - r), a.dtype)], axis=1)
+            b = np.concatenate([b, np.zeros((rank - r, b.shape[1]), b.dtype)], axis=0)
+        if s != scale:
+            b = (b.astype(np.float32) * (s / scale)).astype(b.dtype)
+        a_list.append(a.reshape(inputs + (rank,)))
+        b_list.append(b.reshape((rank,) + outputs))
+    a = np.stack(a_list) if stacked else a_list[0]
+    b = np.stack(b_list) if stacked else b_list[0]
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    meta = AdapterMeta(method="lora", rank=int(rank), scale=float(scale), dropout=dropout, init="peft")
+    if isinstance(leaf, LoRANode):
+        if adapter in leaf.a:
+            raise PeftFormatError(f"{leaf_path!r} already has an adapter named {adapter!r}; pass another adapter=")
+        return leaf.with_(a={**leaf.a, adapter: a}, b={**leaf.b, adapter: b},
+                          adapters=leaf.adapters + ((adapter, meta),), active=leaf.active + (adapter,))
+    return LoRANode(base=leaf, a={adapter: a}, b={adapter: b}, layout=layout, adapters=((adapter, meta),),
+                    active=(adapter,), path=leaf_path)
