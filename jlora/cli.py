@@ -102,6 +102,8 @@ def build(cfg: dict, task=None):
         task = make_task(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
                          scan_layers=cfg["scan_layers"])
     if cfg["method"] == "head":
+        if task.head is None:
+            raise SystemExit(f"jlora: model {cfg['model']} has no new head to train; use --method lora")
         return task, jlora.mark_trainable(task.params, task.head), None
     targets = task.targets.get(cfg["targets"], cfg["targets"])
     exclude = task.exclude.get(cfg["targets"]) if hasattr(task, "exclude") else None
@@ -166,7 +168,8 @@ def train(cfg: dict, task=None, log=print) -> dict:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_history(history, str(out / "plot.png"), title=f"{cfg['method']} on {cfg['model']}/{cfg['data']}")
-    log(f"test accuracy {test.get('accuracy', float('nan')):.4f}  test loss {test['loss']:.4f}  -> {out}")
+    log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  -> {out}" if "accuracy" in test
+        else f"test loss {test['loss']:.4f}  -> {out}")
     results["_adapted"] = adapted
     results["_task"] = task
     return results
