@@ -81,7 +81,8 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
     targeted = [i for i, p in enumerate(paths)
                 if matches(p, spec.targets) and not matches(p, spec.exclude)
                 and not (spec.train_also and matches(p, spec.train_also))
-                and (_adaptable(flat[i][1]) or matches(p, spec.targets, modules=False))]
+                and (matches(p, spec.targets, modules=False)
+                     or (_adaptable(flat[i][1]) and p.rsplit("/", 1)[-1] in _WEIGHT_NAMES))]
     if not targeted:
         raise ValueError(
             f"targets {list(spec.targets)} matched no parameter path (exclude={list(spec.exclude)}). "
@@ -105,6 +106,9 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
     if spec.train_also and not any(matches(p, spec.train_also) for p in paths):
         raise ValueError(f"train_also {list(spec.train_also)} matched no parameter path. Closest: {near_misses(spec.train_also, paths)}")
     return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+_WEIGHT_NAMES = ("kernel", "embedding", "weight")  # what a module name in `targets` adapts
 
 
 def _adaptable(leaf) -> bool:

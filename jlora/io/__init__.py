@@ -13,6 +13,7 @@ Example::
     step, trainable, opt_state, rng = jio.restore_state(manager, trainable, opt_state, rng)
 """
 
+from jlora.io.peft import PeftFormatError, default_naming, load_peft, read_peft_config, save_peft
 from jlora.io.checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, RestoredState,
                                  checkpoint_manager, load_adapter, read_adapter_metadata,
                                  restore_state, save_adapter, save_merged, save_state)
@@ -21,4 +22,5 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter_metadata", "save_merged",
     "checkpoint_manager", "save_state", "restore_state", "RestoredState",
     "CheckpointError", "FORMAT", "FORMAT_VERSION",
+    "save_peft", "load_peft", "read_peft_config", "default_naming", "PeftFormatError",
 ]

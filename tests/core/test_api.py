@@ -452,3 +452,10 @@ def test_donating_trainable_leaves_never_deletes_the_callers_params():
         trainable, _ = jlora.partition(marked)
         jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x + 1, t), donate_argnums=0)(trainable)
         np.testing.assert_array_equal(params["params"]["head"]["bias"], np.zeros(2))  # still alive
+
+
+def test_module_name_targets_adapt_stacked_kernels_not_stacked_biases():
+    params = {"layers": {"fc": {"kernel": jnp.ones((3, 4, 4)), "bias": jnp.zeros((3, 4))}}}
+    spec = jlora.LoRA(rank=2, targets=["fc"], axes={r".*kernel": jlora.Axes(stack=1, inputs=1)})
+    ad = jlora.apply(params, spec, jax.random.key(0))
+    assert jlora.is_node(ad["layers"]["fc"]["kernel"]) and not jlora.is_node(ad["layers"]["fc"]["bias"])
