@@ -46,6 +46,14 @@ def test_train_eval_export_inspect(tmp_path, capsys):
     merged = ocp.StandardCheckpointer().restore(str(tmp_path / "merged"))
     assert merged["params"]["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"].shape == (384, 384)
 
+    assert cli.main(["export", "--run", str(run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["query", "value"]
+    assert "classifier" in config["modules_to_save"]
+    from safetensors.numpy import load_file
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape == (8, 384)
+
     capsys.readouterr()
     assert cli.main(["inspect", "--run", str(run)]) == 0
     table = capsys.readouterr().out
