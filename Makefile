@@ -1,8 +1,9 @@
-# `make test` and `make demo` do all the setup on a fresh machine.
+# `make demo` and `make test` do all the setup on a fresh machine.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.jlora-installed
+BASE   := $(VENV)/.jlora-installed
+TESTS  := $(VENV)/.jlora-test-installed
 
 .PHONY: test demo install clean
 
@@ -10,16 +11,21 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
+$(BASE): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $(BASE)
+
+# the test extras add pytest and the parity oracles (torch CPU, transformers, peft)
+$(TESTS): $(BASE)
 	$(PY) -m pip install --quiet -e ".[test,parity]"
-	touch $(STAMP)
+	touch $(TESTS)
 
-install: $(STAMP)
+install: $(BASE)
 
-test: $(STAMP)
+test: $(TESTS)
 	$(PY) -m pytest tests -q -n 2 --durations=10
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(PY) examples/demo.py
 
 clean:
