@@ -1,23 +1,25 @@
 """jlora: parameter-efficient fine-tuning for JAX/Flax as pure transforms over parameter pytrees."""
 
 from jlora.core.api import (activate, adapter_names, apply, combine, combine_adapters, count,
-                            delete_adapter, mark_trainable, merge, partition, summary, unmerge)
+                            delete_adapter, mark_trainable, merge, merge_error, partition, summary,
+                            unmerge)
 from jlora.core.lift import lift
 from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_node
 from jlora.core.spec import Axes
 from jlora.methods.lora import LoRA
+from jlora.methods.qlora import QLoRA
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRA", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
+    "LoRA", "QLoRA", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
     "apply", "partition", "combine", "merge", "unmerge", "summary", "count", "lift",
-    "activate", "adapter_names", "mark_trainable", "delete_adapter", "combine_adapters",
+    "activate", "adapter_names", "mark_trainable", "merge_error", "delete_adapter", "combine_adapters",
 ]
 
 
 def __getattr__(name):  # lazy submodules: `jlora.train`, `jlora.io`, `jlora.distributed`
-    if name in ("train", "io", "distributed", "data", "models", "assets", "tasks"):
+    if name in ("train", "io", "distributed", "data", "models", "assets", "tasks", "quant"):
         import importlib
 
         return importlib.import_module(f"jlora.{name}")

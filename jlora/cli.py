@@ -27,15 +27,17 @@ import time
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
                 seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
-                eval_limit=None)
-METHODS = ("lora", "head")
+                eval_limit=None, quant="nf4", double_quant=True)
+METHODS = ("lora", "qlora", "head")
 
 
 def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", help="YAML or JSON file with any of these settings")
     p.add_argument("--model", choices=("minilm", "smollm2"))
     p.add_argument("--data", help="rotten_tomatoes | bbc_news | chatterbot | natural_instructions:<subtask>")
-    p.add_argument("--method", choices=METHODS, help="lora, or head (train only the new head: baseline)")
+    p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), or head (train only the new head: baseline)")
+    p.add_argument("--quant", choices=("nf4", "int4", "int4_asym", "int8"), help="qlora: frozen-base scheme")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--targets", help="'default', 'all-linear' or a regex over parameter paths")
@@ -107,8 +109,12 @@ def build(cfg: dict, task=None):
         return task, jlora.mark_trainable(task.params, task.head), None
     targets = task.targets.get(cfg["targets"], cfg["targets"])
     exclude = task.exclude.get(cfg["targets"]) if hasattr(task, "exclude") else None
-    spec = jlora.LoRA(rank=cfg["rank"], alpha=cfg["alpha"], targets=targets, exclude=exclude, rslora=cfg["rslora"],
-                      init=cfg["init"], dropout=cfg["dropout"], train_also=task.head)
+    common = dict(rank=cfg["rank"], alpha=cfg["alpha"], targets=targets, exclude=exclude, rslora=cfg["rslora"],
+                  init=cfg["init"], dropout=cfg["dropout"], train_also=task.head)
+    if cfg["method"] == "qlora":
+        spec = jlora.QLoRA(**common, quant=cfg["quant"], double_quant=cfg["double_quant"] and cfg["quant"] != "int8")
+    else:
+        spec = jlora.LoRA(**common)
     model_fn = task.model.apply if cfg["scan_layers"] else None
     adapted = jlora.apply(task.params, spec, jax.random.key(cfg["seed"]), model=model_fn,
                           example=task.example() if model_fn else None)

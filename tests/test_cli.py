@@ -61,3 +61,12 @@ def test_train_eval_export_inspect(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="already holds a run"):
         cli.main(["train", "--steps", "1", "--out", str(run), "--no-progress"])
+
+
+def test_qlora_method_builds_quantised_bases():
+    from jlora.quant import QuantizedArray
+
+    cfg = cli.load_config({"method": "qlora", "quant": "int4", "double_quant": False, "rank": 2})
+    task, adapted, spec = cli.build(cfg)
+    node = adapted["params"]["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]
+    assert type(spec).__name__ == "QLoRA" and isinstance(node.base, QuantizedArray) and node.base.scheme == "int4"

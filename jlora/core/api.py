@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core import axes as axes_mod
-from jlora.core.nodes import LoRANode, Layout, Trainable, AdapterMeta, is_adapter_leaf, is_node, unwrap, _factor_product
+from jlora.core.nodes import (LoRANode, Layout, Trainable, AdapterMeta, is_adapter_leaf, is_node, is_quantized,
+                              unwrap, _factor_product)
 from jlora.core.paths import flatten_with_paths, matches, near_misses
 from jlora.core.spec import resolve_hint
 
@@ -94,10 +95,17 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
             f">= 2 axes): {[(p, _shape_of(dict(flat)[p])) for p in bad][:8]}. Narrow the pattern, e.g. end it in '/kernel'; "
             f"adaptable paths include {[p for p in paths if _is_float(unwrap(dict(flat)[p])) and unwrap(dict(flat)[p]).ndim >= 2][:8]}")
 
+    frozen_q = getattr(spec, "frozen_patterns", lambda: ())()
     new_leaves = []
     for i, (path, leaf) in enumerate(flat):
         if i in targeted:
             leaf = _add_adapter(spec, jax.random.fold_in(key, i), path, leaf, name, inferred, i)
+        elif (frozen_q and matches(path, frozen_q, modules=False) and not matches(path, spec.exclude)
+              and not (spec.train_also and matches(path, spec.train_also)) and _adaptable(leaf)):
+            # QLoRA's quantize_frozen: a node with a quantised base and no adapter
+            layout = _layout_for(spec, path, leaf, inferred, i)
+            leaf = LoRANode(base=spec.quantize_base(leaf, layout), a={}, b={}, layout=layout,
+                            adapters=(), active=(), path=path)
         elif spec.train_also and matches(path, spec.train_also) and not is_adapter_leaf(leaf):
             if not _is_float(leaf):
                 raise ValueError(f"train_also matched {path!r}, which is not a floating array ({leaf!r:.80})")
@@ -215,20 +223,49 @@ def combine(trainable, frozen):
 # ------------------------------------------------------------------------------------------
 # merge / unmerge
 
-def merge(adapted, dtype=None):
+def merge(adapted, dtype=None, requantize: bool = False):
     """Plain params again: every adapter node becomes ``base + sum(active deltas)`` in the base's
-    dtype (or ``dtype``); ``Trainable`` wrappers are unwrapped."""
-    return jax.tree_util.tree_map(lambda l: unwrap(l, dtype) if is_adapter_leaf(l) else l,
-                                  adapted, is_leaf=is_adapter_leaf)
+    dtype (or ``dtype``); ``Trainable`` wrappers are unwrapped.
+
+    A quantised base (QLoRA) is dequantised and the delta added in full precision; with
+    ``requantize=True`` the merged weight is quantised again with the base's scheme (lossy: see
+    :func:`merge_error`), so the result keeps the 4-bit storage.
+    """
+    def one(leaf):
+        if is_node(leaf) and requantize and leaf.quantized:
+            from jlora.quant import requantize_like
+
+            return requantize_like(leaf.materialize(jnp.float32), leaf.base)
+        return unwrap(leaf, dtype) if is_adapter_leaf(leaf) else leaf
+
+    return jax.tree_util.tree_map(one, adapted, is_leaf=is_adapter_leaf)
+
+
+def merge_error(adapted) -> dict:
+    """For every quantised node: ``||requant(deq(W) + dW) - (deq(W) + dW)|| / ||dW||``, the
+    relative error that ``merge(..., requantize=True)`` introduces (``{path: error}``)."""
+    from jlora.quant import dequantize, requantize_like
+
+    out = {}
+    for path, leaf in flatten_with_paths(adapted, is_leaf=is_adapter_leaf)[0]:
+        if is_node(leaf) and leaf.quantized and leaf.active:
+            exact = leaf.materialize(jnp.float32)
+            again = dequantize(requantize_like(exact, leaf.base), jnp.float32)
+            out[path] = float(jnp.linalg.norm(again - exact) / jnp.maximum(jnp.linalg.norm(leaf.delta()), 1e-30))
+    return out
 
 
 def unmerge(merged, adapted):
     """Recovers the base weights from ``merged`` by subtracting the active deltas of
-    ``adapted`` (the inverse of :func:`merge`, up to float round-off)."""
+    ``adapted`` (the inverse of :func:`merge`, up to float round-off). For a quantised base the
+    original codes held by ``adapted`` are returned exactly."""
     def undo(m, a):
         if is_node(a):
-            if tuple(np.shape(m)) != a.shape:
-                raise ValueError(f"unmerge: merged leaf at {a.path!r} has shape {np.shape(m)}, adapter expects {a.shape}")
+            shape = tuple(m.shape) if is_quantized(m) else tuple(np.shape(m))
+            if shape != a.shape:
+                raise ValueError(f"unmerge: merged leaf at {a.path!r} has shape {shape}, adapter expects {a.shape}")
+            if a.quantized:
+                return a
             base = (jnp.asarray(m).astype(jnp.float32) - a.delta(dtype=jnp.float32)).astype(a.base.dtype)
             return a.with_(base=base)
         return a if isinstance(a, Trainable) else m
@@ -350,14 +387,16 @@ def _nbytes(x):
 
 
 def count(adapted) -> dict:
-    """``{"trainable": n, "total": n, "trainable_bytes": b, "frozen_bytes": b}``."""
+    """``{"trainable": n, "total": n, "trainable_bytes": b, "frozen_bytes": b}`` (a quantised base
+    counts its logical parameters in ``total`` and its packed bytes in ``frozen_bytes``)."""
     trainable, frozen = partition(adapted)
     t_leaves = [x for x in jax.tree_util.tree_leaves(trainable) if _is_array(x)]
-    f_leaves = [x for x in jax.tree_util.tree_leaves(frozen) if _is_array(x)]
+    f_items = jax.tree_util.tree_leaves(frozen, is_leaf=is_quantized)
     n_t = sum(int(np.prod(np.shape(x))) for x in t_leaves)
-    n_f = sum(int(np.prod(np.shape(x))) for x in f_leaves)
+    n_f = sum(int(np.prod(x.shape)) for x in f_items if is_quantized(x) or _is_array(x))
+    f_bytes = sum(x.nbytes if is_quantized(x) else _nbytes(x) for x in f_items if is_quantized(x) or _is_array(x))
     return {"trainable": n_t, "total": n_t + n_f, "trainable_bytes": sum(map(_nbytes, t_leaves)),
-            "frozen_bytes": sum(map(_nbytes, f_leaves))}
+            "frozen_bytes": int(f_bytes)}
 
 
 def summary(adapted, print_fn=None) -> str:

@@ -25,7 +25,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jlora.core import _compat as C
-from jlora.core.nodes import LoRANode, Trainable, is_adapter_leaf, is_node
+from jlora.core.nodes import LoRANode, Trainable, dense, is_adapter_leaf, is_node
 
 
 class FactoringError(RuntimeError):
@@ -42,12 +42,13 @@ class _Live:
 
     @property
     def base(self):
-        b = self.node.base
-        return b if self.dtype is None else b.astype(self.dtype)
+        """The dense base in the dtype the program uses; a quantised base is dequantised here,
+        inside the op that consumes it (one layer at a time under scan)."""
+        return dense(self.node.base, self.dtype)
 
     @property
     def out_dtype(self):
-        return self.dtype if self.dtype is not None else self.node.base.dtype
+        return self.dtype if self.dtype is not None else self.node.dtype
 
 
 @dataclasses.dataclass
@@ -78,6 +79,24 @@ class _Ctx:
 
 def _is_live(x):
     return isinstance(x, _Live)
+
+
+def _base_op(eqn, live: _Live, operands, where: int, params=None):
+    """Binds ``eqn`` with the node's dense base at position ``where`` of ``operands``.
+
+    A quantised base is dequantised inside a ``jax.checkpoint``: the backward pass then keeps the
+    codes (not a dense copy of every layer's weight) and dequantises again when it needs W0."""
+    def run(base, *others):
+        vals = list(others)
+        vals.insert(where, dense(base, live.dtype))
+        if params is None:
+            return C.bind(eqn, vals)[0]
+        return eqn.primitive.bind(*vals, **params)
+
+    others = [v for i, v in enumerate(operands) if i != where]
+    if live.node.quantized:
+        return jax.checkpoint(run)(live.node.base, *others)
+    return run(live.node.base, *others)
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,10 +187,9 @@ def _dot(eqn, invals, ctx):
         mode = "out"
     else:
         return None
-    params = dict(eqn.params)
-    w0 = live.base
-    base_out = C.bind(eqn, [x, w0] if node_is_rhs else [w0, x])[0]
-    w_dtype = w0.dtype
+    base_out = _base_op(eqn, live, [x, None] if node_is_rhs else [None, x], 1 if node_is_rhs else 0)
+    w_dtype = jnp.dtype(live.out_dtype)
+    params = eqn.params
     prec = params.get("precision")
     pref = params.get("preferred_element_type")
     S = tuple(range(s))
@@ -214,12 +232,12 @@ def _gather(eqn, invals, ctx):
           and len(dn.offset_dims) == 1)
     if not ok:
         return None
-    w0 = live.base
-    base_out = C.bind(eqn, [w0, idx])[0]
+    base_out = _base_op(eqn, live, [None, idx], 0)
+    w_dtype = jnp.dtype(live.out_dtype)
     off = dn.offset_dims[0]
     total = base_out
     for name, a, b, meta in node.active_factors():
-        a, b = a.astype(w0.dtype), b.astype(w0.dtype)
+        a, b = a.astype(w_dtype), b.astype(w_dtype)
         params = dict(C.bind_params(eqn)[1])
         params["slice_sizes"] = (1, a.shape[1])
         rows = eqn.primitive.bind(a, idx, **params)
@@ -240,13 +258,13 @@ def _conv(eqn, invals, ctx):
     if (lay.stack != 0 or lay.outputs != 1 or rhs_spec[0] != lay.ndim - 1
             or p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
         return None
-    w0 = live.base
-    base_out = C.bind(eqn, [x, w0])[0]
+    base_out = _base_op(eqn, live, [x, None], 1)
+    w_dtype = jnp.dtype(live.out_dtype)
     feat = out_spec[1]
     total = base_out
     _, params = C.bind_params(eqn)
     for name, a, b, meta in node.active_factors():
-        a, b = a.astype(w0.dtype), b.astype(w0.dtype)
+        a, b = a.astype(w_dtype), b.astype(w_dtype)
         xin = _dropout(x, meta.dropout, ctx)
         low = eqn.primitive.bind(xin, a, **params)        # window conv to r channels
         low = jnp.moveaxis(low, feat, -1)
@@ -265,7 +283,7 @@ def _transpose(eqn, invals, ctx):
         return None
     new_a = {n: jnp.moveaxis(v, s, -1) for n, v in node.b.items()}   # S+r+O -> S+O+r
     new_b = {n: jnp.moveaxis(v, -1, s) for n, v in node.a.items()}   # S+I+r -> S+r+I
-    new = node.with_(base=jnp.transpose(node.base, perm), a=new_a, b=new_b, layout=lay.transposed())
+    new = node.with_(base=jnp.transpose(dense(node.base), perm), a=new_a, b=new_b, layout=lay.transposed())
     return [_Live(new, live.dtype)]
 
 
@@ -407,8 +425,10 @@ def lift(fn, strict: bool = False):
         avals = []
         for i in dyn_pos:
             l = leaves[i]
-            base = l.base if is_node(l) else l
-            avals.append(jax.ShapeDtypeStruct(np.shape(base), jnp.result_type(base)))
+            if is_node(l):
+                avals.append(jax.ShapeDtypeStruct(l.shape, l.dtype))
+            else:
+                avals.append(jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)))
         key = (treedef, tuple(i for i in dyn_pos), tuple((a.shape, str(a.dtype)) for a in avals))
         try:
             key = key + (static,)

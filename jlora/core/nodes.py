@@ -105,7 +105,11 @@ class LoRANode:
 
     @property
     def dtype(self):
-        return self.base.dtype
+        return jnp.dtype(self.base.dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self.base)
 
     def active_factors(self):
         """Yields ``(name, a, b, meta)`` for every active adapter."""
@@ -118,18 +122,18 @@ class LoRANode:
         """The dense update ``sum_name scale * a @ b`` with the base's shape (materialises)."""
         names = self.active if names is None else tuple(names)
         meta = self.meta
-        dtype = dtype or jnp.promote_types(self.base.dtype, jnp.float32)
-        total = jnp.zeros(self.base.shape, dtype)
+        dtype = dtype or jnp.promote_types(self.dtype, jnp.float32)
+        total = jnp.zeros(self.shape, dtype)
         for name in names:
             total = total + _factor_product(self.a[name], self.b[name], self.layout).astype(dtype) * jnp.asarray(meta[name].scale, dtype)
         return total
 
     def materialize(self, dtype=None) -> Array:
         """``base + delta`` in ``dtype`` (default: the base's dtype)."""
-        dtype = dtype or self.base.dtype
+        dtype = dtype or self.dtype
         if not self.active:
-            return self.base.astype(dtype)
-        full = self.base.astype(jnp.promote_types(self.base.dtype, jnp.float32)) + self.delta()
+            return dense(self.base, dtype)
+        full = dense(self.base, jnp.promote_types(self.dtype, jnp.float32)) + self.delta()
         return full.astype(dtype)
 
     def with_(self, **changes) -> "LoRANode":
@@ -144,6 +148,20 @@ def _factor_product(a, b, layout: Layout):
         dimension_numbers=(((a.ndim - 1,), (s,)), (tuple(range(s)), tuple(range(s)))),
         precision=lax.Precision.HIGHEST,
     )
+
+
+def is_quantized(x) -> bool:
+    """True for a :class:`jlora.quant.QuantizedArray` (checked without importing jlora.quant)."""
+    return hasattr(x, "scheme") and hasattr(x, "matrix_shape")
+
+
+def dense(base, dtype=None):
+    """The base as a dense array: a quantised base is dequantised (to ``dtype`` or its own)."""
+    if is_quantized(base):
+        from jlora.quant import dequantize
+
+        return dequantize(base, dtype)
+    return base if dtype is None else base.astype(dtype)
 
 
 def is_node(x) -> bool:
