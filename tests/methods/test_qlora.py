@@ -166,3 +166,14 @@ def test_qlora_spec_validation():
                     (dict(compute_dtype=jnp.int32), "compute_dtype must be a floating")):
         with pytest.raises((ValueError, TypeError), match=msg):
             jlora.QLoRA(rank=2, targets="kernel", **kw)
+
+
+def test_qlora_adapter_reloads_onto_a_quantised_base(tmp_path):
+    model, params, ad = _adapted(compute_dtype=jnp.float32)
+    spec = jlora.QLoRA(rank=4, alpha=8, targets=r".*/(up|down)/kernel", compute_dtype=jnp.float32)
+    jlora.io.save_adapter(str(tmp_path / "a"), ad, spec=spec)
+    fresh = jlora.apply(params, spec, jax.random.key(7), model=model.apply, example=(X,))
+    loaded = jlora.io.load_adapter(str(tmp_path / "a"), fresh)
+    assert all(isinstance(n.base, QuantizedArray) for n in _nodes(loaded))
+    lifted = jlora.lift(model.apply)
+    np.testing.assert_array_equal(np.asarray(lifted(loaded, X)), np.asarray(lifted(ad, X)))
