@@ -35,18 +35,18 @@ LoRA on it::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
 import re
-import warnings
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jlora.models import _hf
 
 __all__ = [
     "BertConfig", "BertModel", "BertForSequenceClassification", "BertEmbeddings", "BertLayer",
@@ -78,13 +78,6 @@ _MASK_VALUE = float(np.finfo(np.float32).min)
 
 # ---------------------------------------------------------------------------------------------
 # config
-
-def _canon_dtype(value, name):
-    try:
-        return jnp.dtype(value)
-    except TypeError:
-        raise TypeError(f"BertConfig.{name} must be a dtype (e.g. jnp.float32, 'bfloat16'), got {value!r}") from None
-
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -120,32 +113,13 @@ class BertConfig:
                    "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels")
 
     def __post_init__(self):
-        for f in self._INT_FIELDS:
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"BertConfig.{f} must be a positive int, got {v!r}")
-            object.__setattr__(self, f, int(v))
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"num_attention_heads ({self.num_attention_heads})")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"BertConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
-        for f in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
-            v = getattr(self, f)
-            if v is None and f == "classifier_dropout":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ValueError(f"BertConfig.{f} must be a probability in [0, 1), got {v!r}")
+        _hf.check_positive_ints(self, "BertConfig", self._INT_FIELDS)
+        _hf.check_encoder_shape(self, "BertConfig", ACTIVATIONS)
+        _hf.check_probabilities(self, "BertConfig", ("hidden_dropout_prob", "attention_probs_dropout_prob",
+                                                     "classifier_dropout"), optional=("classifier_dropout",))
         if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
             raise ValueError(f"BertConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
-        for f in ("scan_layers", "remat"):
-            if not isinstance(getattr(self, f), bool):
-                raise ValueError(f"BertConfig.{f} must be a bool, got {getattr(self, f)!r}")
-        object.__setattr__(self, "dtype", _canon_dtype(self.dtype, "dtype"))
-        object.__setattr__(self, "param_dtype", _canon_dtype(self.param_dtype, "param_dtype"))
+        _hf.check_bools_and_dtypes(self, "BertConfig", ("scan_layers", "remat"))
 
     @property
     def head_dim(self) -> int:
@@ -168,22 +142,8 @@ class BertConfig:
         ``model_type`` other than ``bert``) raise. ``overrides`` must be field names
         (e.g. ``scan_layers=True, dtype=jnp.bfloat16``).
         """
-        if isinstance(config, (str, os.PathLike)):
-            p = pathlib.Path(config)
-            if p.is_dir():
-                p = p / "config.json"
-            if not p.is_file():
-                raise FileNotFoundError(f"no BERT config at {p}")
-            with open(p) as f:
-                config = json.load(f)
-        elif hasattr(config, "to_dict") and not isinstance(config, Mapping):
-            config = config.to_dict()
-        if not isinstance(config, Mapping):
-            raise TypeError(f"BertConfig.from_hf expects a dict or a path to config.json, got {type(config).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise TypeError(f"unknown BertConfig override(s) {unknown}; valid fields: {sorted(fields)}")
+        config = _hf.read_config(config, "BertConfig", "BERT")
+        fields = _hf.config_fields(cls, overrides)
         model_type = config.get("model_type", "bert")
         if model_type not in ("bert", None):
             raise ValueError(f"config has model_type={model_type!r}; only 'bert' checkpoints are supported "
@@ -194,11 +154,7 @@ class BertConfig:
         for flag in ("is_decoder", "add_cross_attention"):
             if config.get(flag):
                 raise ValueError(f"{flag}=True is not supported: this is an encoder-only BERT")
-        kwargs = {k: v for k, v in config.items() if k in fields and k not in ("scan_layers", "remat", "dtype", "param_dtype")}
-        if "num_labels" not in config and isinstance(config.get("id2label"), Mapping) and config["id2label"]:
-            kwargs["num_labels"] = len(config["id2label"])
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**_hf.config_kwargs(config, fields, overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +357,7 @@ def _params_root(tree):
     return tree, root
 
 
-_LAYER_KEY = re.compile(r"layer_(\d+)")
+_LAYER_KEY = _hf.LAYER_KEY
 
 
 def stack_layers(params):
@@ -455,11 +411,7 @@ def hf_module_name(path: str, layer: int | None = None, prefix: str = "bert.") -
     sees there); pass ``prefix=""`` for a bare ``transformers.BertModel``. ``classifier`` never
     takes the prefix.
     """
-    parts = [p for p in path.strip("/").split("/") if p]
-    if parts and parts[0] == "params":
-        parts = parts[1:]
-    if parts and parts[-1] in _LEAF_NAMES:
-        parts = parts[:-1]
+    parts = _hf.module_parts(path, _LEAF_NAMES)
     if not parts:
         raise ValueError(f"{path!r} names no module")
     head = parts[0]
@@ -474,20 +426,7 @@ def hf_module_name(path: str, layer: int | None = None, prefix: str = "bert.") -
     if head == "encoder":
         if not rest:
             raise ValueError(f"{path!r} names the whole encoder, not a module")
-        m = _LAYER_KEY.fullmatch(rest[0])
-        if m:
-            if layer is not None and int(layer) != int(m.group(1)):
-                raise ValueError(f"{path!r} is layer {m.group(1)} but layer={layer} was passed")
-            idx = int(m.group(1))
-        elif rest[0] == "layers":
-            if layer is None:
-                raise ValueError(f"{path!r} is a stacked (scan_layers) path; pass layer=<index>")
-            idx = int(layer)
-        else:
-            raise ValueError(f"{path!r}: expected encoder/layer_<i>/... or encoder/layers/...")
-        if idx < 0:
-            raise ValueError(f"layer must be >= 0, got {idx}")
-        out += ["layer", str(idx)]
+        out += ["layer", str(_hf.encoder_layer_index(path, rest[0], layer))]
         rest = rest[1:]
     elif layer is not None:
         raise ValueError(f"layer={layer} given for {path!r}, which is not inside the encoder")
@@ -533,10 +472,8 @@ def _normalise_hf_name(name: str) -> str:
     return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
 
 
-def _set(tree, path, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
+def _duplicate_message(path, first, name):
+    return f"{path}: tensor {name!r} appears both with and without the 'bert.' prefix"
 
 
 def load_hf_params(source, config: BertConfig, *, strict: bool = False):
@@ -550,43 +487,11 @@ def load_hf_params(source, config: BertConfig, *, strict: bool = False):
     expected shape, else a ``ValueError`` lists each offending tensor with the expected and
     found shapes. Tensors left unused are reported with a warning (an error with ``strict=True``).
     """
-    from safetensors.numpy import load_file
-
-    p = pathlib.Path(source)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"no safetensors checkpoint at {p}")
-    raw = load_file(str(p))
-    tensors, original = {}, {}
-    for name, value in raw.items():
-        key = _normalise_hf_name(name)
-        if key in tensors:
-            raise ValueError(f"{p}: tensor {name!r} appears both with and without the 'bert.' prefix")
-        tensors[key], original[key] = value, name
-    with_classifier = any(k.startswith("classifier.") for k in tensors)
-    expected = _expected_tensors(config, with_classifier)
-    problems, params, used = [], {}, set()
-    for hf, path, shape, transpose in expected:
-        if hf not in tensors:
-            problems.append(f"missing tensor {hf!r} (expected shape {shape})")
-            continue
-        value = tensors[hf]
-        used.add(hf)
-        if tuple(value.shape) != shape:
-            problems.append(f"tensor {original[hf]!r} has shape {tuple(value.shape)}, expected {shape}")
-            continue
-        value = np.ascontiguousarray(value.T) if transpose else value
-        _set(params, path, jnp.asarray(value, dtype=config.param_dtype))
-    if problems:
-        more = f" (and {len(problems) - 12} more)" if len(problems) > 12 else ""
-        raise ValueError(f"{p} does not fit {config}:\n  " + "\n  ".join(problems[:12]) + more)
-    unused = sorted(original[k] for k in tensors if k not in used and not k.endswith("position_ids"))
-    if unused:
-        msg = f"{p}: {len(unused)} tensor(s) not used by the BERT model: {unused[:16]}"
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, stacklevel=2)
+    tensors, original, p = _hf.read_safetensors(source, _normalise_hf_name, _duplicate_message)
+    expected = _expected_tensors(config, with_classifier=any(k.startswith("classifier.") for k in tensors))
+    params, problems, used = _hf.collect_params(expected, tensors, original, config.param_dtype)
+    _hf.raise_problems(problems, p, config)
+    _hf.report_unused(p, original, used, "BERT", strict=strict, skip=lambda k: k.endswith("position_ids"))
     tree = {"params": params}
     return stack_layers(tree) if config.scan_layers else tree
 
@@ -619,10 +524,7 @@ def load_pretrained(directory=None, num_labels: int | None = None, scan_layers: 
         params["params"].pop("classifier", None)
     else:
         model = BertForSequenceClassification(cfg)
-        if "classifier" not in params["params"]:
-            kernel = cfg.initializer_range * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, cfg.num_labels), jnp.float32)
-            params["params"]["classifier"] = {"kernel": kernel.astype(cfg.param_dtype),
-                                              "bias": jnp.zeros((cfg.num_labels,), cfg.param_dtype)}
+        _hf.add_new_classifier(params, cfg, seed)
     tok_file = directory / "tokenizer.json"
     if not tok_file.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory}")

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.models import _hf
+
 __all__ = [
     "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "RMSNorm",
     "init_cache", "generate", "load_hf_params", "params_from_hf_tensors", "load_gguf", "load_pretrained",
@@ -61,11 +63,8 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Config
 
-def _canonical_dtype(value, name):
-    try:
-        return jnp.dtype(value)
-    except TypeError:
-        raise ValueError(f"LlamaConfig.{name}: {value!r} is not a dtype") from None
+_canonical_dtype = functools.partial(_hf.canonical_dtype, owner="LlamaConfig", error=ValueError,
+                                     message="{owner}.{name}: {value!r} is not a dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -658,11 +657,7 @@ def hf_module_name(path: str, layer: int | None = None, prefix: str = "base_mode
     ``params/model/layers_3/self_attn/q_proj/kernel`` -> ``base_model.model.model.layers.3.self_attn.q_proj``;
     the scanned ``params/model/layers/self_attn/q_proj/kernel`` needs ``layer=3``.
     """
-    parts = [p for p in path.split("/") if p]
-    if parts and parts[0] == "params":
-        parts = parts[1:]
-    if parts and parts[-1] in _LEAVES:
-        parts = parts[:-1]
+    parts = _hf.module_parts(path, _LEAVES)
     if not parts:
         raise ValueError(f"hf_module_name: {path!r} names no module")
     out = []
@@ -693,26 +688,8 @@ def hf_param_name(path: str, layer: int | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Loaders
 
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        p = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, p))
-        else:
-            out[p] = v
-    return out
-
-
-def _unflatten(flat):
-    root: dict = {}
-    for path, v in flat.items():
-        node = root
-        *dirs, leaf = path.split("/")
-        for d in dirs:
-            node = node.setdefault(d, {})
-        node[leaf] = v
-    return root
+_flatten = _hf.flatten_tree
+_unflatten = _hf.unflatten_tree
 
 
 @functools.lru_cache(maxsize=8)

@@ -52,7 +52,6 @@ LoRA on it (the classification head is trained in full, not adapted)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -66,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.models.bert import ACTIVATIONS
+from jlora.models import _hf
 from jlora.models import bert as _bert
 
 __all__ = [
@@ -90,13 +90,6 @@ ALL_LINEAR_EXCLUDE = r"(.*/)?(pooler|classifier)/.*"
 
 # ---------------------------------------------------------------------------------------------
 # config
-
-def _canon_dtype(value, name):
-    try:
-        return jnp.dtype(value)
-    except TypeError:
-        raise TypeError(f"ViTConfig.{name} must be a dtype (e.g. jnp.float32, 'bfloat16'), got {value!r}") from None
-
 
 def _is_pos_int(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1
@@ -151,35 +144,17 @@ class ViTConfig:
                    "intermediate_size", "num_labels")
 
     def __post_init__(self):
-        for f in self._INT_FIELDS:
-            v = getattr(self, f)
-            if not _is_pos_int(v):
-                raise ValueError(f"ViTConfig.{f} must be a positive int, got {v!r}")
-            object.__setattr__(self, f, int(v))
+        _hf.check_positive_ints(self, "ViTConfig", self._INT_FIELDS)
         object.__setattr__(self, "image_size", _canon_size(self.image_size, "image_size"))
         object.__setattr__(self, "patch_size", _canon_size(self.patch_size, "patch_size"))
         if any(p > i for p, i in zip(_hw(self.patch_size), _hw(self.image_size))):
             raise ValueError(f"ViTConfig.patch_size {self.patch_size!r} is larger than image_size {self.image_size!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"ViTConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"num_attention_heads ({self.num_attention_heads})")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"ViTConfig.hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"ViTConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
-        for f in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ValueError(f"ViTConfig.{f} must be a probability in [0, 1), got {v!r}")
+        _hf.check_encoder_shape(self, "ViTConfig", ACTIVATIONS)
+        _hf.check_probabilities(self, "ViTConfig", ("hidden_dropout_prob", "attention_probs_dropout_prob"))
         if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) \
                 or self.initializer_range < 0:
             raise ValueError(f"ViTConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
-        for f in ("qkv_bias", "scan_layers", "remat"):
-            if not isinstance(getattr(self, f), bool):
-                raise ValueError(f"ViTConfig.{f} must be a bool, got {getattr(self, f)!r}")
-        object.__setattr__(self, "dtype", _canon_dtype(self.dtype, "dtype"))
-        object.__setattr__(self, "param_dtype", _canon_dtype(self.param_dtype, "param_dtype"))
+        _hf.check_bools_and_dtypes(self, "ViTConfig", ("qkv_bias", "scan_layers", "remat"))
 
     @property
     def head_dim(self) -> int:
@@ -220,30 +195,12 @@ class ViTConfig:
         ``vit`` (DeiT's distillation token, ViT-MAE, DINOv2 ... are different models) raises.
         ``overrides`` must be field names (e.g. ``scan_layers=True, dtype=jnp.bfloat16``).
         """
-        if isinstance(config, (str, os.PathLike)):
-            p = pathlib.Path(config)
-            if p.is_dir():
-                p = p / "config.json"
-            if not p.is_file():
-                raise FileNotFoundError(f"no ViT config at {p}")
-            with open(p) as f:
-                config = json.load(f)
-        elif hasattr(config, "to_dict") and not isinstance(config, Mapping):
-            config = config.to_dict()
-        if not isinstance(config, Mapping):
-            raise TypeError(f"ViTConfig.from_hf expects a dict or a path to config.json, got {type(config).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise TypeError(f"unknown ViTConfig override(s) {unknown}; valid fields: {sorted(fields)}")
+        config = _hf.read_config(config, "ViTConfig", "ViT")
+        fields = _hf.config_fields(cls, overrides)
         model_type = config.get("model_type", "vit")
         if model_type not in ("vit", None):
             raise ValueError(f"config has model_type={model_type!r}; only 'vit' checkpoints are supported")
-        kwargs = {k: v for k, v in config.items() if k in fields and k not in ("scan_layers", "remat", "dtype", "param_dtype")}
-        if "num_labels" not in config and isinstance(config.get("id2label"), Mapping) and config["id2label"]:
-            kwargs["num_labels"] = len(config["id2label"])
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**_hf.config_kwargs(config, fields, overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +406,7 @@ def unstack_layers(params):
 
 _LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight"}
 _RAW_PARAMS = ("cls_token", "position_embeddings")
-_LAYER_KEY = re.compile(r"layer_(\d+)")
+_LAYER_KEY = _hf.LAYER_KEY
 
 # transformers >= 5 in-memory module names -> checkpoint names (within one layer, after "layers.N.")
 _T5_TO_CHECKPOINT = (
@@ -482,11 +439,7 @@ def hf_module_name(path: str, layer: int | None = None, prefix: str = "vit.", na
     """
     if naming not in ("checkpoint", "transformers5"):
         raise ValueError(f"naming must be 'checkpoint' or 'transformers5', got {naming!r}")
-    parts = [p for p in path.strip("/").split("/") if p]
-    if parts and parts[0] == "params":
-        parts = parts[1:]
-    if parts and parts[-1] in _LEAF_NAMES:
-        parts = parts[:-1]
+    parts = _hf.module_parts(path, _LEAF_NAMES)
     if not parts:
         raise ValueError(f"{path!r} names no module")
     head = parts[0]
@@ -505,19 +458,7 @@ def hf_module_name(path: str, layer: int | None = None, prefix: str = "vit.", na
         return prefix + ".".join([head] + rest)
     if not rest:
         raise ValueError(f"{path!r} names the whole encoder, not a module")
-    m = _LAYER_KEY.fullmatch(rest[0])
-    if m:
-        if layer is not None and int(layer) != int(m.group(1)):
-            raise ValueError(f"{path!r} is layer {m.group(1)} but layer={layer} was passed")
-        idx = int(m.group(1))
-    elif rest[0] == "layers":
-        if layer is None:
-            raise ValueError(f"{path!r} is a stacked (scan_layers) path; pass layer=<index>")
-        idx = int(layer)
-    else:
-        raise ValueError(f"{path!r}: expected encoder/layer_<i>/... or encoder/layers/...")
-    if idx < 0:
-        raise ValueError(f"layer must be >= 0, got {idx}")
+    idx = _hf.encoder_layer_index(path, rest[0], layer)
     inner = ".".join(rest[1:])
     if naming == "checkpoint":
         return prefix + f"encoder.layer.{idx}" + ("." + inner if inner else "")
@@ -584,10 +525,8 @@ def _normalise_hf_name(name: str) -> str:
     return name
 
 
-def _set(tree, path, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
+def _duplicate_message(path, first, name):
+    return f"{path}: tensors {first!r} and {name!r} name the same parameter"
 
 
 def load_hf_params(source, config: ViTConfig, *, strict: bool = False):
@@ -605,44 +544,11 @@ def load_hf_params(source, config: ViTConfig, *, strict: bool = False):
     lists each offending tensor with the expected and found shapes. Tensors left unused
     (a pooler, a mask token) are reported with a warning (an error with ``strict=True``).
     """
-    from safetensors.numpy import load_file
-
-    p = pathlib.Path(source)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"no safetensors checkpoint at {p}")
-    raw = load_file(str(p))
-    tensors, original = {}, {}
-    for name, value in raw.items():
-        key = _normalise_hf_name(name)
-        if key in tensors:
-            raise ValueError(f"{p}: tensors {original[key]!r} and {name!r} name the same parameter")
-        tensors[key], original[key] = value, name
-    with_classifier = any(k.startswith("classifier.") for k in tensors)
-    expected = _expected_tensors(config, with_classifier)
-    problems, params, used = [], {}, set()
-    for hf, path, shape, perm in expected:
-        if hf not in tensors:
-            problems.append(f"missing tensor {hf!r} (expected shape {shape})")
-            continue
-        value = tensors[hf]
-        used.add(hf)
-        if tuple(value.shape) != shape:
-            problems.append(f"tensor {original[hf]!r} has shape {tuple(value.shape)}, expected {shape}")
-            continue
-        if perm is not None:
-            value = np.ascontiguousarray(np.transpose(value, perm))
-        _set(params, path, jnp.asarray(value, dtype=config.param_dtype))
-    if problems:
-        more = f" (and {len(problems) - 12} more)" if len(problems) > 12 else ""
-        raise ValueError(f"{p} does not fit {config}:\n  " + "\n  ".join(problems[:12]) + more)
-    unused = sorted(original[k] for k in tensors if k not in used)
-    if unused:
-        msg = f"{p}: {len(unused)} tensor(s) not used by the ViT model: {unused[:16]}"
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, stacklevel=2)
+    tensors, original, p = _hf.read_safetensors(source, _normalise_hf_name, _duplicate_message)
+    expected = _expected_tensors(config, with_classifier=any(k.startswith("classifier.") for k in tensors))
+    params, problems, used = _hf.collect_params(expected, tensors, original, config.param_dtype)
+    _hf.raise_problems(problems, p, config)
+    _hf.report_unused(p, original, used, "ViT", strict=strict)
     tree = {"params": params}
     return stack_layers(tree) if config.scan_layers else tree
 
@@ -677,8 +583,5 @@ def load_pretrained(directory, num_labels: int | None = None, scan_layers: bool 
         params["params"].pop("classifier", None)
     else:
         model = ViTForImageClassification(cfg)
-        if "classifier" not in params["params"]:
-            kernel = cfg.initializer_range * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, cfg.num_labels), jnp.float32)
-            params["params"]["classifier"] = {"kernel": kernel.astype(cfg.param_dtype),
-                                              "bias": jnp.zeros((cfg.num_labels,), cfg.param_dtype)}
+        _hf.add_new_classifier(params, cfg, seed)
     return model, params
