@@ -27,7 +27,7 @@ import time
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
                 seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
-                eval_limit=None, quant="nf4", double_quant=True)
+                eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None)
 METHODS = ("lora", "qlora", "head")
 
 
@@ -38,6 +38,7 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), or head (train only the new head: baseline)")
     p.add_argument("--quant", choices=("nf4", "int4", "int4_asym", "int8"), help="qlora: frozen-base scheme")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
+    p.add_argument("--quantize-frozen", help="qlora: also quantise frozen kernels: 'all-linear' or a regex")
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--targets", help="'default', 'all-linear' or a regex over parameter paths")
@@ -112,7 +113,8 @@ def build(cfg: dict, task=None):
     common = dict(rank=cfg["rank"], alpha=cfg["alpha"], targets=targets, exclude=exclude, rslora=cfg["rslora"],
                   init=cfg["init"], dropout=cfg["dropout"], train_also=task.head)
     if cfg["method"] == "qlora":
-        spec = jlora.QLoRA(**common, quant=cfg["quant"], double_quant=cfg["double_quant"] and cfg["quant"] != "int8")
+        spec = jlora.QLoRA(**common, quant=cfg["quant"], double_quant=cfg["double_quant"] and cfg["quant"] != "int8",
+                           quantize_frozen=cfg["quantize_frozen"])
     else:
         spec = jlora.LoRA(**common)
     model_fn = task.model.apply if cfg["scan_layers"] else None

@@ -66,7 +66,12 @@ def test_train_eval_export_inspect(tmp_path, capsys):
 def test_qlora_method_builds_quantised_bases():
     from jlora.quant import QuantizedArray
 
-    cfg = cli.load_config({"method": "qlora", "quant": "int4", "double_quant": False, "rank": 2})
+    cfg = cli.load_config({"method": "qlora", "quant": "int4", "double_quant": False, "rank": 2,
+                           "quantize_frozen": r".*/intermediate/dense/kernel"})
     task, adapted, spec = cli.build(cfg)
-    node = adapted["params"]["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]
+    layer = adapted["params"]["encoder"]["layer_0"]
+    node = layer["attention"]["self"]["query"]["kernel"]
     assert type(spec).__name__ == "QLoRA" and isinstance(node.base, QuantizedArray) and node.base.scheme == "int4"
+    frozen_q = layer["intermediate"]["dense"]["kernel"]
+    assert isinstance(frozen_q.base, QuantizedArray) and frozen_q.active == ()
+    assert not hasattr(layer["attention"]["self"]["key"]["kernel"], "base")  # untouched
