@@ -27,7 +27,7 @@ import time
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
                 seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
-                eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None)
+                eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None, param_dtype="float32")
 METHODS = ("lora", "qlora", "head")
 
 
@@ -39,6 +39,8 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--quant", choices=("nf4", "int4", "int4_asym", "int8"), help="qlora: frozen-base scheme")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
     p.add_argument("--quantize-frozen", help="qlora: also quantise frozen kernels: 'all-linear' or a regex")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="store the frozen pretrained weights in this dtype (e.g. bf16 LoRA); new heads stay float32")
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--targets", help="'default', 'all-linear' or a regex over parameter paths")
@@ -104,10 +106,11 @@ def build(cfg: dict, task=None):
     if task is None:
         task = make_task(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
                          scan_layers=cfg["scan_layers"])
+    params = _cast_frozen(task.params, cfg["param_dtype"], task.head)
     if cfg["method"] == "head":
         if task.head is None:
             raise SystemExit(f"jlora: model {cfg['model']} has no new head to train; use --method lora")
-        return task, jlora.mark_trainable(task.params, task.head), None
+        return task, jlora.mark_trainable(params, task.head), None
     targets = task.targets.get(cfg["targets"], cfg["targets"])
     exclude = task.exclude.get(cfg["targets"]) if hasattr(task, "exclude") else None
     common = dict(rank=cfg["rank"], alpha=cfg["alpha"], targets=targets, exclude=exclude, rslora=cfg["rslora"],
@@ -118,9 +121,25 @@ def build(cfg: dict, task=None):
     else:
         spec = jlora.LoRA(**common)
     model_fn = task.model.apply if cfg["scan_layers"] else None
-    adapted = jlora.apply(task.params, spec, jax.random.key(cfg["seed"]), model=model_fn,
+    adapted = jlora.apply(params, spec, jax.random.key(cfg["seed"]), model=model_fn,
                           example=task.example() if model_fn else None)
     return task, adapted, spec
+
+
+def _cast_frozen(params, dtype: str, head_pattern):
+    """The pretrained weights stored in ``dtype`` (floating leaves only; a new head keeps its own)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jlora.core.paths import flatten_with_paths, matches
+
+    if dtype in (None, "float32"):
+        return params
+    target = jnp.dtype(dtype)
+    flat, treedef = flatten_with_paths(params)
+    leaves = [leaf if (not jnp.issubdtype(leaf.dtype, jnp.floating) or (head_pattern and matches(path, (head_pattern,))))
+              else leaf.astype(target) for path, leaf in flat]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def train(cfg: dict, task=None, log=print) -> dict:

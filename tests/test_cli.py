@@ -75,3 +75,14 @@ def test_qlora_method_builds_quantised_bases():
     frozen_q = layer["intermediate"]["dense"]["kernel"]
     assert isinstance(frozen_q.base, QuantizedArray) and frozen_q.active == ()
     assert not hasattr(layer["attention"]["self"]["key"]["kernel"], "base")  # untouched
+
+
+def test_param_dtype_stores_pretrained_weights_in_bf16_but_not_the_new_head():
+    import jax.numpy as jnp
+
+    task, adapted, spec = cli.build(cli.load_config({"param_dtype": "bfloat16", "rank": 2}))
+    p = adapted["params"]
+    assert p["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"].base.dtype == jnp.bfloat16
+    assert p["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"].dtype == jnp.bfloat16
+    assert p["classifier"]["kernel"].value.dtype == jnp.float32
+    assert p["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"].a["default"].dtype == jnp.float32
