@@ -207,7 +207,6 @@ def _dir_bytes(path) -> int:
 
 
 def _load_run(run: str):
-    import jlora  # noqa: F401
     from jlora import io as jio
 
     run = pathlib.Path(run)
