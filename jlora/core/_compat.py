@@ -1,8 +1,10 @@
 """Every read of JAX-internal primitive parameters lives here (they move between versions).
 
 Tested by tests/core/test_compat.py against the installed JAX. Known differences:
-jax 0.10: scan has ``num_consts``/``num_carry`` and a ClosedJaxpr ``jaxpr``; jax 0.11 renamed
-the counts and made ``jaxpr`` open (consts passed as leading inputs).
+jax 0.10: scan has ``num_consts``/``num_carry`` and a ClosedJaxpr ``jaxpr``; jax 0.11 replaced
+the counts by ``ft_in`` / ``ft_out`` (``jax._src.flattree`` trees whose ``unpack()`` gives the
+(consts, carry, xs) and (carry, ys) groups) and made ``jaxpr`` open (consts passed as leading
+inputs). Checked on jax 0.10.2 (CPU) and 0.11.2 (CUDA).
 """
 
 from __future__ import annotations
@@ -38,19 +40,21 @@ def open_jaxpr(j):
     return j, []
 
 
-def _count(params, *names):
-    for n in names:
-        if n in params:
-            v = params[n]
-            return len(v) if isinstance(v, (tuple, list)) else int(v)
-    raise KeyError(f"none of {names} in scan params {sorted(params)}; update jlora/core/_compat.py for this JAX")
+def _group_len(value, group: int) -> int:
+    """Leaf count of group ``group`` of a jax>=0.11 FlatTree (``ft_in``: consts, carry, xs)."""
+    return len(value.unpack()[group])
 
 
 def scan_info(params):
     """(body Jaxpr, body consts, num_consts, num_carry, length, reverse, unroll)."""
     body, consts = open_jaxpr(params["jaxpr"])
-    num_consts = _count(params, "num_consts", "ft_in", "n_consts")
-    num_carry = _count(params, "num_carry", "ft_out", "n_carry")
+    if "num_consts" in params:
+        num_consts, num_carry = int(params["num_consts"]), int(params["num_carry"])
+    elif "ft_in" in params and hasattr(params["ft_in"], "unpack"):
+        num_consts, num_carry = _group_len(params["ft_in"], 0), _group_len(params["ft_in"], 1)
+    else:
+        raise KeyError(f"neither num_consts/num_carry nor ft_in in scan params {sorted(params)}; "
+                       "update jlora/core/_compat.py for this JAX")
     return body, consts, num_consts, num_carry, params["length"], params["reverse"], params.get("unroll", 1)
 
 

@@ -19,14 +19,18 @@ def _eqn(fn, *args, prim):
 def test_scan_info_counts_consts_carry_xs():
     w = jnp.ones((3, 3))
 
-    def fn(c0, xs, w):
-        return lax.scan(lambda c, x: (c @ w + x, c.sum()), c0, xs, length=4, reverse=True)
+    def fn(c0, xs, w):  # 1 const (w), 2 carries, 1 xs: every group a different size
+        def body(c, x):
+            h, n = c
+            return (h @ w + x, n + 1), h.sum()
+        return lax.scan(body, (c0, jnp.int32(0)), xs, length=4, reverse=True)
 
     eqn = _eqn(fn, jnp.ones(3), jnp.ones((4, 3)), w, prim=C.scan_p)
     body, consts, num_consts, num_carry, length, reverse, unroll = C.scan_info(eqn.params)
-    assert (num_carry, length, reverse) == (1, 4, True)
+    assert (num_consts, num_carry, length, reverse) == (1, 2, 4, True)
     assert num_consts + num_carry + 1 == len(eqn.invars) == len(body.invars)
-    assert len(body.outvars) == 2 and isinstance(consts, list)
+    assert len(body.outvars) == 3 and isinstance(consts, list)
+    assert eqn.invars[0].aval.shape == (3, 3)  # the const comes first
 
 
 def test_call_jaxpr_of_jit_remat_custom_jvp():
