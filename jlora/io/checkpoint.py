@@ -360,9 +360,13 @@ def save_merged(path, adapted, *, dtype=None, overwrite: bool = False) -> str:
 
         jlora.io.save_merged("out/merged", adapted)
         params = orbax.checkpoint.StandardCheckpointer().restore("out/merged")
+
+    The weights are written as host (NumPy) arrays, so the export carries no device
+    topology: one trained on a GPU or a TPU slice restores without a target tree on any
+    machine (device arrays would make plain Orbax refuse with "Topology mismatch").
     """
     _single_process("save_merged")
-    merged = _to_pure(_merge(adapted, dtype))
+    merged = jax.device_get(_to_pure(_merge(adapted, dtype)))
 
     def write(target):
         _checkpointer().save(target, args=ocp.args.StandardSave(merged))
