@@ -132,17 +132,33 @@ def _add_adapter(spec, key, path, leaf, name, inferred, index):
     if isinstance(leaf, Trainable):
         raise ValueError(f"{path!r} is trained in full (train_also); it cannot also carry an adapter")
     if is_node(leaf):
-        if name in leaf.a:
+        if name in leaf.names:
             raise ValueError(f"{path!r} already has an adapter named {name!r}; pass another name=")
         a, b, new_base, meta = spec.init_factors(key, leaf.base, leaf.layout, path, embedding=_is_embedding(path, leaf.layout))
         if new_base is not leaf.base:
             raise ValueError(f"init={meta.init!r} rewrites the base weight; it can only be the first adapter on {path!r}")
-        return leaf.with_(a={**leaf.a, name: a}, b={**leaf.b, name: b},
-                          adapters=leaf.adapters + ((name, meta),), active=leaf.active + (name,))
-    layout = _layout_for(spec, path, leaf, inferred, index)
-    a, b, new_base, meta = spec.init_factors(key, leaf, layout, path, embedding=_is_embedding(path, layout))
-    return LoRANode(base=new_base, a={name: a}, b={name: b}, layout=layout,
-                    adapters=((name, meta),), active=(name,), path=path)
+        _check_mix(path, [m.method for _, m in leaf.adapters], meta.method)
+        node, layout = leaf, leaf.layout
+    else:
+        layout = _layout_for(spec, path, leaf, inferred, index)
+        a, b, new_base, meta = spec.init_factors(key, leaf, layout, path, embedding=_is_embedding(path, layout))
+        node = LoRANode(base=new_base, a={}, b={}, layout=layout, adapters=(), active=(), path=path)
+    extra, cache = {}, {}
+    if hasattr(spec, "init_extra"):
+        extra, cache = spec.init_extra(jax.random.fold_in(key, 1), node.base, layout, path, a, b, meta)
+    return node.with_(a={**node.a, **({name: a} if a is not None else {})},
+                      b={**node.b, **({name: b} if b is not None else {})},
+                      extra={**node.extra, **({name: dict(extra)} if extra else {})},
+                      cache={**node.cache, **({name: dict(cache)} if cache else {})},
+                      adapters=node.adapters + ((name, meta),), active=node.active + (name,))
+
+
+def _check_mix(path, existing, method):
+    """IA3 rescales W0 itself; jlora (like PEFT) does not stack it with other methods on one kernel."""
+    kinds = {m == "ia3" for m in existing} | {method == "ia3"}
+    if len(kinds) > 1:
+        raise ValueError(f"{path!r} already carries {sorted(set(existing))} adapters; IA3 cannot be combined with "
+                         f"low-rank adapters on the same kernel (got a new {method!r} adapter)")
 
 
 def _is_embedding(path: str, layout: Layout) -> bool:
@@ -188,6 +204,8 @@ def _split_node(node: LoRANode, trainable: bool):
         base=None if trainable else node.base,
         a={n: (v if pick(n) else None) for n, v in node.a.items()},
         b={n: (v if pick(n) else None) for n, v in node.b.items()},
+        extra={n: {k: (v if pick(n) else None) for k, v in d.items()} for n, d in node.extra.items()},
+        cache={n: {k: (None if trainable else v) for k, v in d.items()} for n, d in node.cache.items()},
     )
 
 
@@ -266,8 +284,7 @@ def unmerge(merged, adapted):
                 raise ValueError(f"unmerge: merged leaf at {a.path!r} has shape {shape}, adapter expects {a.shape}")
             if a.quantized:
                 return a
-            base = (jnp.asarray(m).astype(jnp.float32) - a.delta(dtype=jnp.float32)).astype(a.base.dtype)
-            return a.with_(base=base)
+            return a.with_(base=a.unapply(m))
         return a if isinstance(a, Trainable) else m
 
     return jax.tree_util.tree_map(lambda a, m: undo(m, a), adapted, merged, is_leaf=is_adapter_leaf)
@@ -280,7 +297,7 @@ def adapter_names(adapted) -> tuple[str, ...]:
     names = []
     for leaf in jax.tree_util.tree_leaves(adapted, is_leaf=is_adapter_leaf):
         if is_node(leaf):
-            for n in leaf.a:
+            for n in leaf.names:
                 if n not in names:
                     names.append(n)
     return tuple(names)
@@ -297,7 +314,7 @@ def activate(adapted, names):
 
     def act(leaf):
         if is_node(leaf):
-            return leaf.with_(active=tuple(n for n in names if n in leaf.a))
+            return leaf.with_(active=tuple(n for n in names if n in leaf.names))
         return leaf
 
     return jax.tree_util.tree_map(act, adapted, is_leaf=is_adapter_leaf)
@@ -309,12 +326,13 @@ def delete_adapter(adapted, name: str):
         raise ValueError(f"no adapter named {name!r}; this tree has {list(adapter_names(adapted))}")
 
     def drop(leaf):
-        if not is_node(leaf) or name not in leaf.a:
+        if not is_node(leaf) or name not in leaf.names:
             return leaf
-        rest = {k: v for k, v in leaf.a.items() if k != name}
-        if not rest:
+        if leaf.names == (name,):
             return leaf.base
-        return leaf.with_(a=rest, b={k: v for k, v in leaf.b.items() if k != name},
+        drop_name = lambda d: {k: v for k, v in d.items() if k != name}
+        return leaf.with_(a=drop_name(leaf.a), b=drop_name(leaf.b), extra=drop_name(leaf.extra),
+                          cache=drop_name(leaf.cache),
                           adapters=tuple(p for p in leaf.adapters if p[0] != name),
                           active=tuple(n for n in leaf.active if n != name))
 
@@ -348,32 +366,37 @@ def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linea
     def mix(leaf):
         if not is_node(leaf):
             return leaf
-        present = [(n, w) for n, w in weights.items() if n in leaf.a]
+        present = [(n, w) for n, w in weights.items() if n in leaf.names]
         if not present:
             return leaf
         meta = leaf.meta
+        odd = sorted({meta[n].method for n, _ in present} - {"lora", "qlora", "adalora"})
+        if odd:
+            raise ValueError(f"combine_adapters mixes low-rank deltas only; {leaf.path!r} has {odd} adapters among "
+                             f"{[n for n, _ in present]} (DoRA's magnitude and IA3's scaling are not additive)")
+        fa = {n: leaf.factors(n)[0] for n, _ in present}
         s = leaf.layout.stack
         if method == "linear":
             ranks = {meta[n].rank for n, _ in present}
             if len(ranks) != 1:
                 raise ValueError(f"method='linear' needs equal ranks, got {ranks} at {leaf.path!r}; use 'cat' or 'svd'")
-            a = sum(math.copysign(math.sqrt(abs(w) * meta[n].scale), w) * leaf.a[n] for n, w in present)
+            a = sum(math.copysign(math.sqrt(abs(w) * meta[n].scale), w) * fa[n] for n, w in present)
             b = sum(math.sqrt(abs(w) * meta[n].scale) * leaf.b[n] for n, w in present)
             r = ranks.pop()
         elif method == "cat":
-            a = jnp.concatenate([w * meta[n].scale * leaf.a[n] for n, w in present], axis=-1)
+            a = jnp.concatenate([w * meta[n].scale * fa[n] for n, w in present], axis=-1)
             b = jnp.concatenate([leaf.b[n] for n, _ in present], axis=s)
             r = a.shape[-1]
         else:
             r = rank or max(meta[n].rank for n, _ in present)
-            delta = sum(w * meta[n].scale * _factor_product(leaf.a[n], leaf.b[n], leaf.layout) for n, w in present)
+            delta = sum(w * meta[n].scale * _factor_product(fa[n], leaf.b[n], leaf.layout) for n, w in present)
             stack, ins, outs = leaf.layout.split(leaf.shape)
             mat = delta.reshape(stack + (math.prod(ins), math.prod(outs))).astype(jnp.float32)
             u, sv, vh = jnp.linalg.svd(mat, full_matrices=False)
             r = min(r, sv.shape[-1])
             a = (u[..., :, :r] * sv[..., None, :r]).reshape(stack + ins + (r,))
             b = vh[..., :r, :].reshape(stack + (r,) + outs)
-        new_meta = AdapterMeta(method=meta[present[0][0]].method, rank=int(r), scale=1.0, dropout=0.0, init=f"combined-{method}")
+        new_meta = AdapterMeta(method="lora", rank=int(r), scale=1.0, dropout=0.0, init=f"combined-{method}")
         return leaf.with_(a={**leaf.a, name: a}, b={**leaf.b, name: b}, adapters=leaf.adapters + ((name, new_meta),))
 
     return jax.tree_util.tree_map(mix, adapted, is_leaf=is_adapter_leaf)
@@ -407,10 +430,12 @@ def summary(adapted, print_fn=None) -> str:
     for path, leaf in flat:
         if is_node(leaf):
             meta = leaf.meta
-            n = sum(int(np.prod(leaf.a[k].shape)) + int(np.prod(leaf.b[k].shape)) for k in leaf.active)
-            nbytes = sum(_nbytes(leaf.a[k]) + _nbytes(leaf.b[k]) for k in leaf.active)
-            methods = ",".join(sorted({meta[k].method for k in leaf.a}))
-            ranks = ",".join(f"{k}:{meta[k].rank}{'' if k in leaf.active else '(off)'}" for k in leaf.a)
+            own = [x for k in leaf.active for x in (leaf.a.get(k), leaf.b.get(k), *leaf.extra.get(k, {}).values())
+                   if x is not None]
+            n = sum(int(np.prod(x.shape)) for x in own)
+            nbytes = sum(_nbytes(x) for x in own)
+            methods = ",".join(sorted({meta[k].method for k in leaf.names}))
+            ranks = ",".join(f"{k}:{meta[k].rank}{'' if k in leaf.active else '(off)'}" for k in leaf.names)
             rows.append((path, str(leaf.shape), methods, ranks, f"{n:,}", f"{nbytes:,}"))
         elif isinstance(leaf, Trainable):
             rows.append((path, str(leaf.shape), "full", "-", f"{int(np.prod(leaf.shape)):,}", f"{_nbytes(leaf.value):,}"))

@@ -187,8 +187,20 @@ def _dot(eqn, invals, ctx):
         mode = "out"
     else:
         return None
-    base_out = _base_op(eqn, live, [x, None] if node_is_rhs else [None, x], 1 if node_is_rhs else 0)
     w_dtype = jnp.dtype(live.out_dtype)
+    out_gain = in_gain = None
+    dora = {}
+    if not node.plain:  # DoRA / IA3: gains on W0 along its output (or, IA3 feed-forward, input) axes
+        if mode != "in":
+            return None
+        has_dora = any(node.meta[n].method == "dora" for n in node.active)
+        out_gain, in_gain, dora = node.gains(live.base if has_dora else None, jnp.float32)
+        n_free = x.ndim - len(xc) - len(xb)
+        if in_gain is not None:
+            x = x * _align_to_x(in_gain, x.ndim, xb, xc, wc).astype(x.dtype)
+    base_out = _base_op(eqn, live, [x, None] if node_is_rhs else [None, x], 1 if node_is_rhs else 0)
+    if out_gain is not None:
+        base_out = base_out * _align_to_result(out_gain, s, n_free, node_is_rhs).astype(base_out.dtype)
     params = eqn.params
     prec = params.get("precision")
     pref = params.get("preferred_element_type")
@@ -213,8 +225,37 @@ def _dot(eqn, invals, ctx):
         else:
             first = lax.dot_general(f1, xin, ((f1c, tuple(xc)), (S, tuple(xb))), precision=prec, preferred_element_type=pref)
             second = lax.dot_general(f2, first, (((f2_r,), (nb,)), (S, tuple(range(nb)))), precision=prec, preferred_element_type=pref)
-        total = total + (second * jnp.asarray(meta.scale, second.dtype)).astype(total.dtype)
+        second = second * jnp.asarray(meta.scale, second.dtype)
+        if name in dora:
+            second = second * _align_to_result(dora[name], s, n_free, node_is_rhs).astype(second.dtype)
+        total = total + second.astype(total.dtype)
     return [total]
+
+
+def _align_to_result(gain, s, n_free, node_is_rhs):
+    """A stack + outputs gain laid out against a dot_general result: the batch (stack) dims come
+    first, then the lhs free dims, then the rhs free dims."""
+    stack, outs = gain.shape[:s], gain.shape[s:]
+    ones = (1,) * n_free
+    return gain.reshape(stack + ones + outs) if node_is_rhs else gain.reshape(stack + outs + ones)
+
+
+def _align_to_x(gain, x_ndim, xb, xc, wc):
+    """A stack + inputs gain laid out against the operand ``x`` of a dot_general: x's batch dims
+    pair with the stack axes, its contracting dims ``xc[i]`` with the kernel's input axis ``wc[i]``."""
+    src = []
+    shape = []
+    for d in range(x_ndim):
+        if d in xb:
+            ax = list(xb).index(d)
+        elif d in xc:
+            ax = wc[list(xc).index(d)]
+        else:
+            shape.append(1)
+            continue
+        src.append(ax)
+        shape.append(gain.shape[ax])
+    return jnp.transpose(gain, src).reshape(shape)
 
 
 def _gather(eqn, invals, ctx):
@@ -222,6 +263,8 @@ def _gather(eqn, invals, ctx):
     if not _is_live(live) or _is_live(idx):
         return None
     node = live.node
+    if not node.plain:
+        return None
     lay = node.layout
     dn = eqn.params["dimension_numbers"]
     sizes = tuple(eqn.params["slice_sizes"])
@@ -252,6 +295,8 @@ def _conv(eqn, invals, ctx):
     if _is_live(x) or not _is_live(live):
         return None
     node, lay = live.node, live.node.layout
+    if not node.plain:
+        return None
     p = eqn.params
     rhs_spec = p["dimension_numbers"].rhs_spec
     out_spec = p["dimension_numbers"].out_spec
@@ -276,6 +321,8 @@ def _conv(eqn, invals, ctx):
 def _transpose(eqn, invals, ctx):
     live = invals[0]
     node, lay = live.node, live.node.layout
+    if not node.plain or node.extra:
+        return None
     perm = tuple(eqn.params["permutation"])
     s, ni = lay.stack, lay.inputs
     want = tuple(range(s)) + tuple(range(s + ni, lay.ndim)) + tuple(range(s, s + ni))
@@ -295,6 +342,8 @@ def _scalar_mul(eqn, invals, ctx):
     if np.ndim(c) != 0:
         return None
     node = live.node
+    if not node.plain or node.extra:
+        return None
     new = node.with_(base=live.base * c, b={n: v * c.astype(v.dtype) if hasattr(c, "astype") else v * c
                                             for n, v in node.b.items()})
     return [_Live(new, live.dtype)]

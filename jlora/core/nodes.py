@@ -11,6 +11,23 @@ Factor layout, for a base of shape ``stack + inputs + outputs``::
     b: stack + (rank,) + outputs
     delta = scale * a @ b          (contracting the rank axis, batched over stack)
 
+Methods beyond plain LoRA keep their extra trainable arrays in ``extra[name]`` and frozen
+derived arrays in ``cache[name]`` (both dicts of arrays):
+
+    lora / qlora   W = W0 + s A B
+    adalora        W = W0 + s (A * E) B            extra: e (stack + (r,)), the singular values
+    dora           W = g * (W0 + s A B),           extra: m (stack + outputs), the magnitude
+                   g = m / ||W0 + s A B||          cache: w0_sq = ||W0||^2 per output unit
+                   (norm over the input axes, per output unit, treated as a constant in backward)
+    ia3            W = W0 * l                      extra: l (stack + outputs, or stack + inputs
+                   (outputs scaled; feedforward:   for feedforward layers); no A, B
+                   inputs scaled)
+
+With several active adapters on one kernel the forward is
+``out = (x*l_in) W0 * (1 + sum_dora (g-1)) * l_out + sum_lowrank g_k s (x A_k) B_k``
+(``g_k = 1`` for non-DoRA adapters), which is PEFT's DoRA forward for one adapter; IA3 is not
+mixed with other methods on one kernel.
+
 This is the Flax (in, out) convention; PyTorch/PEFT's ``lora_A`` (r, in) and ``lora_B``
 (out, r) are the transposes of ``a`` and ``b`` for a 2-D kernel.
 """
@@ -66,15 +83,25 @@ class Layout:
         return Layout(self.stack, self.outputs, self.inputs)
 
 
+LOWRANK_METHODS = ("lora", "qlora", "dora", "adalora")
+SCALING_METHODS = ("ia3",)
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterMeta:
-    """Static description of one named adapter on one leaf."""
+    """Static description of one named adapter on one leaf (``rank`` 0 for IA3;
+    ``feedforward`` only for IA3: scale the inputs instead of the outputs)."""
 
     method: str
     rank: int
     scale: float
     dropout: float = 0.0
     init: str = "kaiming"
+    feedforward: bool = False
+
+    @property
+    def lowrank(self) -> bool:
+        return self.method in LOWRANK_METHODS or self.method not in SCALING_METHODS
 
 
 @jax.tree_util.register_dataclass
@@ -93,6 +120,8 @@ class LoRANode:
     adapters: tuple = dataclasses.field(metadata=dict(static=True))
     active: tuple = dataclasses.field(metadata=dict(static=True))
     path: str = dataclasses.field(default="", metadata=dict(static=True))
+    extra: dict = dataclasses.field(default_factory=dict)   # name -> {key: trainable array}
+    cache: dict = dataclasses.field(default_factory=dict)   # name -> {key: frozen array}
 
     # -- static helpers ---------------------------------------------------------------
     @property
@@ -111,33 +140,157 @@ class LoRANode:
     def quantized(self) -> bool:
         return is_quantized(self.base)
 
+    @property
+    def names(self) -> tuple:
+        """Every adapter name on this node, active or not, in the order they were added."""
+        return tuple(n for n, _ in self.adapters)
+
+    @property
+    def plain(self) -> bool:
+        """True when every active adapter is plain low-rank (LoRA / QLoRA / AdaLoRA): the
+        adapted op is ``x W0 + sum s (x A) B`` with no gain on W0."""
+        meta = self.meta
+        return all(meta[n].method not in ("dora", "ia3") for n in self.active)
+
+    def factors(self, name):
+        """``(a, b)`` of a low-rank adapter, with AdaLoRA's singular values folded into ``a``."""
+        a, b = self.a[name], self.b[name]
+        if self.meta[name].method == "adalora":
+            e = self.extra[name]["e"]
+            s = self.layout.stack
+            a = a * e.reshape(e.shape[:s] + (1,) * self.layout.inputs + e.shape[s:]).astype(a.dtype)
+        return a, b
+
     def active_factors(self):
-        """Yields ``(name, a, b, meta)`` for every active adapter."""
+        """Yields ``(name, a, b, meta)`` for every active low-rank adapter (AdaLoRA's ``a`` has
+        its singular values folded in)."""
         meta = self.meta
         for name in self.active:
-            yield name, self.a[name], self.b[name], meta[name]
+            if meta[name].lowrank:
+                a, b = self.factors(name)
+                yield name, a, b, meta[name]
+
+    def dora_gain(self, name, w0=None):
+        """``g = m / ||W0 + s A B||`` per output unit (stack + outputs), the norm computed in closed
+        form from the cached ``||W0||^2`` without forming ``W0 + s A B``, under ``stop_gradient``."""
+        if w0 is None:
+            w0 = dense(self.base, jnp.float32)
+        a, b = self.a[name], self.b[name]
+        norm = dora_norm(w0, a, b, self.meta[name].scale, self.cache[name]["w0_sq"], self.layout)
+        m = self.extra[name]["m"]
+        return m / lax.stop_gradient(norm).astype(m.dtype)
+
+    def gains(self, w0=None, dtype=jnp.float32):
+        """``(out_gain, in_gain, dora)``: the factors on W0 along the output axes (stack +
+        outputs) and the input axes (stack + inputs), or None where there are none, and
+        ``{name: g}`` for the active DoRA adapters."""
+        meta = self.meta
+        out_gain = in_gain = None
+        dora = {}
+        for name in self.active:
+            method = meta[name].method
+            if method == "dora":
+                g = self.dora_gain(name, w0).astype(dtype)
+                dora[name] = g
+                out_gain = (g - 1) if out_gain is None else out_gain + (g - 1)
+            elif method == "ia3":
+                l = self.extra[name]["l"].astype(dtype)
+                if meta[name].feedforward:
+                    in_gain = l if in_gain is None else in_gain * l
+                else:
+                    out_gain = l if out_gain is None else out_gain * l
+        if dora:  # W0 * (1 + sum (g - 1))
+            out_gain = out_gain + 1
+        return out_gain, in_gain, dora
 
     # -- math ----------------------------------------------------------------------------
+    def _affine(self, w0, dtype):
+        """``(gain_on_w0, additive)`` with ``W = W0 * gain + additive`` (broadcast shapes)."""
+        lay = self.layout
+        out_gain, in_gain, dora = self.gains(w0, dtype)
+        gain = jnp.ones((), dtype)
+        if out_gain is not None:
+            gain = gain * _on_outputs(out_gain, lay)
+        if in_gain is not None:
+            gain = gain * _on_inputs(in_gain, lay)
+        add = jnp.zeros(self.shape, dtype)
+        for name, a, b, meta in self.active_factors():
+            d = _factor_product(a, b, lay).astype(dtype) * jnp.asarray(meta.scale, dtype)
+            if name in dora:
+                d = d * _on_outputs(dora[name], lay)
+            add = add + d
+        return gain, add
+
     def delta(self, names=None, dtype=None) -> Array:
-        """The dense update ``sum_name scale * a @ b`` with the base's shape (materialises)."""
-        names = self.active if names is None else tuple(names)
-        meta = self.meta
+        """The dense update ``W_adapted - W0`` with the base's shape (materialises)."""
+        node = self if names is None else self.with_(active=tuple(names))
         dtype = dtype or jnp.promote_types(self.dtype, jnp.float32)
-        total = jnp.zeros(self.shape, dtype)
-        for name in names:
-            total = total + _factor_product(self.a[name], self.b[name], self.layout).astype(dtype) * jnp.asarray(meta[name].scale, dtype)
-        return total
+        w0 = dense(self.base, dtype)
+        gain, add = node._affine(w0, dtype)
+        return w0 * (gain - 1) + add
 
     def materialize(self, dtype=None) -> Array:
-        """``base + delta`` in ``dtype`` (default: the base's dtype)."""
+        """``W0`` with the active adapters applied, in ``dtype`` (default: the base's dtype)."""
         dtype = dtype or self.dtype
         if not self.active:
             return dense(self.base, dtype)
-        full = dense(self.base, jnp.promote_types(self.dtype, jnp.float32)) + self.delta()
-        return full.astype(dtype)
+        work = jnp.promote_types(self.dtype, jnp.float32)
+        w0 = dense(self.base, work)
+        gain, add = self._affine(w0, work)
+        return (w0 * gain + add).astype(dtype)
+
+    def unapply(self, merged, dtype=None):
+        """The base that :meth:`materialize` turns into ``merged``: ``(W - additive) / gain``
+        (DoRA's gain comes from this node's own base and factors, as PEFT's cached norm does)."""
+        work = jnp.promote_types(self.dtype, jnp.float32)
+        gain, add = self._affine(dense(self.base, work), work)
+        return ((jnp.asarray(merged).astype(work) - add) / gain).astype(dtype or self.dtype)
 
     def with_(self, **changes) -> "LoRANode":
         return dataclasses.replace(self, **changes)
+
+
+def _on_outputs(v, layout: Layout):
+    """A stack + outputs array broadcast against a stack + inputs + outputs kernel."""
+    s = layout.stack
+    return v.reshape(v.shape[:s] + (1,) * layout.inputs + v.shape[s:])
+
+
+def _on_inputs(v, layout: Layout):
+    """A stack + inputs array broadcast against a stack + inputs + outputs kernel."""
+    return v.reshape(v.shape + (1,) * layout.outputs)
+
+
+def dora_norm(w0, a, b, scale, w0_sq, layout: Layout):
+    """``||W0 + s A B||`` per output unit, in closed form (float32)::
+
+        ||W0_j + s (AB)_j||^2 = ||W0_j||^2 + 2 s <W0_j, (AB)_j> + s^2 ||(AB)_j||^2
+        <W0_j, (AB)_j> = sum_k (A^T W0)_kj B_kj          (A^T W0: rank x outputs)
+        ||(AB)_j||^2   = sum_k B_kj ((A^T A) B)_kj
+
+    W0 is read once (one rank-r contraction), never written; no kernel-sized array is formed.
+    """
+    s, ni = layout.stack, layout.inputs
+    S = tuple(range(s))
+    I = tuple(range(s, s + ni))
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    hi = lax.Precision.HIGHEST
+    # W0 stays in its own dtype (no float32 copy of a bf16 kernel); accumulate in float32
+    atw = lax.dot_general(a.astype(w0.dtype), w0, ((I, I), (S, S)), precision=hi,
+                          preferred_element_type=jnp.float32)             # S + r + O
+    ata = lax.dot_general(a, a, ((I, I), (S, S)), precision=hi)          # S + r + r
+    atab = lax.dot_general(ata, b, (((s + 1,), (s,)), (S, S)), precision=hi)  # S + r + O
+    cross = jnp.sum(atw * b, axis=s)
+    square = jnp.sum(atab * b, axis=s)
+    sq = w0_sq.astype(jnp.float32) + 2.0 * scale * cross + scale * scale * square
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def column_sq_norms(w0, layout: Layout):
+    """``||W0_j||^2`` per output unit (stack + outputs), summing over the input axes."""
+    w = w0.astype(jnp.float32)
+    return jnp.sum(w * w, axis=tuple(range(layout.stack, layout.stack + layout.inputs)))
 
 
 def _factor_product(a, b, layout: Layout):

@@ -140,6 +140,20 @@ def _padded(spec: P, ndim: int, path: str, shape) -> tuple:
     return entries + (None,) * (ndim - len(entries))
 
 
+def _vector_spec(node: LoRANode, spec: P | None, path: str) -> P:
+    """Spec of a node's small per-adapter arrays (DoRA magnitude, AdaLoRA singular values, IA3
+    scales, cached norms): the base's stacked-layer axes, everything else replicated."""
+    if spec is None:
+        return P()
+    entries = _padded(spec, node.layout.ndim, path, f"<{node.layout.ndim} axes>")
+    return P(*entries[:node.layout.stack])
+
+
+def _with_vector_specs(leaf: LoRANode, vs, fn=lambda s: s):
+    return dict(extra={n: {k: (None if v is None else fn(vs)) for k, v in d.items()} for n, d in leaf.extra.items()},
+                cache={n: {k: (None if v is None else fn(vs)) for k, v in d.items()} for n, d in leaf.cache.items()})
+
+
 def _node_specs(node: LoRANode, spec: P | None, path: str):
     """(base_spec, a_spec, b_spec) for a node; the factors inherit the base's axes."""
     layout = node.layout
@@ -179,6 +193,7 @@ def partition_specs(tree, rules):
                 base=None if leaf.base is None else base_s,
                 a={n: (None if v is None else a_s) for n, v in leaf.a.items()},
                 b={n: (None if v is None else b_s) for n, v in leaf.b.items()},
+                **_with_vector_specs(leaf, _vector_spec(leaf, spec, path)),
             )
         if isinstance(leaf, Trainable):
             ndim = len(np.shape(leaf.value))
@@ -264,10 +279,17 @@ def shardings_for(tree, mesh: Mesh, rules):
                 for name, v in getattr(leaf, kind).items():
                     if v is not None:
                         _check_spec(getattr(spec, kind)[name], v.shape, mesh, f"{path}/{kind}/{name}", r)
+            for kind in ("extra", "cache"):
+                for name, d in getattr(leaf, kind).items():
+                    for k, v in d.items():
+                        if v is not None:
+                            _check_spec(getattr(spec, kind)[name][k], v.shape, mesh, f"{path}/{kind}/{name}/{k}", r)
             wrap = lambda s: None if s is None else NamedSharding(mesh, s)
             out.append(spec.with_(base=wrap(spec.base),
                                   a={n: wrap(s) for n, s in spec.a.items()},
-                                  b={n: wrap(s) for n, s in spec.b.items()}))
+                                  b={n: wrap(s) for n, s in spec.b.items()},
+                                  extra={n: {k: wrap(s) for k, s in d.items()} for n, d in spec.extra.items()},
+                                  cache={n: {k: wrap(s) for k, s in d.items()} for n, d in spec.cache.items()}))
         elif isinstance(leaf, Trainable):
             _check_spec(spec.value, np.shape(leaf.value), mesh, path, rule_of(path))
             out.append(leaf.__class__(NamedSharding(mesh, spec.value), leaf.path))

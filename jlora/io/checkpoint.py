@@ -50,8 +50,8 @@ from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_adapte
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
 
 FORMAT = "jlora.adapter"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2          # 2: per-adapter "extra" / "cache" arrays (DoRA, AdaLoRA, IA3)
+SUPPORTED_VERSIONS = (1, 2)
 META_FILE = "jlora_adapter.json"
 ARRAYS_DIR = "arrays"
 STATE_FORMAT = "jlora.train_state"
@@ -144,21 +144,32 @@ def _atomic_write(path, overwrite: bool, write):
 # ------------------------------------------------------------------------------------------
 # adapters
 
+def _array_record(key: str, x, arrays: dict) -> dict:
+    arrays[key] = x
+    return {"key": key, "shape": list(np.shape(x)), "dtype": _dtype_name(x.dtype)}
+
+
 def _node_record(path: str, node: LoRANode, arrays: dict) -> dict:
-    names = list(node.a)
+    names = list(node.names)
     meta = node.meta
-    missing = [n for n in names if node.a[n] is None or node.b.get(n) is None]
+    missing = [n for n in names
+               if (meta[n].lowrank and (node.a.get(n) is None or node.b.get(n) is None))
+               or any(v is None for d in (node.extra.get(n, {}), node.cache.get(n, {})) for v in d.values())]
     if node.base is None or missing:
         raise ValueError(
             f"save_adapter needs the full adapted tree (jlora.combine(trainable, frozen)); node {path!r} "
             f"has no {'base' if node.base is None else f'factors for {missing}'}")
     adapters = []
     for n in names:
-        ka, kb = _join(path, "a", n), _join(path, "b", n)
-        arrays[ka], arrays[kb] = node.a[n], node.b[n]
-        adapters.append({"name": n, **dataclasses.asdict(meta[n]),
-                         "a": {"key": ka, "shape": list(np.shape(node.a[n])), "dtype": _dtype_name(node.a[n].dtype)},
-                         "b": {"key": kb, "shape": list(np.shape(node.b[n])), "dtype": _dtype_name(node.b[n].dtype)}})
+        rec = {"name": n, **dataclasses.asdict(meta[n])}
+        if n in node.a:
+            rec["a"] = _array_record(_join(path, "a", n), node.a[n], arrays)
+            rec["b"] = _array_record(_join(path, "b", n), node.b[n], arrays)
+        for kind in ("extra", "cache"):
+            if getattr(node, kind).get(n):
+                rec[kind] = {k: _array_record(_join(path, kind, n, k), v, arrays)
+                             for k, v in getattr(node, kind)[n].items()}
+        adapters.append(rec)
     inits = sorted({meta[n].init for n in names} & REWRITES_BASE)
     record = {
         "path": path,
@@ -307,9 +318,11 @@ def load_adapter(path, params):
     for record in meta["nodes"]:
         base = bases[record["path"]]
         for ad in record["adapters"]:
-            for f in ("a", "b"):
-                abstract[ad[f]["key"]] = jax.ShapeDtypeStruct(
-                    tuple(ad[f]["shape"]), jnp.dtype(ad[f]["dtype"]), sharding=_replicated_like(base))
+            entries = [ad[f] for f in ("a", "b") if f in ad]
+            entries += [e for kind in ("extra", "cache") for e in ad.get(kind, {}).values()]
+            for e in entries:
+                abstract[e["key"]] = jax.ShapeDtypeStruct(
+                    tuple(e["shape"]), jnp.dtype(e["dtype"]), sharding=_replicated_like(base))
         if record.get("base_key"):
             abstract[record["base_key"]] = jax.ShapeDtypeStruct(
                 tuple(record["base_shape"]), jnp.dtype(record["base_dtype"]), sharding=_sharding_of(base))
@@ -327,8 +340,12 @@ def load_adapter(path, params):
         names = [ad["name"] for ad in record["adapters"]]
         placements[p] = LoRANode(
             base=arrays[record["base_key"]] if record.get("base_key") else bases[p],
-            a={ad["name"]: arrays[ad["a"]["key"]] for ad in record["adapters"]},
-            b={ad["name"]: arrays[ad["b"]["key"]] for ad in record["adapters"]},
+            a={ad["name"]: arrays[ad["a"]["key"]] for ad in record["adapters"] if "a" in ad},
+            b={ad["name"]: arrays[ad["b"]["key"]] for ad in record["adapters"] if "b" in ad},
+            extra={ad["name"]: {k: arrays[e["key"]] for k, e in ad["extra"].items()}
+                   for ad in record["adapters"] if ad.get("extra")},
+            cache={ad["name"]: {k: arrays[e["key"]] for k, e in ad["cache"].items()}
+                   for ad in record["adapters"] if ad.get("cache")},
             layout=Layout(**record["layout"]),
             adapters=tuple((ad["name"], _adapter_meta(ad, f"{p!r}/{ad['name']}")) for ad in record["adapters"]),
             active=tuple(n for n in record["active"] if n in names),
