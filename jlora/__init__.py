@@ -8,11 +8,13 @@ from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_node
 from jlora.core.spec import Axes
 from jlora.methods.lora import LoRA
 from jlora.methods.qlora import QLoRA
+from jlora.methods.dora import DoRA, QDoRA
+from jlora.methods.ia3 import IA3
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRA", "QLoRA", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
+    "LoRA", "QLoRA", "DoRA", "QDoRA", "IA3", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
     "apply", "partition", "combine", "merge", "unmerge", "summary", "count", "lift",
     "activate", "adapter_names", "mark_trainable", "merge_error", "delete_adapter", "combine_adapters",
 ]
