@@ -8,6 +8,9 @@ from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_node
 from jlora.core.spec import Axes
 from jlora.methods.lora import LoRA
 from jlora.methods.qlora import QLoRA
+from jlora.methods.prompt import (PrefixTuning, PromptTuning, PTuning, apply_prompt, export_prompt,
+                                  prompt_kwargs)
+from jlora.methods.prompt import load_adapter as load_prompt_adapter
 from jlora.methods.dora import DoRA, QDoRA
 from jlora.methods.ia3 import IA3
 
@@ -17,6 +20,7 @@ __all__ = [
     "LoRA", "QLoRA", "DoRA", "QDoRA", "IA3", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
     "apply", "partition", "combine", "merge", "unmerge", "summary", "count", "lift",
     "activate", "adapter_names", "mark_trainable", "merge_error", "delete_adapter", "combine_adapters",
+    "PromptTuning", "PrefixTuning", "PTuning", "apply_prompt", "prompt_kwargs", "export_prompt", "load_prompt_adapter",
 ]
 
 

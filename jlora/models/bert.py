@@ -180,9 +180,12 @@ class BertEmbeddings(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool = True):
+    def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool = True, prompt_embeddings=None):
         cfg = self.config
-        x = (_embed(cfg, cfg.vocab_size, "word_embeddings")(input_ids)
+        words = _embed(cfg, cfg.vocab_size, "word_embeddings")(input_ids)
+        if prompt_embeddings is not None:  # virtual tokens stand in for word embeddings in front
+            words = jnp.concatenate([jnp.asarray(prompt_embeddings).astype(words.dtype), words], axis=1)
+        x = (words
              + _embed(cfg, cfg.max_position_embeddings, "position_embeddings")(position_ids)
              + _embed(cfg, cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
         x = _layer_norm(cfg)(x)
@@ -194,13 +197,16 @@ class BertSelfAttention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask_bias):
+    def __call__(self, x, mask_bias, prefix=None):
         cfg = self.config
         h, d = cfg.num_attention_heads, cfg.head_dim
         split = lambda t: t.reshape(t.shape[:-1] + (h, d))
         q = split(_dense(cfg, cfg.hidden_size, "query")(x))
         k = split(_dense(cfg, cfg.hidden_size, "key")(x))
         v = split(_dense(cfg, cfg.hidden_size, "value")(x))
+        if prefix is not None:  # this layer's prefix keys/values (B, P, heads, head_dim) go first
+            k = jnp.concatenate([prefix["k"].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix["v"].astype(v.dtype), v], axis=1)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d)
         probs = jax.nn.softmax(scores + mask_bias, axis=-1).astype(cfg.dtype)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=self.deterministic)
@@ -227,8 +233,8 @@ class BertAttention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask_bias):
-        ctx = BertSelfAttention(self.config, self.deterministic, name="self")(x, mask_bias)
+    def __call__(self, x, mask_bias, prefix=None):
+        ctx = BertSelfAttention(self.config, self.deterministic, name="self")(x, mask_bias, prefix)
         return _DenseLayerNormOutput(self.config, self.deterministic, name="output")(ctx, x)
 
 
@@ -242,14 +248,15 @@ class BertIntermediate(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One post-LN encoder layer. ``(hidden, mask_bias) -> (hidden, None)`` so it can be scanned."""
+    """One post-LN encoder layer. ``(hidden, mask_bias, prefix) -> (hidden, None)`` so it can be
+    scanned; ``prefix`` is this layer's ``{"k", "v"}`` (B, P, heads, head_dim) or None."""
 
     config: BertConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask_bias):
-        x = BertAttention(self.config, self.deterministic, name="attention")(x, mask_bias)
+    def __call__(self, x, mask_bias, prefix=None):
+        x = BertAttention(self.config, self.deterministic, name="attention")(x, mask_bias, prefix)
         h = BertIntermediate(self.config, name="intermediate")(x)
         x = _DenseLayerNormOutput(self.config, self.deterministic, name="output")(h, x)
         return x, None
@@ -260,16 +267,17 @@ class BertEncoder(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask_bias):
+    def __call__(self, x, mask_bias, prefix=None):
         cfg = self.config
         layer_cls = nn.remat(BertLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else BertLayer
         if cfg.scan_layers:
             scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                              in_axes=nn.broadcast, length=cfg.num_hidden_layers)
-            x, _ = scanned(cfg, self.deterministic, name="layers")(x, mask_bias)
+                              in_axes=(nn.broadcast, 0), length=cfg.num_hidden_layers)
+            x, _ = scanned(cfg, self.deterministic, name="layers")(x, mask_bias, prefix)
             return x
         for i in range(cfg.num_hidden_layers):
-            x, _ = layer_cls(cfg, self.deterministic, name=f"layer_{i}")(x, mask_bias)
+            layer_prefix = None if prefix is None else {"k": prefix["k"][i], "v": prefix["v"][i]}
+            x, _ = layer_cls(cfg, self.deterministic, name=f"layer_{i}")(x, mask_bias, layer_prefix)
         return x
 
 
@@ -290,20 +298,63 @@ def _mask_bias(attention_mask, shape):
     return jnp.where(m[:, None, None, :] > 0, 0.0, _MASK_VALUE).astype(jnp.float32)
 
 
-def _bert_body(cfg, input_ids, attention_mask, token_type_ids, position_ids, deterministic):
+def _check_prefix(prefix, cfg, batch: int) -> int:
+    """Validates a prompt-protocol prefix; returns its length P."""
+    if not isinstance(prefix, Mapping) or set(prefix) != {"k", "v"}:
+        raise ValueError(f"prefix must be a dict with keys 'k' and 'v', got {type(prefix).__name__}"
+                         f"{sorted(prefix) if isinstance(prefix, Mapping) else ''}")
+    want = (cfg.num_hidden_layers, batch, None, cfg.num_attention_heads, cfg.head_dim)
+    for name in ("k", "v"):
+        shape = tuple(np.shape(prefix[name]))
+        if len(shape) != 5 or any(w is not None and w != s for w, s in zip(want, shape)):
+            raise ValueError(f"prefix[{name!r}] has shape {shape}; expected (num_layers, batch, P, heads, head_dim) = "
+                             f"({want[0]}, {batch}, P, {want[3]}, {want[4]})")
+    if np.shape(prefix["k"]) != np.shape(prefix["v"]):
+        raise ValueError(f"prefix k and v shapes differ: {np.shape(prefix['k'])} vs {np.shape(prefix['v'])}")
+    return int(np.shape(prefix["k"])[2])
+
+
+def _bert_body(cfg, input_ids, attention_mask, token_type_ids, position_ids, deterministic,
+               prompt_embeddings=None, prefix=None):
     """Shared by both models (called inside their compact ``__call__``, so the submodules land at
     the top of the caller's scope)."""
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
-    if input_ids.shape[1] > cfg.max_position_embeddings:
-        raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    B, N = input_ids.shape
+    if attention_mask is not None:
+        _mask_bias(attention_mask, (B, N))  # shape check against the real tokens
     if token_type_ids is None:
         token_type_ids = jnp.zeros_like(input_ids)
+    # jlora prompt protocol (PEFT semantics): P virtual tokens in front take positions 0..P-1 and
+    # token type 0; a P-slot key/value prefix shifts the real tokens' positions to start at P
+    n_virtual = n_prefix = 0
+    if prompt_embeddings is not None:
+        prompt_embeddings = jnp.asarray(prompt_embeddings)
+        if prompt_embeddings.ndim != 3 or prompt_embeddings.shape[0] != B or prompt_embeddings.shape[2] != cfg.hidden_size:
+            raise ValueError(f"prompt_embeddings has shape {prompt_embeddings.shape}; expected (batch, P, hidden) = "
+                             f"({B}, P, {cfg.hidden_size})")
+        n_virtual = prompt_embeddings.shape[1]
+        token_type_ids = jnp.concatenate([jnp.zeros((B, n_virtual), jnp.asarray(token_type_ids).dtype),
+                                          jnp.asarray(token_type_ids)], axis=1)
+        if attention_mask is not None:
+            attention_mask = jnp.concatenate([jnp.ones((B, n_virtual), jnp.asarray(attention_mask).dtype),
+                                              jnp.asarray(attention_mask)], axis=1)
+    if prefix is not None:
+        n_prefix = _check_prefix(prefix, cfg, B)
+    length = n_virtual + N
+    if n_prefix + length > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {n_prefix + length} (prefix {n_prefix} + virtual tokens {n_virtual} + "
+                         f"tokens {N}) exceeds max_position_embeddings {cfg.max_position_embeddings}")
     if position_ids is None:
-        position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic)
-    x = BertEncoder(cfg, deterministic, name="encoder")(x, _mask_bias(attention_mask, input_ids.shape))
+        position_ids = jnp.broadcast_to(n_prefix + jnp.arange(length), (B, length))
+    x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic,
+                                               prompt_embeddings)
+    mask_bias = _mask_bias(attention_mask, (B, length))
+    if n_prefix:  # every query may attend to the prefix
+        mask_bias = jnp.concatenate([jnp.zeros((B, 1, 1, n_prefix), mask_bias.dtype),
+                                     jnp.broadcast_to(mask_bias, (B, 1, 1, length))], axis=-1)
+    x = BertEncoder(cfg, deterministic, name="encoder")(x, mask_bias, prefix)
     return x, BertPooler(cfg, name="pooler")(x)
 
 
@@ -312,14 +363,23 @@ class BertModel(nn.Module):
 
     ``attention_mask`` is ``(batch, seq)`` with 1 for tokens and 0 for padding; dropout runs when
     ``deterministic=False`` with a ``"dropout"`` rng.
+
+    jlora's prompt protocol (see :mod:`jlora.methods.prompt`; PEFT semantics):
+
+    * ``prompt_embeddings`` ``(B, P, hidden)``: virtual tokens in front of the word embeddings
+      (positions ``0..P-1``, token type 0, attention mask 1); the sequence output covers ``P + seq``
+      positions and the pooler reads the first virtual token, as in PEFT.
+    * ``prefix`` ``{"k", "v"}`` each ``(num_layers, B, P, heads, head_dim)``: per-layer keys and values
+      put in front of each layer's own, visible to every token; real tokens' positions start at ``P``.
     """
 
     config: BertConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 deterministic: bool = True):
-        return _bert_body(self.config, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+                 deterministic: bool = True, prompt_embeddings=None, prefix=None):
+        return _bert_body(self.config, input_ids, attention_mask, token_type_ids, position_ids, deterministic,
+                          prompt_embeddings, prefix)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -333,9 +393,10 @@ class BertForSequenceClassification(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, prompt_embeddings=None, prefix=None):
         cfg = self.config
-        _, pooled = _bert_body(cfg, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        _, pooled = _bert_body(cfg, input_ids, attention_mask, token_type_ids, position_ids, deterministic,
+                               prompt_embeddings, prefix)
         pooled = nn.Dropout(cfg.classifier_dropout_prob)(pooled, deterministic=deterministic)
         return _dense(cfg, cfg.num_labels, "classifier")(pooled)
 

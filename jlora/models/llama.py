@@ -382,7 +382,8 @@ class LlamaModel(nn.Module):
             self.layers = [layer(c) for _ in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, prompt_embeddings=None,
+                 prefix=None):
         c = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -390,6 +391,22 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         new_mask = (jnp.ones((B, T), bool) if attention_mask is None
                     else jnp.broadcast_to(jnp.asarray(attention_mask).astype(bool), (B, T)))
+        x = self.embed_tokens(input_ids)
+        if prompt_embeddings is not None:   # jlora prompt protocol: virtual tokens in front
+            prompt_embeddings = _check_prompt_embeddings(prompt_embeddings, B, c.hidden_size)
+            P = prompt_embeddings.shape[1]
+            x = jnp.concatenate([prompt_embeddings.astype(x.dtype), x], axis=1)
+            new_mask = jnp.concatenate([jnp.ones((B, P), bool), new_mask], axis=1)
+            if attention_mask is not None:
+                attention_mask = new_mask
+            T = T + P
+        return_cache = cache is not None
+        if prefix is not None:
+            if cache is not None:
+                raise ValueError("pass a prefix either to init_cache(config, batch, max_len, prefix=...) (generation "
+                                 "with a KV cache) or to the model call without a cache, not both")
+            # the prefix is a pre-filled cache of P slots that every query may attend to
+            cache = init_cache(c, B, _prefix_length(prefix, c, B) + T, prefix=prefix)
         q_slot = jnp.arange(T)
         if cache is None:
             index = None
@@ -414,7 +431,6 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
         ctx = {"cos": cos, "sin": sin, "mask": allowed[None] & key_valid[:, None, :], "index": index}
 
-        x = self.embed_tokens(input_ids)
         layers_cache = None if cache is None else cache["layers"]
         if c.scan_layers:
             x, new_layers = self.layers(x, layers_cache, ctx)
@@ -424,7 +440,7 @@ class LlamaModel(nn.Module):
                 x, kv = layer(x, None if layers_cache is None else layers_cache[i], ctx)
                 new_layers.append(kv)
         x = self.norm(x)
-        if cache is None:
+        if not return_cache:
             return x, None
         return x, {"layers": new_layers, "mask": key_valid, "index": index + T}
 
@@ -433,11 +449,24 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``model.apply(params, input_ids, attention_mask=None, positions=None, cache=None)``.
+    """``model.apply(params, input_ids, attention_mask=None, positions=None, cache=None,
+    prompt_embeddings=None, prefix=None)``.
 
     Returns logits ``(B, T, vocab)`` in ``config.dtype``, or ``(logits, new_cache)`` when a cache
     from :func:`init_cache` is passed. Without explicit ``positions`` they are
     ``cumsum(attention_mask) - 1`` (left padding friendly), continuing from the cache's count.
+
+    jlora's prompt protocol (see :mod:`jlora.methods.prompt`):
+
+    * ``prompt_embeddings`` ``(B, P, hidden)``: virtual-token embeddings put in front of the token
+      embeddings; the attention mask gets ``P`` ones in front, positions run over the ``P + T``
+      sequence (PEFT), and the logits cover all ``P + T`` positions (labels need ``P`` ignored
+      entries in front: :func:`jlora.methods.prompt.pad_labels`).
+    * ``prefix`` ``{"k", "v"}`` each ``(num_layers, B, P, num_kv_heads, head_dim)``: per-layer keys
+      and values every query attends to, used as given (no RoPE applied to them, like Hugging
+      Face cache entries); real tokens' positions start at ``P``; the logits cover the ``T``
+      tokens. With a KV cache, put the prefix in the cache instead:
+      ``init_cache(config, B, max_len, prefix=prefix)``.
     """
 
     config: LlamaConfig
@@ -447,8 +476,9 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             self.lm_head = _dense(self.config, self.config.vocab_size, False, None)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-        h, new_cache = self.model(input_ids, attention_mask, positions, cache)
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, prompt_embeddings=None,
+                 prefix=None):
+        h, new_cache = self.model(input_ids, attention_mask, positions, cache, prompt_embeddings, prefix)
         logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         return logits if cache is None else (logits, new_cache)
 
@@ -461,18 +491,58 @@ class LlamaForCausalLM(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # KV cache and generation
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None):
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None, prefix=None):
     """Empty KV cache: ``{"layers": [{"k", "v"}] * L`` (or ``{"k", "v"}`` stacked on axis 0 with
     ``scan_layers``), ``"mask"`` (B, max_len) bool of filled, non-padding slots, ``"index"``
-    (int32 scalar: the next slot to write)}. Each k/v is ``(B, max_len, kv_heads, head_dim)``."""
+    (int32 scalar: the next slot to write)}. Each k/v is ``(B, max_len, kv_heads, head_dim)``.
+
+    With ``prefix={"k", "v"}`` (each ``(num_layers, B, P, kv_heads, head_dim)``, jlora's prompt
+    protocol) the first ``P`` slots hold the prefix, marked filled, and ``index`` is ``P``: the
+    tokens that follow attend to it and their positions start at ``P``."""
     dtype = config.dtype if dtype is None else jnp.dtype(dtype)
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-    if config.scan_layers:
-        full = (config.num_hidden_layers,) + shape
-        layers = {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype)}
+    full = (config.num_hidden_layers,) + shape
+    if prefix is None:
+        k = v = jnp.zeros(full, dtype)
+        mask, index = jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32)
     else:
-        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
-    return {"layers": layers, "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+        P = _prefix_length(prefix, config, batch)
+        if P > max_len:
+            raise ValueError(f"init_cache: the prefix has {P} slots but max_len is {max_len}")
+        k = jax.lax.dynamic_update_slice(jnp.zeros(full, dtype), jnp.asarray(prefix["k"]).astype(dtype), (0, 0, 0, 0, 0))
+        v = jax.lax.dynamic_update_slice(jnp.zeros(full, dtype), jnp.asarray(prefix["v"]).astype(dtype), (0, 0, 0, 0, 0))
+        mask = jnp.arange(max_len)[None, :] < P
+        mask = jnp.broadcast_to(mask, (batch, max_len))
+        index = jnp.asarray(P, jnp.int32)
+    if config.scan_layers:
+        layers = {"k": k, "v": v}
+    else:
+        layers = [{"k": k[i], "v": v[i]} for i in range(config.num_hidden_layers)]
+    return {"layers": layers, "mask": mask, "index": index}
+
+
+def _prefix_length(prefix, config: LlamaConfig, batch: int) -> int:
+    """Validates a prompt-protocol prefix against the config; returns its length P."""
+    if not isinstance(prefix, Mapping) or set(prefix) != {"k", "v"}:
+        raise ValueError(f"prefix must be a dict with keys 'k' and 'v', got {type(prefix).__name__}"
+                         f"{sorted(prefix) if isinstance(prefix, Mapping) else ''}")
+    want = (config.num_hidden_layers, batch, None, config.num_key_value_heads, config.head_dim)
+    for name in ("k", "v"):
+        shape = tuple(np.shape(prefix[name]))
+        if len(shape) != 5 or any(w is not None and w != s for w, s in zip(want, shape)):
+            raise ValueError(f"prefix[{name!r}] has shape {shape}; expected (num_layers, batch, P, num_kv_heads, "
+                             f"head_dim) = ({want[0]}, {batch}, P, {want[3]}, {want[4]})")
+    if np.shape(prefix["k"]) != np.shape(prefix["v"]):
+        raise ValueError(f"prefix k and v shapes differ: {np.shape(prefix['k'])} vs {np.shape(prefix['v'])}")
+    return int(np.shape(prefix["k"])[2])
+
+
+def _check_prompt_embeddings(prompt_embeddings, batch: int, hidden: int):
+    prompt_embeddings = jnp.asarray(prompt_embeddings)
+    if prompt_embeddings.ndim != 3 or prompt_embeddings.shape[0] != batch or prompt_embeddings.shape[2] != hidden:
+        raise ValueError(f"prompt_embeddings has shape {prompt_embeddings.shape}; expected (batch, P, hidden) = "
+                         f"({batch}, P, {hidden})")
+    return prompt_embeddings
 
 
 def _select(logits, key, temperature, top_k, top_p, greedy):
@@ -496,8 +566,8 @@ def _select(logits, key, temperature, top_k, top_p, greedy):
 @functools.lru_cache(maxsize=16)
 def _generation_fns(apply_fn, max_new_tokens, greedy, top_k, top_p):
     @jax.jit
-    def prefill(params, ids, mask, cache):
-        logits, cache = apply_fn(params, ids, attention_mask=mask, cache=cache)
+    def prefill(params, ids, mask, cache, extra):
+        logits, cache = apply_fn(params, ids, attention_mask=mask, cache=cache, **extra)
         return logits[:, -1].astype(jnp.float32), cache
 
     @jax.jit
@@ -527,7 +597,8 @@ def _generation_fns(apply_fn, max_new_tokens, greedy, top_k, top_p):
 
 def generate(model, params, input_ids, max_new_tokens: int, eos_id=None, *, attention_mask=None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             pad_id: int | None = None, cache_dtype=None, apply_fn=None, pad_to: int = 16):
+             pad_id: int | None = None, cache_dtype=None, apply_fn=None, pad_to: int = 16,
+             prompt_embeddings=None, prefix=None):
     """Greedy (``temperature=0``) or sampled decoding with a KV cache.
 
     One jitted prefill over the (left-padded) prompt, then a jitted ``lax.while_loop`` of one-token
@@ -543,6 +614,9 @@ def generate(model, params, input_ids, max_new_tokens: int, eos_id=None, *, atte
       apply_fn: replaces ``model.apply`` (e.g. ``jlora.lift(model.apply)`` for adapted params).
       pad_to: prompts are left-padded (masked) to a multiple of this length so that prompts of
         similar lengths share one compiled prefill/decode; 1 disables it.
+      prompt_embeddings / prefix: jlora's prompt protocol (e.g. ``**jlora.prompt_kwargs(adapted, B)``):
+        virtual-token embeddings put in front of the (padded) prompt, or per-layer key/value
+        prefixes placed in the first slots of the KV cache.
 
     Returns:
       numpy int32 array (B, max_new_tokens) of new tokens (the eos included).
@@ -574,8 +648,15 @@ def generate(model, params, input_ids, max_new_tokens: int, eos_id=None, *, atte
     prefill, decode = _generation_fns(apply_fn or model.apply, int(max_new_tokens), bool(greedy),
                                       None if top_k is None else int(top_k),
                                       None if top_p is None else float(top_p))
-    cache = init_cache(config, B, T + int(max_new_tokens), cache_dtype)
-    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), cache)
+    extra = {}
+    n_prompt = n_prefix = 0
+    if prompt_embeddings is not None:
+        extra["prompt_embeddings"] = _check_prompt_embeddings(prompt_embeddings, B, config.hidden_size)
+        n_prompt = extra["prompt_embeddings"].shape[1]
+    if prefix is not None:
+        n_prefix = _prefix_length(prefix, config, B)
+    cache = init_cache(config, B, n_prefix + n_prompt + T + int(max_new_tokens), cache_dtype, prefix=prefix)
+    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), cache, extra)
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
     tokens = decode(params, logits, cache, jax.random.key(seed), eos_arr, jnp.int32(pad_id),
                     jnp.float32(temperature if not greedy else 1.0))
