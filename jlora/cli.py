@@ -27,15 +27,26 @@ import time
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
                 seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
-                eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None, param_dtype="float32")
-METHODS = ("lora", "qlora", "head")
+                eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None, param_dtype="float32",
+                virtual_tokens=20, prefix_projection=None, ptuning_encoder="mlp", ptuning_hidden=None,
+                prompt_init="random", prompt_init_text=None)
+PROMPT_METHODS = ("prompt", "prefix", "ptuning")
+METHODS = ("lora", "qlora", "head") + PROMPT_METHODS
 
 
 def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", help="YAML or JSON file with any of these settings")
     p.add_argument("--model", choices=("minilm", "smollm2"))
     p.add_argument("--data", help="rotten_tomatoes | bbc_news | chatterbot | natural_instructions:<subtask>")
-    p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), or head (train only the new head: baseline)")
+    p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), head (train only the new head: "
+                   "baseline), prompt (prompt tuning), prefix (prefix tuning / P-tuning v2), ptuning (P-tuning v1)")
+    p.add_argument("--virtual-tokens", type=int, help="prompt/prefix/ptuning: number of virtual tokens")
+    p.add_argument("--prefix-projection", type=int,
+                   help="prefix: hidden size of Li & Liang's MLP reparameterisation (default: none, deep prompts)")
+    p.add_argument("--ptuning-encoder", choices=("mlp", "lstm"), help="ptuning: the prompt encoder")
+    p.add_argument("--ptuning-hidden", type=int, help="ptuning: encoder hidden size (default: the model's)")
+    p.add_argument("--prompt-init", choices=("random", "vocab", "text"), help="prompt: initialisation")
+    p.add_argument("--prompt-init-text", help="prompt: the text for --prompt-init text")
     p.add_argument("--quant", choices=("nf4", "int4", "int4_asym", "int8"), help="qlora: frozen-base scheme")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
     p.add_argument("--quantize-frozen", help="qlora: also quantise frozen kernels: 'all-linear' or a regex")
@@ -86,7 +97,7 @@ def load_config(args: argparse.Namespace | dict) -> dict:
     cfg.update({k: v for k, v in given.items() if k in DEFAULTS and v is not None})
     if cfg["method"] not in METHODS:
         raise SystemExit(f"jlora: method must be one of {METHODS}, got {cfg['method']!r}")
-    for key in ("steps", "batch", "rank", "max_length", "accum_steps"):
+    for key in ("steps", "batch", "rank", "max_length", "accum_steps", "virtual_tokens"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise SystemExit(f"jlora: {key} must be a positive integer, got {cfg[key]!r}")
     if not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] > 0):
@@ -107,6 +118,8 @@ def build(cfg: dict, task=None):
         task = make_task(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
                          scan_layers=cfg["scan_layers"])
     params = _cast_frozen(task.params, cfg["param_dtype"], task.head)
+    if cfg["method"] in PROMPT_METHODS:
+        return task, *_build_prompt(cfg, task, params)
     if cfg["method"] == "head":
         if task.head is None:
             raise SystemExit(f"jlora: model {cfg['model']} has no new head to train; use --method lora")
@@ -124,6 +137,30 @@ def build(cfg: dict, task=None):
     adapted = jlora.apply(params, spec, jax.random.key(cfg["seed"]), model=model_fn,
                           example=task.example() if model_fn else None)
     return task, adapted, spec
+
+
+def _build_prompt(cfg: dict, task, params):
+    """(adapted, spec) for --method prompt | prefix | ptuning. The base model stays frozen; a new
+    classification head trains in full alongside the prompt (PEFT's modules_to_save)."""
+    import jax
+
+    import jlora
+
+    n = cfg["virtual_tokens"]
+    try:
+        if cfg["method"] == "prompt":
+            spec = jlora.PromptTuning(n, init=cfg["prompt_init"], init_text=cfg["prompt_init_text"])
+        elif cfg["method"] == "prefix":
+            spec = jlora.PrefixTuning(n, projection_hidden=cfg["prefix_projection"])
+        else:
+            spec = jlora.PTuning(n, encoder=cfg["ptuning_encoder"], hidden=cfg["ptuning_hidden"])
+    except ValueError as e:
+        raise SystemExit(f"jlora: {e}") from None
+    if task.head is not None:
+        params = jlora.mark_trainable(params, task.head)
+    adapted = jlora.apply_prompt(params, spec, jax.random.key(cfg["seed"]), config=task.model.config,
+                                 tokenizer=task.tokenizer)
+    return adapted, spec
 
 
 def _cast_frozen(params, dtype: str, head_pattern):
@@ -180,6 +217,8 @@ def train(cfg: dict, task=None, log=print) -> dict:
         eval_fn=eval_fn, eval_every=cfg["eval_every"] or None, progress=cfg["progress"],
         desc=f"{cfg['method']} {cfg['model']}/{cfg['data']}")
     adapted = jlora.combine(trainable, frozen)
+    # prompt methods: the saved adapter holds the final prompt / prefix (reparameterisations dropped)
+    adapted = jlora.export_prompt(adapted)
     jio.save_adapter(str(out / "adapter"), adapted, spec=spec)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     test = task.evaluate(lifted, adapted, "test", limit=cfg["eval_limit"])
@@ -207,7 +246,7 @@ def _dir_bytes(path) -> int:
 
 
 def _load_run(run: str):
-    from jlora import io as jio
+    from jlora.methods.prompt import load_adapter
 
     run = pathlib.Path(run)
     if not (run / "config.json").is_file():
@@ -217,7 +256,7 @@ def _load_run(run: str):
 
     task = make_task(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
                      scan_layers=cfg["scan_layers"])
-    adapted = jio.load_adapter(str(run / "adapter"), task.params)
+    adapted = load_adapter(str(run / "adapter"), task.params)   # jlora.io.load_adapter + a saved prompt
     return cfg, task, adapted
 
 
@@ -255,6 +294,9 @@ def main(argv=None) -> int:
         elif args.format == "adapter":
             jio.save_adapter(args.out, adapted)
         else:
+            if cfg["method"] in PROMPT_METHODS:
+                raise SystemExit(f"jlora: --format peft is not implemented for --method {cfg['method']}; "
+                                 f"use --format adapter or merged")
             jio.save_peft(args.out, adapted, task.naming, task_type=getattr(task, "peft_task_type", None))
         print(f"wrote {args.format} to {args.out}")
     elif args.command == "inspect":

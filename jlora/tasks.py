@@ -56,9 +56,13 @@ class ClassificationTask:
         return (a["input_ids"][:2], a["attention_mask"][:2], a["token_type_ids"][:2])
 
     def forward(self, lifted: Callable, params, batch, train: bool = False, key=None):
+        from jlora.methods.prompt import prompt_kwargs
+
         kwargs = {}
         if train and key is not None:
             kwargs = dict(deterministic=False, rngs={"dropout": key}, jlora_rng=jax.random.fold_in(key, 1))
+        # prompt / prefix / P-tuning: the prompt entry of `params` becomes the model's prompt kwargs
+        kwargs.update(prompt_kwargs(params, batch["input_ids"].shape[0]))
         return lifted(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **kwargs)
 
     def loss_fn(self, lifted: Callable):

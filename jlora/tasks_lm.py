@@ -11,11 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.data.instruct import IGNORE_INDEX
+from jlora.methods.prompt import pad_labels, prompt_kwargs
 
 
 def masked_lm_loss(logits, labels):
     """Mean next-token cross-entropy over positions whose label is not ``IGNORE_INDEX``
-    (labels are unshifted: position t predicts ``labels[t + 1]``). Returns (loss, n_tokens)."""
+    (labels are unshifted: position t predicts ``labels[t + 1]``). Returns (loss, n_tokens).
+
+    Logits longer than the labels come from a model run with ``P`` virtual tokens in front
+    (prompt tuning, P-tuning): the labels get ``P`` ignored entries in front, as PEFT does."""
+    extra = logits.shape[1] - labels.shape[1]
+    if extra < 0:
+        raise ValueError(f"logits cover {logits.shape[1]} positions but labels {labels.shape[1]}")
+    labels = pad_labels(labels, extra)
     logits = logits[:, :-1].astype(jnp.float32)
     target = labels[:, 1:]
     valid = target != IGNORE_INDEX
@@ -59,7 +67,9 @@ class InstructionTask:
         return (a["input_ids"][:1], a["attention_mask"][:1])
 
     def forward(self, lifted: Callable, params, batch, train: bool = False, key=None):
+        """Logits; ``P + T`` positions long when ``params`` carries a prompt-tuning / P-tuning prompt."""
         kwargs = {"jlora_rng": key} if (train and key is not None) else {}
+        kwargs.update(prompt_kwargs(params, batch["input_ids"].shape[0]))
         return lifted(params, batch["input_ids"], batch["attention_mask"], **kwargs)
 
     def loss_fn(self, lifted: Callable):
@@ -100,7 +110,7 @@ class InstructionTask:
         ids = self.tokenizer.encode(chat_prompt(instruction), add_special_tokens=False).ids
         eos = self.tokenizer.token_to_id("<|im_end|>")
         out = llama.generate(self.model, params, np.asarray([ids], np.int32), max_new_tokens, eos_id=eos,
-                             apply_fn=lifted)
+                             apply_fn=lifted, **prompt_kwargs(params, 1))
         out = np.asarray(out)[0].tolist()
         if eos in out:
             out = out[:out.index(eos)]

@@ -86,3 +86,58 @@ def test_param_dtype_stores_pretrained_weights_in_bf16_but_not_the_new_head():
     assert p["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"].dtype == jnp.bfloat16
     assert p["classifier"]["kernel"].value.dtype == jnp.float32
     assert p["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"].a["default"].dtype == jnp.float32
+
+
+def test_prompt_methods_train_eval_export_inspect(tmp_path, capsys):
+    """--method prefix with Li & Liang's projection on the real MiniLM: the saved adapter holds the
+    final per-layer keys/values (no MLP) and the head; eval on the reloaded run reproduces test."""
+    run = tmp_path / "prefix"
+    assert cli.main(["train", "--method", "prefix", "--virtual-tokens", "4", "--prefix-projection", "16",
+                     "--steps", "3", "--batch", "4", "--max-length", "24", "--eval-limit", "24", "--lr", "1e-2",
+                     "--out", str(run), "--no-progress"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    saved = json.loads((run / "adapter" / "jlora_adapter.json").read_text())
+    shapes = {t["path"]: tuple(t["shape"]) for t in saved["trainables"]}
+    assert shapes == {"jlora_prompt/prefix_tuning/embedding": (4, 6, 2, 12, 32),   # MiniLM: 6 layers, 12 heads
+                      "params/classifier/kernel": (384, 2), "params/classifier/bias": (2,)}
+    assert saved["spec"] == {"method": "prefix_tuning", "num_virtual_tokens": 4, "projection_hidden": 16}
+    # trained: embedding 4*384 + MLP (384*16 + 16 + 16*18432 + 18432) + head 770
+    assert results["trainable_params"] == 4 * 384 + 384 * 16 + 16 + 16 * 6 * 2 * 384 + 6 * 2 * 384 + 770
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(run), "--split", "test", "--limit", "24"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(results["test"]["accuracy"])
+    assert evaluated["loss"] == pytest.approx(results["test"]["loss"], rel=1e-4)
+
+    assert cli.main(["export", "--run", str(run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+    import orbax.checkpoint as ocp
+    merged = ocp.StandardCheckpointer().restore(str(tmp_path / "merged"))
+    assert merged["jlora_prompt"]["prefix_tuning"]["embedding"].shape == (4, 6, 2, 12, 32)
+    with pytest.raises(SystemExit, match="peft is not implemented for --method prefix"):
+        cli.main(["export", "--run", str(run), "--format", "peft", "--out", str(tmp_path / "peft")])
+    capsys.readouterr()
+    assert cli.main(["inspect", "--run", str(run)]) == 0
+    assert "jlora_prompt/prefix_tuning/embedding" in capsys.readouterr().out
+
+
+def test_prompt_and_ptuning_flags_build_their_specs():
+    import jax.numpy as jnp
+
+    import jlora
+
+    with pytest.raises(SystemExit, match="virtual_tokens must be a positive integer, got 0"):
+        cli.load_config({"method": "prompt", "virtual_tokens": 0})
+    task, adapted, spec = cli.build(cli.load_config({"method": "prompt", "virtual_tokens": 5, "prompt_init": "text",
+                                                     "prompt_init_text": "positive or negative?"}))
+    assert spec == jlora.PromptTuning(5, init="text", init_text="positive or negative?")
+    ids = task.tokenizer.encode("positive or negative?").ids                # [CLS] ... [SEP], as PEFT tokenises
+    table = task.params["params"]["embeddings"]["word_embeddings"]["embedding"]
+    emb = adapted["jlora_prompt"]["prompt_tuning"]["embedding"].value
+    assert jnp.array_equal(emb, table[jnp.asarray((ids * 5)[:5])])
+    _, adapted, spec = cli.build(cli.load_config({"method": "ptuning", "virtual_tokens": 3, "ptuning_encoder": "lstm",
+                                                  "ptuning_hidden": 8}), task=task)
+    assert spec == jlora.PTuning(3, encoder="lstm", hidden=8)
+    assert adapted["jlora_prompt"]["p_tuning"]["lstm_head"]["l1"]["w_ih"].shape == (16, 32)
+    assert jlora.prompt_kwargs(adapted, 2)["prompt_embeddings"].shape == (2, 3, 384)
+    with pytest.raises(SystemExit, match="needs a non-empty init_text, got None"):
+        cli.build(cli.load_config({"method": "prompt", "prompt_init": "text"}), task=task)

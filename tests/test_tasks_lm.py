@@ -54,3 +54,32 @@ def test_instruction_task_trains_evaluates_and_generates(tmp_path, tiny_loaded):
     assert isinstance(text, str)
     with pytest.raises(SystemExit, match="no new head"):
         cli.build(cli.load_config(dict(model="smollm2", data="chatterbot", method="head")), task=task)
+
+
+@pytest.mark.parametrize("method,extra", [("prompt", {"prompt_init": "text", "prompt_init_text": "Answer briefly."}),
+                                          ("prefix", {"prefix_projection": 8})])
+def test_instruction_task_trains_prompt_methods(tmp_path, tiny_loaded, method, extra):
+    """Prompt tuning pads the labels with P ignored entries (logits cover P + T positions);
+    prefix tuning keeps T. Both train through the CLI, evaluate on the same response tokens,
+    reload from the run directory and generate."""
+    task = InstructionTask(data="chatterbot", max_length=32, loaded=tiny_loaded)
+    lifted = jlora.lift(task.model.apply)
+    before = task.evaluate(lifted, task.params, "validation", limit=8)
+    cfg = cli.load_config(dict(model="smollm2", data="chatterbot", method=method, virtual_tokens=4, steps=8, batch=4,
+                               lr=1e-1, max_length=32, eval_limit=8, progress=False, out=str(tmp_path / method), **extra))
+    result = cli.train(cfg, task=task)
+    adapted = result["_adapted"]
+    batch = {k: v[:8] for k, v in task.arrays["train"].items()}
+    logits = task.forward(lifted, adapted, batch)
+    assert logits.shape[1] == 32 + (4 if method == "prompt" else 0)
+    trained_paths = [t["path"] for t in json.loads((tmp_path / method / "adapter" / "jlora_adapter.json").read_text())["trainables"]]
+    assert trained_paths == [f"jlora_prompt/{'prompt' if method == 'prompt' else 'prefix'}_tuning/embedding"]
+    loss = jax.jit(task.loss_fn(lifted))
+    _, start, _ = cli.build(cfg, task=task)                                 # the same (seeded) initial prompt
+    assert float(loss(adapted, batch, None)[0]) < float(loss(start, batch, None)[0])   # same batch, trained prompt
+    after = task.evaluate(lifted, adapted, "validation", limit=8)
+    assert after["response_tokens"] == before["response_tokens"] > 0 and after["loss"] != before["loss"]
+    reloaded = jlora.load_prompt_adapter(str(tmp_path / method / "adapter"), task.params)
+    again = task.evaluate(lifted, reloaded, "validation", limit=8)
+    assert again["loss"] == pytest.approx(after["loss"], rel=1e-5)
+    assert isinstance(task.generate(lifted, adapted, "What is a computer?", max_new_tokens=3), str)
