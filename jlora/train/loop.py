@@ -21,7 +21,9 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
     Returns ``(trainable, opt_state, history)`` where ``history`` is the list of records also
     appended (one JSON object a line) to ``log_path``: ``step``, ``loss``, ``grad_norm``,
     ``steps_per_s``, ``tokens_per_s`` (when ``tokens_per_batch`` is given), ``elapsed_s``, plus
-    the dict returned by ``eval_fn(trainable)`` every ``eval_every`` steps and at the end.
+    the dict returned by ``eval_fn(trainable)`` every ``eval_every`` steps and at the end, and the
+    metrics a step built with ``adapter_update`` names in ``step.log_metrics`` (e.g. AdaLoRA's
+    ``adalora_rank`` and ``adalora_budget``; ``opt_state`` is then the step's ``StepState``).
 
     Example::
 
@@ -54,6 +56,9 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
                           "steps_per_s": rate, "elapsed_s": now - start}
                 if tokens_per_batch:
                     record["tokens_per_s"] = rate * tokens_per_batch
+                for k in getattr(step, "log_metrics", ()):
+                    if k in metrics:
+                        record[k] = float(metrics[k])
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {i}")
                 if do_eval:

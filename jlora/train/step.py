@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +36,36 @@ from jlora.core.api import combine
 from jlora.core.nodes import Trainable, is_adapter_leaf, is_node
 from jlora.core.paths import flatten_with_paths
 
-__all__ = ["make_step", "init_opt_state"]
+__all__ = ["make_step", "init_opt_state", "StepState"]
 
 _RESERVED = ("loss", "grad_norm")
+
+
+class StepState(NamedTuple):
+    """What a step built with ``make_step(..., adapter_update=u)`` carries in place of the bare
+    optimizer state (a pytree: it donates, shards and checkpoints like one).
+
+    ``opt_state``: the optimizer's state; ``adapter_state``: ``u.init(trainable)``, updated by
+    ``u.update`` every step; ``step``: int32 count of the steps taken so far (the ``step`` that
+    ``u.update`` receives: 0 on the first call).
+    """
+
+    opt_state: Any
+    adapter_state: Any
+    step: Any
+
+
+def _check_adapter_update(u):
+    if u is None:
+        return
+    missing = [m for m in ("init", "update") if not callable(getattr(u, m, None))]
+    if missing:
+        raise TypeError(f"adapter_update must have init(trainable) and update(state, trainable, grads, step) -> "
+                        f"(trainable, state, metrics) methods (e.g. jlora.adalora_allocator(spec)); "
+                        f"{type(u).__name__} lacks {missing}")
+    loss = getattr(u, "loss", None)
+    if loss is not None and not callable(loss):
+        raise TypeError(f"adapter_update.loss must be a callable loss(trainable) -> scalar, got {loss!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -128,7 +155,7 @@ def _acc_dtype(dtype):
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-              mesh=None, rules=None, batch_axes=("data",), donate: bool = True):
+              mesh=None, rules=None, batch_axes=("data",), donate: bool = True, adapter_update=None):
     """Builds ``step(trainable, frozen, opt_state, batch, key=None) -> (trainable, opt_state, metrics)``.
 
     ``loss_fn(params, batch, key)`` gets ``params = jlora.combine(trainable, frozen)`` (lift the
@@ -153,6 +180,20 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         batch is replicated (plain data parallelism).
       batch_axes: mesh axes the batch's leading dim is split over, e.g. ``("data", "fsdp")``.
       donate: donate the ``trainable`` and ``opt_state`` buffers (don't reuse the arrays passed in).
+      adapter_update: a method's own per-step update that runs inside the jitted step, with its
+        state carried by the step (e.g. AdaLoRA's rank allocator, ``jlora.adalora_allocator(spec)``).
+        Any object with
+          ``init(trainable) -> state``,
+          ``update(state, trainable, grads, step) -> (trainable, state, metrics)`` (pure; called
+          after the optimizer with the updated ``trainable``, the averaged gradients it used and
+          the int32 count of earlier steps; ``metrics`` is a dict of scalars merged into the
+          step's), and optionally
+          ``loss(trainable) -> scalar``, added to ``loss_fn``'s loss before differentiation (so
+          ``metrics["loss"]`` includes it, as PEFT's AdaLoRA loss does) and reported alone as
+          ``metrics["adapter_loss"]``.
+        The step's ``opt_state`` is then a :class:`StepState` ``(opt_state, adapter_state, step)``:
+        create it with ``init_opt_state(optimizer, trainable, adapter_update=...)`` or
+        ``step.init(trainable)``. Without ``adapter_update`` nothing changes.
 
     Example::
 
@@ -169,6 +210,8 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
     if rules is not None and mesh is None:
         raise ValueError("rules= needs a mesh=; pass mesh=jlora.distributed.make_mesh(...)")
+    _check_adapter_update(adapter_update)
+    extra_loss = getattr(adapter_update, "loss", None)
     if mesh is not None:
         from jlora.distributed import sharding as shd
         from jax.sharding import Mesh
@@ -185,7 +228,16 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
             except (ValueError, TypeError) as e:
                 raise ValueError(f"trainable and frozen do not fit together ({e}); pass the two halves of "
                                  f"the same `jlora.partition(adapted)`") from e
-            return _split_output(loss_fn(params, batch, key))
+            loss, aux = _split_output(loss_fn(params, batch, key))
+            if extra_loss is not None:
+                if "adapter_loss" in aux:
+                    raise ValueError("loss_fn's aux uses 'adapter_loss', which a step with adapter_update.loss reserves")
+                add = jnp.asarray(extra_loss(t))
+                if add.shape != ():
+                    raise ValueError(f"adapter_update.loss must return a scalar, got shape {add.shape}")
+                aux = {**aux, "adapter_loss": add.astype(jnp.float32)}
+                loss = loss + add.astype(loss.dtype)
+            return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(wrapped, has_aux=True)(trainable)
         return loss, aux, grads
@@ -226,6 +278,8 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         return loss, aux, grads
 
     def _step(trainable, frozen, opt_state, batch, key):
+        if adapter_update is not None:
+            opt_state, adapter_state, count = opt_state
         if accum_steps == 1:
             loss, aux, grads = loss_and_grads(trainable, frozen, batch, key)
         else:
@@ -234,6 +288,13 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm, **aux}
+        if adapter_update is not None:
+            trainable, adapter_state, more = adapter_update.update(adapter_state, trainable, grads, count)
+            clash = sorted(set(more or {}) & set(metrics))
+            if clash:
+                raise ValueError(f"adapter_update's metrics {clash} clash with the step's or loss_fn's metrics")
+            metrics.update(more or {})
+            opt_state = StepState(opt_state, adapter_state, count + 1)
         return trainable, opt_state, metrics
 
     jitted = jax.jit(_step, donate_argnums=donate_argnums) if mesh is None else None
@@ -256,6 +317,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
             _check_halves(trainable, frozen)
             _check_batch(batch, accum_steps)
             checked.add((sig, shapes))
+        _check_state(opt_state)
         if mesh is None:
             return jitted(trainable, frozen, opt_state, batch, key)
         args = (trainable, frozen, opt_state, batch, key)
@@ -272,6 +334,22 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         fn, in_sh = entry
         return fn(*jax.device_put(args, in_sh))
 
+    def _check_state(opt_state):
+        if adapter_update is not None and not isinstance(opt_state, StepState):
+            raise TypeError(f"this step was built with adapter_update={type(adapter_update).__name__}, so it carries a "
+                            f"jlora.train.StepState; create opt_state with jlora.train.init_opt_state(optimizer, "
+                            f"trainable, adapter_update=...) or step.init(trainable), not optimizer.init")
+        if adapter_update is None and isinstance(opt_state, StepState):
+            raise TypeError("opt_state is a StepState (made for a step with adapter_update=...), but this step was "
+                            "built without adapter_update; pass the same adapter_update to make_step")
+
+    def init(trainable):
+        """The ``opt_state`` this step expects (with ``adapter_update``: a :class:`StepState`)."""
+        return init_opt_state(optimizer, trainable, mesh=mesh, rules=rules, adapter_update=adapter_update)
+
+    step.init = init
+    step.log_metrics = (tuple(getattr(adapter_update, "metric_names", ())) +
+                        (("adapter_loss",) if extra_loss is not None else ()))
     step.jitted = jitted
     step.shardings = _shardings if mesh is not None else None
     step.__doc__ = ("step(trainable, frozen, opt_state, batch, key=None) -> (trainable, opt_state, metrics); "
@@ -279,14 +357,21 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
     return step
 
 
-def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, mesh=None, rules=None):
+def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, mesh=None, rules=None,
+                   adapter_update=None):
     """``optimizer.init(trainable)``; with ``mesh`` (and ``rules``) the state is created already
     sharded like the step expects (moments follow the trainable leaves, counters replicated).
+    With ``adapter_update`` (see :func:`make_step`): ``StepState(optimizer.init(trainable),
+    adapter_update.init(trainable), 0)``.
 
     Example::
 
         opt_state = init_opt_state(optax.adam(1e-3), trainable)
     """
+    if adapter_update is not None:
+        _check_adapter_update(adapter_update)
+        inner = init_opt_state(optimizer, trainable, mesh=mesh, rules=rules)
+        return StepState(inner, adapter_update.init(trainable), jnp.zeros((), jnp.int32))
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation (with init/update), got {optimizer!r}")
     t_flat, _ = flatten_with_paths(trainable, is_leaf=is_adapter_leaf)

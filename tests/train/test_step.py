@@ -252,3 +252,109 @@ def test_bad_loss_outputs_and_arguments():
         make_step(loss_fn, "adam")
     with pytest.raises(ValueError, match="needs a mesh"):
         make_step(loss_fn, optimizer, rules=[(r"kernel", jax.sharding.PartitionSpec())])
+
+
+# ------------------------------------------------------------------------------------------
+# adapter_update: a method's own per-step update inside the jitted step
+
+class _ShrinkB:
+    """A toy adapter_update: adds 0.1 * sum(b^2) to the loss, then after the optimizer scales every
+    B by 0.5 on even steps, and counts the steps it saw (its carried state)."""
+
+    metric_names = ("seen",)
+
+    def init(self, trainable):
+        return {"seen": jnp.zeros((), jnp.int32), "last_step": jnp.full((), -1, jnp.int32)}
+
+    def loss(self, trainable):
+        return 0.1 * sum(jnp.sum(jnp.square(v)) for _, kind, _, v in _iter_factors(trainable) if kind == "b")
+
+    def update(self, state, trainable, grads, step):
+        factor = jnp.where(step % 2 == 0, 0.5, 1.0)
+
+        def one(leaf):
+            if jlora.is_node(leaf):
+                return leaf.with_(b={n: v * factor for n, v in leaf.b.items()})
+            return leaf
+
+        trainable = jax.tree_util.tree_map(one, trainable, is_leaf=is_adapter_leaf)
+        state = {"seen": state["seen"] + 1, "last_step": step}
+        return trainable, state, {"seen": state["seen"]}
+
+
+def _iter_factors(tree):
+    for path, leaf in jlora.core.paths.flatten_with_paths(tree, is_leaf=is_adapter_leaf)[0]:
+        if jlora.is_node(leaf):
+            for kind in ("a", "b"):
+                for name, v in getattr(leaf, kind).items():
+                    if v is not None:
+                        yield path, kind, name, v
+
+
+def test_adapter_update_runs_in_the_step_with_its_state_and_loss():
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    trainable = _nonzero_b(trainable)
+    optimizer = optax.sgd(0.0)          # no optimizer movement: what changes is the hook's doing
+    hook = _ShrinkB()
+    step = make_step(loss_fn, optimizer, adapter_update=hook, donate=False)
+    state = init_opt_state(optimizer, trainable, adapter_update=hook)
+    assert isinstance(state, jlora.train.StepState) and int(state.step) == 0
+    b0 = {p: np.asarray(v) for p, kind, _, v in _iter_factors(trainable) if kind == "b"}
+    task_loss = float(loss_fn(jlora.combine(trainable, frozen), batch, None)[0])
+    t1, s1, m1 = step(trainable, frozen, state, batch)
+    expected_add = 0.1 * sum(float(np.sum(v ** 2)) for v in b0.values())
+    np.testing.assert_allclose(float(m1["adapter_loss"]), expected_add, rtol=1e-5)
+    np.testing.assert_allclose(float(m1["loss"]), task_loss + expected_add, rtol=1e-5)
+    assert int(m1["seen"]) == 1 and int(s1.step) == 1 and int(s1.adapter_state["last_step"]) == 0
+    for p, kind, _, v in _iter_factors(t1):
+        if kind == "b":
+            np.testing.assert_allclose(np.asarray(v), 0.5 * b0[p], rtol=1e-6)   # step 0: halved
+    t2, s2, m2 = step(t1, frozen, s1, batch)
+    for p, kind, _, v in _iter_factors(t2):
+        if kind == "b":
+            np.testing.assert_allclose(np.asarray(v), 0.5 * b0[p], rtol=1e-6)   # step 1: kept
+    assert int(s2.step) == 2 and int(s2.adapter_state["last_step"]) == 1 and int(m2["seen"]) == 2
+    assert step.log_metrics == ("seen", "adapter_loss")
+    # the loss add-on is differentiated: with sgd, b moves by -lr * 0.2 * b on top of the task gradient
+    lr_step = make_step(loss_fn, optax.sgd(0.1), adapter_update=hook, donate=False)
+    plain = make_step(loss_fn, optax.sgd(0.1), donate=False)
+    tp, _, _ = plain(trainable, frozen, optax.sgd(0.1).init(trainable), batch)
+    th, _, _ = lr_step(trainable, frozen, lr_step.init(trainable), batch)
+    bp = {p: np.asarray(v) for p, kind, _, v in _iter_factors(tp) if kind == "b"}
+    for p, kind, _, v in _iter_factors(th):
+        if kind == "b":
+            np.testing.assert_allclose(np.asarray(v), 0.5 * (bp[p] - 0.1 * 0.2 * b0[p]), rtol=1e-5, atol=1e-7)
+
+
+def test_adapter_update_with_accumulation_and_mesh_and_errors():
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    trainable = _nonzero_b(trainable)
+    optimizer = optax.adam(1e-2)
+    hook = _ShrinkB()
+    one = make_step(loss_fn, optimizer, adapter_update=hook, donate=False)
+    acc = make_step(loss_fn, optimizer, adapter_update=hook, accum_steps=2, donate=False)
+    meshed = make_step(loss_fn, optimizer, adapter_update=hook, mesh=make_mesh((1,), ("data",)), donate=False)
+    t1, s1, m1 = one(trainable, frozen, one.init(trainable), batch)
+    t2, s2, m2 = acc(trainable, frozen, acc.init(trainable), batch)
+    t3, s3, m3 = meshed(trainable, frozen, meshed.init(trainable), batch)
+    chex.assert_trees_all_close(t1, t2, atol=1e-5)
+    chex.assert_trees_all_close(t1, t3, atol=1e-6)
+    np.testing.assert_allclose(float(m1["adapter_loss"]), float(m2["adapter_loss"]), rtol=1e-6)
+    assert int(s3.step) == 1 and int(s2.adapter_state["seen"]) == 1
+    with pytest.raises(TypeError, match="init_opt_state"):
+        one(trainable, frozen, optimizer.init(trainable), batch)
+    with pytest.raises(TypeError, match="built without adapter_update"):
+        make_step(loss_fn, optimizer)(trainable, frozen, one.init(trainable), batch)
+    with pytest.raises(TypeError, match="lacks \\['update'\\]"):
+        make_step(loss_fn, optimizer, adapter_update=type("H", (), {"init": lambda self, t: 0})())
+
+    class Clash(_ShrinkB):
+        def update(self, state, trainable, grads, step):
+            return trainable, state, {"mae": jnp.zeros(())}
+
+    with pytest.raises(ValueError, match="clash"):
+        make_step(loss_fn, optimizer, adapter_update=Clash())(trainable, frozen, init_opt_state(
+            optimizer, trainable, adapter_update=Clash()), batch)
+
