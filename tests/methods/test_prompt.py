@@ -439,3 +439,19 @@ def test_ptuning_lstm_matches_torch_bidirectional_lstm():
     got = jp.bidirectional_lstm(jax.tree_util.tree_map(jnp.asarray, ours), jnp.asarray(x))
     assert got.shape == (T, 2 * h)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_readme_prompt_section_snippet_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Prompt tuning, prefix tuning, P-tuning", 1)[1].split("\n## ", 1)[0]
+    block, = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    scope = {"__name__": "readme_prompt"}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert "[[" in capsys.readouterr().out                                  # the generated ids were printed
+    trained = scope["adapted"]["jlora_prompt"]["prefix_tuning"]["embedding"].value
+    initial = jlora.apply_prompt(scope["params"], scope["spec"], jax.random.key(1), config=scope["config"])
+    assert not np.allclose(trained, initial["jlora_prompt"]["prefix_tuning"]["embedding"].value)
+    np.testing.assert_array_equal(scope["restored"]["jlora_prompt"]["prefix_tuning"]["embedding"].value, trained)
