@@ -13,6 +13,7 @@ from jlora.methods.prompt import (PrefixTuning, PromptTuning, PTuning, apply_pro
 from jlora.methods.prompt import load_adapter as load_prompt_adapter
 from jlora.methods.dora import DoRA, QDoRA
 from jlora.methods.ia3 import IA3
+from jlora.methods.adalora import AdaLoRA, adalora_allocator
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "LoRA", "QLoRA", "DoRA", "QDoRA", "IA3", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
     "apply", "partition", "combine", "merge", "unmerge", "summary", "count", "lift",
     "activate", "adapter_names", "mark_trainable", "merge_error", "delete_adapter", "combine_adapters",
+    "AdaLoRA", "adalora_allocator",
     "PromptTuning", "PrefixTuning", "PTuning", "apply_prompt", "prompt_kwargs", "export_prompt", "load_prompt_adapter",
 ]
 

@@ -192,6 +192,8 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
 
     Frozen base weights are not saved, except the residual bases of PiSSA / OLoRA nodes (their
     initialisation rewrote the base). ``spec.to_json()`` is stored when ``spec`` is given.
+    AdaLoRA adapters are saved truncated to their kept ranks (``jlora.methods.adalora.truncate``;
+    the kept ranks go to the stored spec's ``rank_pattern``).
     The write is atomic; an existing ``path`` is only replaced with ``overwrite=True``.
 
     Example::
@@ -200,6 +202,8 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
         jlora.io.save_adapter("out/adapter", adapted, spec=spec)
     """
     _single_process("save_adapter")
+    from jlora.methods.adalora import prepare_for_save
+    adapted, spec = prepare_for_save(adapted, spec)  # AdaLoRA: drop masked triplets, record kept ranks
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     arrays, nodes, trainables = {}, [], []
     for leaf_path, leaf in flat:

@@ -65,3 +65,30 @@ def test_fit_errors():
         fit(step, trainable, frozen, opt_state, iter([]), 0, jax.random.key(0), progress=False)
     with pytest.raises(ValueError, match="empty"):
         plot_history([], "/tmp/x.png")
+
+
+def test_fit_logs_the_adapter_update_metrics(tmp_path):
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (64, 16))
+    y = jnp.sin(x[:, :8])
+    model = nn.Dense(8)
+    params = model.init(jax.random.key(1), x)
+    spec = jlora.AdaLoRA(init_r=4, target_r=1, total_steps=12, tinit=2, targets=r".*kernel")
+    trainable, frozen = jlora.partition(jlora.apply(params, spec, key=jax.random.key(2)))
+    forward = jlora.lift(model.apply)
+    alloc = jlora.adalora_allocator(spec)
+    step = make_step(lambda p, b, k: jnp.mean((forward(p, b[0]) - b[1]) ** 2), optax.adam(1e-2), adapter_update=alloc)
+
+    def batches():
+        while True:
+            yield (x, y)
+
+    trainable, opt_state, history = fit(step, trainable, frozen, step.init(trainable), batches(), 12,
+                                        jax.random.key(0), log_every=1, progress=False,
+                                        log_path=str(tmp_path / "m.jsonl"))
+    records = read_jsonl(str(tmp_path / "m.jsonl"))
+    assert [r["adalora_budget"] for r in records][:3] == [4, 4, 4] and records[-1]["adalora_budget"] == 1
+    assert records[2]["adalora_rank"] == 4 and records[-1]["adalora_rank"] == 1
+    assert all("adapter_loss" in r for r in records)
+    assert isinstance(opt_state, jlora.train.StepState) and int(opt_state.step) == 12
