@@ -501,3 +501,14 @@ def test_allocator_errors():
         step(trainable, frozen, optax.sgd(0.1).init(trainable), jnp.ones((4, 12)))
     trainable, state, metrics = step(trainable, frozen, step.init(trainable), jnp.ones((4, 12)))
     assert int(state.step) == 1 and int(metrics["adalora_budget"]) == 2
+
+
+def test_readme_adalora_section_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## AdaLoRA\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out.split()[:2] == ["2", "2"]
