@@ -1,6 +1,6 @@
-"""Hugging Face PEFT LoRA adapter files: export jlora adapters, import PEFT-trained ones.
+"""Hugging Face PEFT adapter files (LoRA, DoRA, IA3): export jlora adapters, import PEFT-trained ones.
 
-A PEFT LoRA adapter is a directory with two files, which :func:`save_peft` writes and
+A PEFT adapter is a directory with two files, which :func:`save_peft` writes and
 :func:`load_peft` reads:
 
 * ``adapter_config.json``: the ``LoraConfig`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``,
@@ -11,6 +11,9 @@ A PEFT LoRA adapter is a directory with two files, which :func:`save_peft` write
       base_model.model.<module>.lora_B.weight          (out_features, r)
       base_model.model.<module>.lora_embedding_A       (r, num_embeddings)     nn.Embedding targets
       base_model.model.<module>.lora_embedding_B       (embedding_dim, r)
+      base_model.model.<module>.lora_magnitude_vector  (out_features,)        DoRA (use_dora=true)
+      base_model.model.<module>.ia3_l                  (out_features, 1)      IA3 (peft_type "IA3")
+                                                       (1, in_features)       IA3 feedforward_modules
       base_model.model.<module>.weight / .bias         modules_to_save (PyTorch layout)
 
 jlora keeps factors in Flax's (in, out) order: ``a: stack + inputs + (r,)``, ``b: stack + (r,) +
@@ -20,6 +23,14 @@ flattened row-major, as a PyTorch ``nn.Linear(d_model, heads * head_dim)`` store
 PEFT's scaling is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``); jlora's
 ``AdapterMeta.scale`` is that number.
 
+DoRA adapters (method "dora") are LoRA files with ``use_dora: true`` and a magnitude per module
+(jlora's ``extra["m"]``, flattened over the output axes; ``cache["w0_sq"]`` is recomputed from the
+base on load). ``use_dora`` is global in PEFT, so one file cannot mix DoRA and plain LoRA modules.
+QLoRA adapters are written as plain LoRA (PEFT files do not hold the quantised base). IA3 adapters
+(method "ia3") become an ``IA3Config`` file (``target_modules``, ``feedforward_modules``) with
+``ia3_l`` = jlora's ``extra["l"]``. PEFT's IA3 also scales the bias of a non-feed-forward layer,
+jlora's does not: both functions warn when such a layer has a bias.
+
 Module names come from a ``naming(path, layer)`` function mapping a jlora leaf path (e.g.
 ``'params/encoder/layer_0/attention/self/query/kernel'``) to the PyTorch module name without the
 ``base_model.model.`` prefix (``'bert.encoder.layer.0.attention.self.query'``). For a kernel with a
@@ -27,10 +38,11 @@ stacked-layers axis (a scanned ``(L, in, out)`` kernel, ``layout.stack == 1``) i
 layer with ``layer=0..L-1``; each layer is written as its own module, and :func:`load_peft`
 gathers the L modules and stacks them again. :func:`default_naming` covers simple Flax models.
 
-Not covered: DoRA (``use_dora``), ``lora_bias``, ``layer_replication``, trainable tokens,
-``target_parameters`` (errors), convolution kernels in PyTorch's (out, in, kh, kw) order (a Flax
-``Conv`` kernel would be exported as a flattened Linear), PiSSA / OLoRA nodes on save (their base
-is a residual that PEFT files cannot describe), and stacked ``modules_to_save`` leaves.
+Not covered: ``lora_bias``, ``layer_replication``, trainable tokens, ``target_parameters``
+(errors), DoRA on embeddings, other PEFT methods (LoHa, LoKr, AdaLoRA files ...), convolution
+kernels in PyTorch's (out, in, kh, kw) order (a Flax ``Conv`` kernel would be exported as a
+flattened Linear), PiSSA / OLoRA nodes on save (their base is a residual that PEFT files cannot
+describe), and stacked ``modules_to_save`` leaves.
 
 Example::
 
@@ -57,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_adapter_leaf
+from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, column_sq_norms, dense, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
 from jlora.io.checkpoint import REWRITES_BASE, CheckpointError, _atomic_write
 
@@ -291,12 +303,6 @@ def _is_embedding(path: str) -> bool:
     return path.rsplit("/", 1)[-1] == "embedding"
 
 
-def _lora_keys(module: str, embedding: bool) -> tuple[str, str]:
-    if embedding:
-        return f"{PREFIX}{module}.lora_embedding_A", f"{PREFIX}{module}.lora_embedding_B"
-    return f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
-
-
 def _suffix(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
@@ -304,9 +310,55 @@ def _suffix(module: str) -> str:
 # ------------------------------------------------------------------------------------------
 # save
 
+_KINDS = {"lora": "lora", "qlora": "lora", "dora": "dora", "ia3": "ia3"}  # jlora method -> PEFT file kind
+
+
+def _lora_tensors(leaf, leaf_path, adapter, kind, stack, n_in, n_out, embedding):
+    """``{key suffix: array (stacked over layers when stack)}`` of a LoRA / DoRA adapter, and its rank."""
+    a, b = leaf.a.get(adapter), leaf.b.get(adapter)
+    if a is None or b is None:
+        raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
+                         f"{leaf_path!r} is missing the factors of adapter {adapter!r}")
+    r = int(a.shape[-1])
+    a = np.asarray(a).reshape(stack + (n_in, r))
+    b = np.asarray(b).reshape(stack + (r, n_out))
+    key_a, key_b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    out = {key_a: np.swapaxes(a, -1, -2), key_b: np.swapaxes(b, -1, -2)}  # (r, in), (out, r)
+    if kind == "dora":
+        if embedding:
+            raise ValueError(f"{leaf_path!r}: DoRA on an embedding table is not written to PEFT files by save_peft "
+                             f"(only DoRA on Linear-like kernels)")
+        m = (leaf.extra.get(adapter) or {}).get("m")
+        if m is None:
+            raise ValueError(f"{leaf_path!r}: DoRA adapter {adapter!r} has no magnitude (extra[{adapter!r}]['m'])"
+                             f"{'; pass the full adapted tree (jlora.combine(trainable, frozen))' if adapter in leaf.extra else ''}")
+        m = np.asarray(m)
+        if m.shape != stack + tuple(leaf.layout.split(leaf.shape)[2]):
+            raise ValueError(f"{leaf_path!r}: DoRA magnitude of shape {m.shape}, expected stack + outputs "
+                             f"{stack + tuple(leaf.layout.split(leaf.shape)[2])}")
+        out["lora_magnitude_vector"] = m.reshape(stack + (n_out,))  # (out,): PEFT's key has no .weight
+    return out, r
+
+
+def _ia3_tensors(leaf, leaf_path, adapter, meta, stack, n_in, n_out, embedding):
+    """``{"ia3_l": array}``: PEFT's (out, 1) for output scaling, (1, in) for feed-forward (input) scaling."""
+    if embedding:
+        raise ValueError(f"{leaf_path!r}: IA3 on an embedding table has no PEFT form (PEFT's IA3 adapts Linear layers)")
+    l = (leaf.extra.get(adapter) or {}).get("l")
+    if l is None:
+        raise ValueError(f"{leaf_path!r}: adapter {adapter!r} is an 'ia3' adapter with no scale vector "
+                         f"(extra[{adapter!r}]['l']); pass the full adapted tree (jlora.combine(trainable, frozen))")
+    l = np.asarray(l)
+    n = n_in if meta.feedforward else n_out
+    if l.size != math.prod(stack) * n:
+        raise ValueError(f"{leaf_path!r}: IA3 scales of shape {l.shape}, expected stack + "
+                         f"{'inputs' if meta.feedforward else 'outputs'} ({math.prod(stack) * n} values)")
+    return {"ia3_l": l.reshape(stack + ((1, n) if meta.feedforward else (n, 1)))}
+
+
 def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_model_name_or_path: str | None = None,
               task_type: str | None = None, overwrite: bool = False, spec=None) -> str:
-    """Writes adapter ``adapter`` of ``adapted`` as a PEFT LoRA adapter directory at ``path``
+    """Writes adapter ``adapter`` of ``adapted`` as a PEFT LoRA / DoRA / IA3 adapter directory at ``path``
     (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
     ``peft.PeftModel.from_pretrained(torch_model, path)``. Returns the absolute path.
 
@@ -320,63 +372,93 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     ``jlora.LoRA`` ``spec`` to write ``use_rslora`` (then alpha = scale * sqrt(r)); without it
     ``use_rslora`` is false and alpha = scale * r (the same scaling either way).
 
+    DoRA adapters also write ``lora_magnitude_vector`` (and ``use_dora: true``); IA3 adapters write
+    an IA3 file (``ia3_l``, ``feedforward_modules``). Mixing DoRA with plain LoRA modules, or IA3
+    with either, in one adapter raises ``ValueError`` (a PEFT file holds one kind).
+
     The write is atomic; an existing ``path`` is only replaced with ``overwrite=True``.
     """
     if not callable(naming):
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     tensors: dict[str, np.ndarray] = {}
-    modules: dict[str, tuple] = {}  # module -> (rank, scale, dropout, jlora path)
+    modules: dict[str, tuple] = {}  # module -> (rank, scale, dropout, jlora path, kind, feedforward)
     others_with_adapter = []
+    ia3_with_bias = []
 
     def claim(module, where):
         if module in modules or any(k.startswith(f"{PREFIX}{module}.") for k in tensors):
             raise ValueError(f"naming maps {where} to the module {module!r}, which another leaf already uses")
 
+    leaf_paths = {p for p, _ in flat}
     for leaf_path, leaf in flat:
         if isinstance(leaf, LoRANode):
-            if adapter not in leaf.a:
-                if leaf.a:
+            if adapter not in leaf.names:
+                if leaf.adapters:
                     others_with_adapter.append(leaf_path)
                 continue
             meta = leaf.meta[adapter]
             if leaf_path.rsplit("/", 1)[-1] in ("bias", "scale"):
                 raise ValueError(f"{leaf_path!r} carries a LoRA adapter, but PEFT adapts only module weights (kernels, "
                                  f"embeddings); narrow the spec's targets (e.g. r'.*/fc/kernel')")
-            if meta.method != "lora":
-                raise ValueError(f"{leaf_path!r}: adapter {adapter!r} is a {meta.method!r} adapter; PEFT LoRA files "
-                                 f"hold only plain LoRA (method 'lora')")
+            kind = _KINDS.get(meta.method)
+            if kind is None:
+                raise ValueError(f"{leaf_path!r}: adapter {adapter!r} is a {meta.method!r} adapter; PEFT files written by "
+                                 f"save_peft hold LoRA / QLoRA (as LoRA), DoRA (use_dora) or IA3 adapters")
             if meta.init in REWRITES_BASE:
                 raise ValueError(
                     f"{leaf_path!r}: adapter {adapter!r} was initialised with {meta.init!r}, which rewrote the base "
                     f"weight into a residual; a PEFT file only holds the factors and would be applied to the original "
                     f"weights. Export the merged weights (jlora.merge) instead")
-            a, b = leaf.a[adapter], leaf.b[adapter]
-            if a is None or b is None or leaf.base is None:
+            if leaf.base is None:
                 raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
-                                 f"{leaf_path!r} is missing {'its base' if leaf.base is None else 'factors'}")
+                                 f"{leaf_path!r} is missing its base")
             layout = leaf.layout
             if layout.stack > 1:
                 raise ValueError(
                     f"{leaf_path!r} has {layout.stack} stacked axes (layout {layout}); PEFT modules are per layer and "
                     f"save_peft unstacks only one stacked axis. Reshape the stack into one axis first")
             stack, inputs, outputs = layout.split(leaf.shape)
-            n_in, n_out, r = math.prod(inputs), math.prod(outputs), int(a.shape[-1])
-            a = np.asarray(a).reshape(stack + (n_in, r))
-            b = np.asarray(b).reshape(stack + (r, n_out))
+            n_in, n_out = math.prod(inputs), math.prod(outputs)
             embedding = _is_embedding(leaf_path)
-            layers = [(None, a, b)] if not stack else [(i, a[i], b[i]) for i in range(stack[0])]
-            for layer, ai, bi in layers:
+            n_layers = stack[0] if stack else None
+            if kind == "ia3":
+                per_layer = _ia3_tensors(leaf, leaf_path, adapter, meta, stack, n_in, n_out, embedding)
+                rank = 0
+                if not meta.feedforward and f"{leaf_path.rsplit('/', 1)[0]}/bias" in leaf_paths:
+                    ia3_with_bias.append(leaf_path)
+            else:
+                per_layer, rank = _lora_tensors(leaf, leaf_path, adapter, kind, stack, n_in, n_out, embedding)
+            for layer in ([None] if n_layers is None else range(n_layers)):
                 module = _call_naming(naming, leaf_path, layer)
                 claim(module, f"{leaf_path!r}" + ("" if layer is None else f" layer {layer}"))
-                key_a, key_b = _lora_keys(module, embedding)
-                tensors[key_a] = np.ascontiguousarray(ai.T)  # (r, in)
-                tensors[key_b] = np.ascontiguousarray(bi.T)  # (out, r)
-                modules[module] = (r, float(meta.scale), float(meta.dropout), leaf_path)
+                for suffix, arrays in per_layer.items():
+                    key = f"{PREFIX}{module}.{suffix}"
+                    tensors[key] = np.ascontiguousarray(arrays if layer is None else arrays[layer])
+                modules[module] = (rank, float(meta.scale), float(meta.dropout), leaf_path, kind,
+                                   bool(meta.feedforward))
         elif isinstance(leaf, Trainable):
             continue
         elif is_adapter_leaf(leaf):
             raise ValueError(f"save_peft cannot export {type(leaf).__name__} at {leaf_path!r} (only LoRA nodes)")
+
+    kinds = collections.defaultdict(list)
+    for module, info in modules.items():
+        kinds[info[4]].append(info[3])
+    if "ia3" in kinds and len(kinds) > 1:
+        other = next(k for k in kinds if k != "ia3")
+        raise ValueError(f"save_peft: adapter {adapter!r} is IA3 on {kinds['ia3'][0]!r} but {other} on "
+                         f"{kinds[other][0]!r}; a PEFT adapter file holds one method (peft_type)")
+    if "dora" in kinds and "lora" in kinds:
+        raise ValueError(f"save_peft: adapter {adapter!r} mixes DoRA ({kinds['dora'][0]!r}) and plain LoRA "
+                         f"({kinds['lora'][0]!r}) modules; PEFT's use_dora applies to every module of a LoRA file, "
+                         f"so one file cannot hold both. Save them as two adapters (different names)")
+    if ia3_with_bias:
+        import warnings
+
+        warnings.warn(f"save_peft: IA3 scales the outputs of {ia3_with_bias[:3]}{' ...' if len(ia3_with_bias) > 3 else ''}, "
+                      f"which have a bias; PEFT's IA3 also scales the bias (y = (x W + b) * l), jlora does not "
+                      f"(y = (x W) * l + b), so the PEFT model's outputs differ by b * (l - 1)", stacklevel=2)
 
     # modules_to_save: every parameter of each module holding a Trainable leaf
     by_parent = collections.defaultdict(list)
@@ -416,8 +498,11 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
                  if save_modules else " Did you pass the plain params?")
         raise ValueError(f"save_peft: no LoRA node carries an adapter named {adapter!r}{hint}.{extra}")
 
-    config = _make_config(modules, sorted(set(save_modules)), flat, naming, spec,
-                          base_model_name_or_path, task_type)
+    if "ia3" in kinds:
+        config = _make_ia3_config(modules, sorted(set(save_modules)), flat, naming, base_model_name_or_path, task_type)
+    else:
+        config = _make_config(modules, sorted(set(save_modules)), flat, naming, spec,
+                              base_model_name_or_path, task_type, use_dora="dora" in kinds)
     text = json.dumps(config, indent=2, sort_keys=True)
 
     def write(target):
@@ -429,7 +514,8 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     return _atomic_write(path, overwrite, write)
 
 
-def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_or_path, task_type):
+def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_or_path, task_type,
+                 use_dora=False):
     rslora = bool(getattr(spec, "rslora", False)) if spec is not None else False
     names = list(modules)
     ranks = {m: modules[m][0] for m in names}
@@ -445,23 +531,7 @@ def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_o
     rank_pattern = _pattern_keys(ranks, r, names)
     alpha_pattern = _pattern_keys(alphas, alpha, names)
 
-    # target_modules: the module-name suffixes, unless they would also catch a module we know of
-    # that is not adapted (then an exact regex of the adapted names)
-    suffixes = sorted({_suffix(m) for m in names})
-    known = set()
-    for leaf_path, leaf in flat:
-        base = leaf.base if isinstance(leaf, LoRANode) else leaf.value if isinstance(leaf, Trainable) else leaf
-        if getattr(base, "ndim", 0) != 2 or isinstance(leaf, Trainable) or \
-                leaf_path.rsplit("/", 1)[-1] not in ("kernel", "embedding"):
-            continue
-        name = _try_naming(naming, leaf_path, None)
-        if name is not None:
-            known.add(name)
-    excluded = set(modules_to_save)
-    stray = sorted(m for m in known - set(names) - excluded if _target_match(suffixes, m))
-    target_modules = suffixes
-    if stray:
-        target_modules = "|".join(re.escape(m) for m in sorted(names))
+    target_modules = _target_modules(names, modules_to_save, flat, naming)
     return {
         "alpha_pattern": alpha_pattern,
         "auto_mapping": None,
@@ -487,8 +557,64 @@ def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_o
         "revision": None,
         "target_modules": target_modules,
         "task_type": task_type,
-        "use_dora": False,
+        "use_dora": bool(use_dora),
         "use_rslora": rslora,
+    }
+
+
+def _target_modules(names, modules_to_save, flat, naming):
+    """``target_modules``: the module-name suffixes, unless they would also catch a module we know
+    of that is not adapted (then an exact regex of the adapted names)."""
+    suffixes = sorted({_suffix(m) for m in names})
+    known = set()
+    for leaf_path, leaf in flat:
+        base = leaf.base if isinstance(leaf, LoRANode) else leaf.value if isinstance(leaf, Trainable) else leaf
+        if getattr(base, "ndim", 0) != 2 or isinstance(leaf, Trainable) or \
+                leaf_path.rsplit("/", 1)[-1] not in ("kernel", "embedding"):
+            continue
+        name = _try_naming(naming, leaf_path, None)
+        if name is not None:
+            known.add(name)
+    excluded = set(modules_to_save)
+    stray = sorted(m for m in known - set(names) - excluded if _target_match(suffixes, m))
+    if stray:
+        return "|".join(re.escape(m) for m in sorted(names))
+    return suffixes
+
+
+def _ia3_feedforward_match(feedforward_modules, module: str) -> bool:
+    """PEFT's ``IA3Model._check_target_module_feedforward``: a str is a fullmatch regex, a list
+    matches a plain suffix (``key.endswith(name)``, no ``.`` boundary)."""
+    if feedforward_modules is None:
+        return False
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, module) is not None
+    return any(module.endswith(f) for f in feedforward_modules)
+
+
+def _make_ia3_config(modules, modules_to_save, flat, naming, base_model_name_or_path, task_type):
+    names = list(modules)
+    target_modules = _target_modules(names, modules_to_save, flat, naming)
+    ff = sorted(m for m in names if modules[m][5])
+    # feedforward_modules: the feed-forward modules' suffixes when PEFT's (dot-less) suffix test
+    # then picks exactly them, else an exact regex (a str skips PEFT's subset-of-targets check)
+    feedforward = sorted({_suffix(m) for m in ff})
+    if isinstance(target_modules, str) or \
+            any(_ia3_feedforward_match(feedforward, m) != modules[m][5] for m in names):
+        feedforward = "|".join(re.escape(m) for m in ff) if ff else []
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "feedforward_modules": feedforward,
+        "inference_mode": True,
+        "init_ia3_weights": True,
+        "modules_to_save": modules_to_save or None,
+        "peft_type": "IA3",
+        "revision": None,
+        "target_modules": target_modules,
+        "task_type": task_type,
     }
 
 
@@ -496,7 +622,6 @@ def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_o
 # load
 
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters (use_dora=true)",
     "lora_bias": "LoRA B biases (lora_bias=true)",
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -509,8 +634,9 @@ _UNSUPPORTED = {
 
 
 def read_peft_config(path) -> dict:
-    """The ``adapter_config.json`` of a PEFT adapter directory, checked to be a LoRA config that
-    jlora can load (``peft_type`` "LORA", no DoRA / lora_bias / layer replication ...)."""
+    """The ``adapter_config.json`` of a PEFT adapter directory, checked to be a config that jlora
+    can load: ``peft_type`` "LORA" (plain or ``use_dora``; no lora_bias / layer replication ...)
+    or "IA3"."""
     path = os.path.abspath(os.fspath(path))
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
@@ -523,9 +649,14 @@ def read_peft_config(path) -> dict:
     if not isinstance(config, dict):
         raise PeftFormatError(f"{file} does not hold a JSON object")
     peft_type = config.get("peft_type")
-    if str(peft_type).upper() != "LORA":
+    if str(peft_type).upper() not in ("LORA", "IA3"):
         raise PeftFormatError(f"{file}: unknown or unsupported peft_type {peft_type!r}; jlora.io.load_peft reads "
-                              f"'LORA' adapters")
+                              f"'LORA' (LoRA, DoRA) and 'IA3' adapters")
+    if str(peft_type).upper() == "IA3":
+        ff = config.get("feedforward_modules")
+        if ff is not None and not isinstance(ff, (str, list)):
+            raise PeftFormatError(f"{file}: feedforward_modules must be a list of names or a regex string, got {ff!r}")
+        return config
     for field, what in _UNSUPPORTED.items():
         if config.get(field):
             raise PeftFormatError(f"{file}: {what} is not supported by jlora.io.load_peft ({field}={config[field]!r})")
@@ -544,7 +675,7 @@ def _split_layout(rest, n_in, n_out, path):
 
 
 def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=None, example=None):
-    """Reads a PEFT LoRA adapter directory and returns ``params`` adapted with it.
+    """Reads a PEFT LoRA, DoRA or IA3 adapter directory and returns ``params`` adapted with it.
 
     ``params`` are plain jlora params (a Linen dict / FrozenDict or NNX ``State``; an already
     adapted tree gets ``adapter`` added). Every floating kernel (>= 2 axes) is mapped with
@@ -557,6 +688,11 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     ``model=fn, example=args`` (traced like ``jlora.apply``), else from the file's shapes.
     ``modules_to_save`` (and trained biases with ``bias`` "all" / "lora_only") become
     :class:`Trainable` leaves in the params' dtype, transposes undone.
+
+    DoRA (``use_dora``): method "dora", ``lora_magnitude_vector`` (out,) becomes ``extra["m"]``
+    (stack + outputs) and ``cache["w0_sq"]`` is computed from the params' base. IA3 (``peft_type``
+    "IA3"): method "ia3", ``ia3_l`` ((out, 1), or (1, in) for ``feedforward_modules``) becomes
+    ``extra["l"]`` (stack + outputs / inputs) and ``AdapterMeta.feedforward`` follows the config.
 
     Raises :class:`PeftFormatError` naming the module that no kernel maps to, the expected and
     found shapes, or the unsupported config field.
@@ -576,25 +712,54 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
 
     # -- sort the file's keys --------------------------------------------------------------
-    lora: dict[str, dict] = collections.defaultdict(dict)  # module -> {"A": arr, "B": arr, "embedding": bool}
+    ia3_file = str(config.get("peft_type")).upper() == "IA3"
+    use_dora = bool(config.get("use_dora", False)) and not ia3_file
+    # module -> {"A": arr, "B": arr, "embedding": bool, "M": magnitude} (LoRA / DoRA) or {"L": arr} (IA3)
+    lora: dict[str, dict] = collections.defaultdict(dict)
     extra: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
+        if ia3_file:
+            m = re.fullmatch(r"(.+)\.ia3_l", key)
+            if m:
+                lora[m.group(1)]["L"] = value
+            elif re.search(r"\.(lora_[A-Za-z_]+|ia3_[A-Za-z_]+)\b", key):
+                raise PeftFormatError(f"{weights_file}: unrecognised tensor {key!r} in an IA3 adapter (expected "
+                                      f"<module>.ia3_l)")
+            else:
+                extra[key] = value
+            continue
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key) or re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B)", key)
+        dora = re.fullmatch(r"(.+)\.lora_magnitude_vector(\.weight)?", key)
         if m:
             module, kind = m.group(1), m.group(2)
             lora[module][kind[-1]] = value
             lora[module]["embedding"] = kind.startswith("lora_embedding")
-        elif re.fullmatch(r".+\.(lora_B\.bias|lora_magnitude_vector(\.weight)?)", key):
-            raise PeftFormatError(f"{weights_file}: {key!r} belongs to a LoRA variant jlora does not load "
-                                  f"(lora_bias / DoRA)")
+        elif dora:
+            if not use_dora:
+                raise PeftFormatError(f"{weights_file}: {key!r} is a DoRA magnitude, but the config has "
+                                      f"use_dora={config.get('use_dora')!r}")
+            lora[dora.group(1)]["M"] = value
+        elif re.fullmatch(r".+\.lora_B\.bias", key):
+            raise PeftFormatError(f"{weights_file}: {key!r} belongs to a LoRA variant jlora does not load (lora_bias)")
         elif re.search(r"\.lora_[A-Za-z_]+\b", key):
             raise PeftFormatError(f"{weights_file}: unrecognised LoRA tensor {key!r}")
         else:
             extra[key] = value
     for module, parts in lora.items():
+        if ia3_file:
+            continue
         for part in ("A", "B"):
             if part not in parts:
+                if "M" in parts and not ({"A", "B"} & set(parts)):
+                    raise PeftFormatError(f"{weights_file}: module {module!r} has a DoRA lora_magnitude_vector but no "
+                                          f"lora_A / lora_B")
                 raise PeftFormatError(f"{weights_file}: module {module!r} has lora_{'AB'.replace(part, '')} but no lora_{part}")
+        if use_dora and "M" not in parts:
+            raise PeftFormatError(f"{weights_file}: the config has use_dora=true (DoRA) but module {module!r} has no "
+                                  f"lora_magnitude_vector")
+        if use_dora and parts.get("embedding"):
+            raise PeftFormatError(f"{weights_file}: module {module!r}: DoRA on an embedding (lora_embedding_A/B) is not "
+                                  f"supported by jlora.io.load_peft")
 
     r_default = int(config.get("r", 8))
     alpha_default = config.get("lora_alpha", 8)
@@ -621,6 +786,7 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
         inferred = axes_mod.infer_layouts(model, params, example, is_leaf=is_adapter_leaf)
 
     placements = {}
+    ia3_with_bias = []
     claimed: dict[str, str] = {}
     seen_names: list[str] = []
     for index, (leaf_path, leaf) in enumerate(flat):
@@ -654,15 +820,27 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
         missing = [f"{n!r}" if n else f"layer {i} (naming raised)" for i, n in zip(layers, names) if n not in lora]
         if missing:
             raise PeftFormatError(f"{weights_file}: {leaf_path!r} is stacked over {len(layers)} layers, but the adapter "
-                                  f"has no LoRA weights for {', '.join(missing[:6])}"
+                                  f"has no {'IA3' if ia3_file else 'LoRA'} weights for {', '.join(missing[:6])}"
                                   f"{' ...' if len(missing) > 6 else ''} (found {present[:3]})")
         for n in names:
             if n in claimed:
                 raise PeftFormatError(f"naming maps both {claimed[n]!r} and {leaf_path!r} to the module {n!r}")
             claimed[n] = leaf_path
+        if isinstance(leaf, LoRANode) and leaf.adapters:
+            methods = sorted({m.method for _, m in leaf.adapters})
+            if ia3_file or "ia3" in methods:
+                raise PeftFormatError(f"{leaf_path!r} already carries {methods} adapters; IA3 cannot be combined with "
+                                      f"other adapters on one kernel (load onto the plain params)")
+        if ia3_file:
+            placements[index] = _build_ia3_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
+                                                config.get("feedforward_modules"), weights_file)
+            if not placements[index].meta[adapter].feedforward and \
+                    any(p == leaf_path.rsplit("/", 1)[0] + "/bias" for p, _ in flat):
+                ia3_with_bias.append(names[0])
+            continue
         placements[index] = _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
                                         r_default, alpha_default, rslora, rank_pattern, alpha_pattern, dropout,
-                                        weights_file)
+                                        weights_file, use_dora)
 
     unmatched = sorted(set(lora) - set(claimed))
     if unmatched:
@@ -671,6 +849,12 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
             f"{weights_file}: the adapter's module {unmatched[0]!r}"
             f"{f' (and {len(unmatched) - 1} more)' if len(unmatched) > 1 else ''} matches no kernel of params: "
             f"naming mapped no kernel to it. Closest module names naming produced: {closest or sorted(set(seen_names))[:4]}")
+    if ia3_with_bias:
+        import warnings
+
+        warnings.warn(f"{path}: PEFT's IA3 scales the outputs of {ia3_with_bias[:3]}"
+                      f"{' ...' if len(ia3_with_bias) > 3 else ''} including their bias (y = (x W + b) * l); jlora's IA3 "
+                      f"leaves the bias unscaled (y = (x W) * l + b), so outputs differ by b * (l - 1)", stacklevel=2)
 
     # -- modules_to_save / trained biases -------------------------------------------------------
     if extra:
@@ -691,7 +875,7 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
                                       f"params; closest: {closest}")
             index = by_key[key]
             if index in placements:
-                raise PeftFormatError(f"{weights_file}: {key!r} targets {flat[index][0]!r}, which also carries LoRA")
+                raise PeftFormatError(f"{weights_file}: {key!r} targets {flat[index][0]!r}, which also carries an adapter")
             leaf_path, leaf = flat[index]
             like = leaf.value if isinstance(leaf, Trainable) else leaf
             arr = _from_torch_param(leaf_path, like, value, f"{weights_file}: {PREFIX}{key}")
@@ -704,7 +888,7 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
 
 
 def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r_default, alpha_default, rslora,
-                rank_pattern, alpha_pattern, dropout, weights_file):
+                rank_pattern, alpha_pattern, dropout, weights_file, use_dora=False):
     rest = shape[1:] if stacked else shape
     embedding = {bool(lora[n].get("embedding")) for n in names}
     if len(embedding) > 1:
@@ -753,11 +937,70 @@ def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r
     a = np.stack(a_list) if stacked else a_list[0]
     b = np.stack(b_list) if stacked else b_list[0]
     a, b = jnp.asarray(a), jnp.asarray(b)
-    meta = AdapterMeta(method="lora", rank=int(rank), scale=float(scale), dropout=dropout, init="peft")
+    meta = AdapterMeta(method="dora" if use_dora else "lora", rank=int(rank), scale=float(scale), dropout=dropout,
+                       init="peft")
+    extra, cache = {}, {}
+    if use_dora:
+        mags = []
+        for n in names:
+            m = lora[n]["M"]
+            if m.shape != (n_out,):
+                raise PeftFormatError(f"{weights_file}: shape mismatch for module {n!r} (params {leaf_path!r} {shape}, "
+                                      f"layout {layout}): expected lora_magnitude_vector ({n_out},), found {tuple(m.shape)}")
+            mags.append(m.reshape(outputs))
+        m = jnp.asarray(np.stack(mags) if stacked else mags[0])
+        base = leaf.base if isinstance(leaf, LoRANode) else leaf
+        extra = {adapter: {"m": m}}
+        cache = {adapter: {"w0_sq": column_sq_norms(dense(base, jnp.float32), layout)}}
+    return _attach(leaf, leaf_path, layout, adapter, meta, {adapter: a}, {adapter: b}, extra, cache)
+
+
+def _attach(leaf, leaf_path, layout, adapter, meta, a, b, extra, cache):
+    """``leaf`` (a plain kernel or a LoRANode) with the adapter ``adapter`` added."""
     if isinstance(leaf, LoRANode):
-        if adapter in leaf.a:
+        if adapter in leaf.names:
             raise PeftFormatError(f"{leaf_path!r} already has an adapter named {adapter!r}; pass another adapter=")
-        return leaf.with_(a={**leaf.a, adapter: a}, b={**leaf.b, adapter: b},
-                          adapters=leaf.adapters + ((adapter, meta),), active=leaf.active + (adapter,))
-    return LoRANode(base=leaf, a={adapter: a}, b={adapter: b}, layout=layout, adapters=((adapter, meta),),
-                    active=(adapter,), path=leaf_path)
+        return leaf.with_(a={**leaf.a, **a}, b={**leaf.b, **b}, extra={**leaf.extra, **extra},
+                          cache={**leaf.cache, **cache}, adapters=leaf.adapters + ((adapter, meta),),
+                          active=leaf.active + (adapter,))
+    return LoRANode(base=leaf, a=a, b=b, layout=layout, adapters=((adapter, meta),), active=(adapter,),
+                    path=leaf_path, extra=extra, cache=cache)
+
+
+def _build_ia3_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, feedforward_modules, weights_file):
+    rest = shape[1:] if stacked else shape
+    ff = {n: _ia3_feedforward_match(feedforward_modules, n) for n in names}
+    if len(set(ff.values())) > 1:
+        raise PeftFormatError(f"{weights_file}: feedforward_modules {feedforward_modules!r} marks some layers of "
+                              f"{leaf_path!r} as feed-forward and others not ({names[0]!r}: {ff[names[0]]})")
+    feedforward = ff[names[0]]
+    first = lora[names[0]]["L"]
+    want = "(1, in)" if feedforward else "(out, 1)"
+    if first.ndim != 2 or first.shape[0 if feedforward else 1] != 1:
+        raise PeftFormatError(f"{weights_file}: module {names[0]!r} is {'' if feedforward else 'not '}in "
+                              f"feedforward_modules, so ia3_l should be {want}; found {tuple(first.shape)}"
+                              f"{' (convolution IA3 is not supported)' if first.ndim > 2 else ''}")
+    if layout is None:
+        n = first.size
+        fits = [k for k in range(1, len(rest))
+                if (math.prod(rest[:k]) if feedforward else math.prod(rest[k:])) == n]
+        if len(fits) != 1:
+            raise PeftFormatError(
+                f"{weights_file}: module {names[0]!r}: ia3_l {tuple(first.shape)} "
+                f"{'fits no' if not fits else 'fits more than one'} split of {leaf_path!r} {rest} into inputs x "
+                f"outputs" + ("" if not fits else "; pass model=fn, example=args to load_peft"))
+        layout = Layout(1 if stacked else 0, fits[0], len(rest) - fits[0])
+    _, inputs, outputs = layout.split(shape)
+    n_in, n_out = math.prod(inputs), math.prod(outputs)
+    expected = (1, n_in) if feedforward else (n_out, 1)
+    scales = []
+    for n in names:
+        l = lora[n]["L"]
+        if tuple(l.shape) != expected:
+            raise PeftFormatError(f"{weights_file}: shape mismatch for module {n!r} (params {leaf_path!r} {shape}, "
+                                  f"layout {layout}, {'feed-forward' if feedforward else 'not feed-forward'}): expected "
+                                  f"ia3_l {expected}, found {tuple(l.shape)}")
+        scales.append(l.reshape(inputs if feedforward else outputs))
+    l = jnp.asarray(np.stack(scales) if stacked else scales[0])
+    meta = AdapterMeta(method="ia3", rank=0, scale=1.0, dropout=0.0, init="peft", feedforward=bool(feedforward))
+    return _attach(leaf, leaf_path, layout, adapter, meta, {}, {}, {adapter: {"l": l}}, {})

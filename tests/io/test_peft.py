@@ -261,8 +261,8 @@ def test_errors(tmp_path):
     with pytest.raises(PeftFormatError, match=r"shape mismatch for module 'fc1'.*expected lora_A \(r, 8\).*found \(4, 7\)"):
         load_peft(_write_adapter(tmp_path / "shape", config, bad), params, default_naming)
     # unknown peft_type / unsupported variants
-    with pytest.raises(PeftFormatError, match="unsupported peft_type 'IA3'"):
-        load_peft(_write_adapter(tmp_path / "ia3", dict(config, peft_type="IA3"), tensors), params, default_naming)
+    with pytest.raises(PeftFormatError, match="unsupported peft_type 'LOHA'"):
+        load_peft(_write_adapter(tmp_path / "loha", dict(config, peft_type="LOHA"), tensors), params, default_naming)
     with pytest.raises(PeftFormatError, match="DoRA"):
         load_peft(_write_adapter(tmp_path / "dora", dict(config, use_dora=True), tensors), params, default_naming)
     # config rank disagrees with the weights
