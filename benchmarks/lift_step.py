@@ -306,8 +306,10 @@ def machine_info():
 # ------------------------------------------------------------------------------------------
 # main
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv=None, doc=None, variants=VARIANTS, name="lift_step"):
+    """lift_step's CLI; ``doc`` / ``variants`` / ``name`` let another benchmark (dora_step.py)
+    reuse the same model, batch and timing flags with its own variants and output name."""
+    p = argparse.ArgumentParser(description=(doc or __doc__).split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -322,38 +324,43 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (>= 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after the first call")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(variants), help="comma-separated subset of " + ",".join(variants))
     p.add_argument("--no-compile-split", action="store_true",
                    help="skip the extra (cold) trace + compile per variant that splits the compile time and "
                         "gives XLA's memory analysis")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/lift_step_<backend>.json)")
+    p.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/{name}_<backend>.json)")
     args = p.parse_args(argv)
     if args.steps < 10:
         p.error("--steps must be >= 10")
     if args.d_model % args.heads:
         p.error("--d-model must be divisible by --heads")
     args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if v not in variants]
     if bad or not args.variants:
-        p.error(f"unknown variants {bad}; choose from {VARIANTS}")
+        p.error(f"unknown variants {bad}; choose from {variants}")
     return args
+
+
+def build_base(args):
+    """``(model, mlp, batch, params)``: the plain Linen decoder, its MLP width, the batch
+    (``x`` ids, ``y`` next ids) and its randomly initialised weights, all from ``args.seed``."""
+    mlp = args.mlp_ratio * args.d_model
+    model = Decoder(args.vocab, args.d_model, args.layers, args.heads, mlp)
+    rng = np.random.default_rng(args.seed)
+    ids = jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq + 1)), jnp.int32)
+    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
+    params = jax.jit(model.init)(jax.random.key(args.seed), batch["x"])  # stands in for pretrained weights
+    return model, mlp, batch, params
 
 
 def build(args):
     """Model, weights, batch and per-variant ``(make_loss, trainable, frozen)``; ``make_loss()``
     returns a fresh loss function (a fresh ``jlora.lift`` for the lift variant, so that a new
     step built from it is traced from scratch)."""
-    mlp = args.mlp_ratio * args.d_model
+    model, mlp, batch, params = build_base(args)
     scale = args.alpha / args.rank
-    model = Decoder(args.vocab, args.d_model, args.layers, args.heads, mlp)
     hand = Decoder(args.vocab, args.d_model, args.layers, args.heads, mlp, block=HandBlock,
                    block_kw=(("rank", args.rank), ("scale", scale)))
-
-    rng = np.random.default_rng(args.seed)
-    ids = jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq + 1)), jnp.int32)
-    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
-
-    params = jax.jit(model.init)(jax.random.key(args.seed), batch["x"])  # stands in for pretrained weights
     spec = jlora.LoRA(rank=args.rank, alpha=args.alpha, targets=TARGETS)
     adapted = jlora.apply(params, spec, key=jax.random.key(args.seed + 1), model=model.apply, example=(batch["x"],))
     adapted = randomize_b(adapted, args.seed + 2)
@@ -385,17 +392,108 @@ def build(args):
     return setups, batch, mlp
 
 
-def warm_up_process(args, optimizer):
+def warm_up_process(args, optimizer, build_fn=None):
     """One step of every variant on a tiny model, discarded: the first variant measured would
     otherwise also pay the process's one-time costs (first jit, first lowering of each primitive)."""
     tiny = argparse.Namespace(**{**vars(args), "d_model": 32, "layers": 1, "heads": 2, "mlp_ratio": 2,
                                  "vocab": 64, "seq": 8, "batch": 2, "rank": 2})
-    setups, batch, _ = build(tiny)
+    setups, batch, _ = (build_fn or build)(tiny)
     for v in args.variants:
         make_loss, t, f = setups[v]
         step = jlora.train.make_step(make_loss(), optimizer)
         t = copy_tree(t)
         jax.block_until_ready(step(t, f, optimizer.init(t), batch, None))
+
+
+# ------------------------------------------------------------------------------------------
+# timing (shared with dora_step.py)
+
+def first_calls(setups, variants, batch, optimizer, warmup, tag="lift_step"):
+    """Phase 1, per variant in turn: a fresh ``jlora.train.make_step``, its first call (trace +
+    compile + one step) timed, then ``warmup`` untimed steps. Returns ``(state, results)``:
+    ``state[v] = [step, trainable, frozen, opt_state, losses]``, ``results[v]`` the first-call
+    numbers."""
+    state, results = {}, {}
+    for v in variants:
+        make_loss, t, f = setups[v]
+        step = jlora.train.make_step(make_loss(), optimizer)
+        t = copy_tree(t)  # make_step donates trainable/opt_state: every variant starts from its own copy
+        opt_state = optimizer.init(t)
+        mem_before = device_memory()
+        t0 = time.perf_counter()
+        t, opt_state, metrics = jax.block_until_ready(step(t, f, opt_state, batch, None))
+        first_call = time.perf_counter() - t0
+        losses = [float(metrics["loss"])]
+        for _ in range(warmup):
+            t, opt_state, metrics = jax.block_until_ready(step(t, f, opt_state, batch, None))
+            losses.append(float(metrics["loss"]))
+        state[v] = [step, t, f, opt_state, losses]
+        results[v] = {"first_call_s": first_call, "first_step_loss": losses[0],
+                      "device_memory_before": mem_before, "device_memory_after_warmup": device_memory()}
+        print(f"[{tag}] {v:12s} first call {first_call:7.2f} s   loss {losses[0]:.6f}", flush=True)
+    return state, results
+
+
+def round_robin(state, variants, batch, steps):
+    """Phase 2: ``steps`` timed steps per variant, round-robin (v1, v2, ..., v1, ...), each timed
+    to ``block_until_ready``; updates ``state`` in place and returns ``{variant: [seconds]}``."""
+    times = {v: [] for v in variants}
+    for _ in range(steps):
+        for v in variants:
+            step, t, f, opt_state, losses = state[v]
+            t0 = time.perf_counter()
+            t, opt_state, metrics = jax.block_until_ready(step(t, f, opt_state, batch, None))
+            times[v].append(time.perf_counter() - t0)
+            losses.append(float(metrics["loss"]))
+            state[v][1], state[v][3] = t, opt_state
+    return times
+
+
+def summarize(state, results, times, setups, variants, optimizer, batch, tokens, compile_split=True,
+              tag="lift_step"):
+    """Phase 3: step-time statistics into ``results``, and (``compile_split``) a fresh step lowered
+    and compiled ahead of time: trace + lower vs XLA compile time, XLA's memory / cost analysis."""
+    for v in variants:
+        step, t, f, opt_state, losses = state[v]
+        med = statistics.median(times[v])
+        r = results[v]
+        r.update({
+            "step_s_median": med, "step_s_min": min(times[v]), "step_s_max": max(times[v]),
+            "step_s_all": times[v], "tokens_per_s": tokens / med,
+            "losses": losses, "final_loss": losses[-1],
+        })
+        if compile_split:
+            fresh = jlora.train.make_step(setups[v][0](), optimizer)
+            t0 = time.perf_counter()
+            lowered = fresh.jitted.lower(t, f, opt_state, batch, None)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+            r["trace_lower_s"], r["xla_compile_s"] = t1 - t0, t2 - t1
+            r["compiled_memory"] = compiled_memory(compiled)
+        print(f"[{tag}] {v:12s} step {1e3 * med:8.1f} ms (median of {len(times[v])})   "
+              f"{tokens / med:9.0f} tok/s" + (f"   trace+lower {r['trace_lower_s']:.2f} s  XLA compile "
+                                               f"{r['xla_compile_s']:.2f} s" if "trace_lower_s" in r else ""),
+              flush=True)
+
+
+def ratio_vs(r, ref):
+    """Ratios of one variant's results ``r`` to a reference variant's ``ref`` (above 1: slower /
+    more memory; for ``tokens_per_s`` below 1: fewer tokens/s)."""
+    ratio = {
+        "step_time": r["step_s_median"] / ref["step_s_median"],
+        "step_time_min": r["step_s_min"] / ref["step_s_min"],
+        "tokens_per_s": r["tokens_per_s"] / ref["tokens_per_s"],
+        "first_call": r["first_call_s"] / ref["first_call_s"],
+    }
+    for k in ("trace_lower_s", "xla_compile_s"):
+        if k in r and k in ref:
+            ratio[k[:-2]] = r[k] / ref[k]
+    cm, rcm = r.get("compiled_memory", {}), ref.get("compiled_memory", {})
+    for k in ("temp_size_in_bytes", "total_live_bytes_est"):
+        if cm.get(k) and rcm.get(k):
+            ratio[k] = cm[k] / rcm[k]
+    return ratio
 
 
 def main(argv=None):
@@ -425,24 +523,7 @@ def main(argv=None):
           f"/ frozen {n_frozen['lift']:,} params", flush=True)
 
     # phase 1, per variant in turn: first call (trace + compile + one step), then warmup steps
-    state, results = {}, {}
-    for v in args.variants:
-        make_loss, t, f = setups[v]
-        step = jlora.train.make_step(make_loss(), optimizer)
-        t = copy_tree(t)  # make_step donates trainable/opt_state: every variant starts from its own copy
-        opt_state = optimizer.init(t)
-        mem_before = device_memory()
-        t0 = time.perf_counter()
-        t, opt_state, metrics = jax.block_until_ready(step(t, f, opt_state, batch, None))
-        first_call = time.perf_counter() - t0
-        losses = [float(metrics["loss"])]
-        for _ in range(args.warmup):
-            t, opt_state, metrics = jax.block_until_ready(step(t, f, opt_state, batch, None))
-            losses.append(float(metrics["loss"]))
-        state[v] = [step, t, f, opt_state, losses]
-        results[v] = {"first_call_s": first_call, "first_step_loss": losses[0],
-                      "device_memory_before": mem_before, "device_memory_after_warmup": device_memory()}
-        print(f"[lift_step] {v:12s} first call {first_call:7.2f} s   loss {losses[0]:.6f}", flush=True)
+    state, results = first_calls(setups, args.variants, batch, optimizer, args.warmup)
 
     # honesty check: same weights, same batch -> same loss, whichever way the step is taken
     ref_v = "handwritten" if "handwritten" in results else args.variants[0]
@@ -452,41 +533,13 @@ def main(argv=None):
 
     # phase 2: timed steps, round-robin over the variants so that load from other processes on a
     # shared machine hits all of them alike
-    times = {v: [] for v in args.variants}
-    for _ in range(args.steps):
-        for v in args.variants:
-            step, t, f, opt_state, losses = state[v]
-            t0 = time.perf_counter()
-            t, opt_state, metrics = jax.block_until_ready(step(t, f, opt_state, batch, None))
-            times[v].append(time.perf_counter() - t0)
-            losses.append(float(metrics["loss"]))
-            state[v][1], state[v][3] = t, opt_state
+    times = round_robin(state, args.variants, batch, args.steps)
 
     # phase 3: the compile split, from a fresh step (and a fresh jlora.lift) so nothing is cached:
     # trace + lower (Python: Flax, jlora's interpreter, autodiff) vs XLA compile; plus XLA's memory
     # analysis of the compiled step
-    for v in args.variants:
-        step, t, f, opt_state, losses = state[v]
-        med = statistics.median(times[v])
-        r = results[v]
-        r.update({
-            "step_s_median": med, "step_s_min": min(times[v]), "step_s_max": max(times[v]),
-            "step_s_all": times[v], "tokens_per_s": tokens / med,
-            "losses": losses, "final_loss": losses[-1],
-        })
-        if not args.no_compile_split:
-            fresh = jlora.train.make_step(setups[v][0](), optimizer)
-            t0 = time.perf_counter()
-            lowered = fresh.jitted.lower(t, f, opt_state, batch, None)
-            t1 = time.perf_counter()
-            compiled = lowered.compile()
-            t2 = time.perf_counter()
-            r["trace_lower_s"], r["xla_compile_s"] = t1 - t0, t2 - t1
-            r["compiled_memory"] = compiled_memory(compiled)
-        print(f"[lift_step] {v:12s} step {1e3 * med:8.1f} ms (median of {len(times[v])})   "
-              f"{tokens / med:9.0f} tok/s" + (f"   trace+lower {r['trace_lower_s']:.2f} s  XLA compile "
-                                               f"{r['xla_compile_s']:.2f} s" if "trace_lower_s" in r else ""),
-              flush=True)
+    summarize(state, results, times, setups, args.variants, optimizer, batch, tokens,
+              compile_split=not args.no_compile_split)
 
     ratios = {}
     if "handwritten" in results:
@@ -494,21 +547,7 @@ def main(argv=None):
         for v in ("lift", "merge"):
             if v not in results:
                 continue
-            r = results[v]
-            ratio = {
-                "step_time": r["step_s_median"] / hw["step_s_median"],
-                "step_time_min": r["step_s_min"] / hw["step_s_min"],
-                "tokens_per_s": r["tokens_per_s"] / hw["tokens_per_s"],
-                "first_call": r["first_call_s"] / hw["first_call_s"],
-            }
-            for k in ("trace_lower_s", "xla_compile_s"):
-                if k in r and k in hw:
-                    ratio[k[:-2]] = r[k] / hw[k]
-            cm, hcm = r.get("compiled_memory", {}), hw.get("compiled_memory", {})
-            for k in ("temp_size_in_bytes", "total_live_bytes_est"):
-                if cm.get(k) and hcm.get(k):
-                    ratio[k] = cm[k] / hcm[k]
-            ratios[f"{v}/handwritten"] = ratio
+            ratios[f"{v}/handwritten"] = ratio_vs(results[v], hw)
     loss_drift = {v: float(np.max(np.abs(np.asarray(state[v][4]) - np.asarray(state[ref_v][4]))))
                   for v in args.variants}
 
