@@ -29,17 +29,27 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
                 eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None, param_dtype="float32",
                 virtual_tokens=20, prefix_projection=None, ptuning_encoder="mlp", ptuning_hidden=None,
-                prompt_init="random", prompt_init_text=None)
+                prompt_init="random", prompt_init_text=None,
+                init_r=12, target_r=8, tinit=0, tfinal=0, delta_t=1, orth_reg_weight=0.5)
 PROMPT_METHODS = ("prompt", "prefix", "ptuning")
-METHODS = ("lora", "qlora", "head") + PROMPT_METHODS
+METHODS = ("lora", "qlora", "dora", "adalora", "ia3", "head") + PROMPT_METHODS
+#: IA3's default (targets, feed-forward) per model family, PEFT's tables (jlora.methods.ia3.DEFAULTS)
+MODEL_FAMILY = {"minilm": "bert", "smollm2": "llama"}
 
 
 def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", help="YAML or JSON file with any of these settings")
     p.add_argument("--model", choices=("minilm", "smollm2"))
     p.add_argument("--data", help="rotten_tomatoes | bbc_news | chatterbot | natural_instructions:<subtask>")
-    p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), head (train only the new head: "
-                   "baseline), prompt (prompt tuning), prefix (prefix tuning / P-tuning v2), ptuning (P-tuning v1)")
+    p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), dora, adalora, ia3, head (train "
+                   "only the new head: baseline), prompt (prompt tuning), prefix (prefix tuning / P-tuning v2), "
+                   "ptuning (P-tuning v1)")
+    p.add_argument("--init-r", type=int, help="adalora: initial rank of every module (default 12)")
+    p.add_argument("--target-r", type=int, help="adalora: average rank the budget falls to (default 8)")
+    p.add_argument("--tinit", type=int, help="adalora: warm-up steps before any rank is masked")
+    p.add_argument("--tfinal", type=int, help="adalora: final steps with the budget fixed at the target")
+    p.add_argument("--delta-t", type=int, help="adalora: mask every N steps in between")
+    p.add_argument("--orth-reg-weight", type=float, help="adalora: weight of the orthogonality regulariser")
     p.add_argument("--virtual-tokens", type=int, help="prompt/prefix/ptuning: number of virtual tokens")
     p.add_argument("--prefix-projection", type=int,
                    help="prefix: hidden size of Li & Liang's MLP reparameterisation (default: none, deep prompts)")
@@ -97,7 +107,8 @@ def load_config(args: argparse.Namespace | dict) -> dict:
     cfg.update({k: v for k, v in given.items() if k in DEFAULTS and v is not None})
     if cfg["method"] not in METHODS:
         raise SystemExit(f"jlora: method must be one of {METHODS}, got {cfg['method']!r}")
-    for key in ("steps", "batch", "rank", "max_length", "accum_steps", "virtual_tokens"):
+    for key in ("steps", "batch", "rank", "max_length", "accum_steps", "virtual_tokens", "init_r", "target_r",
+                "delta_t"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise SystemExit(f"jlora: {key} must be a positive integer, got {cfg[key]!r}")
     if not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] > 0):
@@ -128,15 +139,39 @@ def build(cfg: dict, task=None):
     exclude = task.exclude.get(cfg["targets"]) if hasattr(task, "exclude") else None
     common = dict(rank=cfg["rank"], alpha=cfg["alpha"], targets=targets, exclude=exclude, rslora=cfg["rslora"],
                   init=cfg["init"], dropout=cfg["dropout"], train_also=task.head)
-    if cfg["method"] == "qlora":
-        spec = jlora.QLoRA(**common, quant=cfg["quant"], double_quant=cfg["double_quant"] and cfg["quant"] != "int8",
-                           quantize_frozen=cfg["quantize_frozen"])
-    else:
-        spec = jlora.LoRA(**common)
+    try:
+        spec = _method_spec(cfg, common, task)
+    except ValueError as e:
+        raise SystemExit(f"jlora: {e}") from None
     model_fn = task.model.apply if cfg["scan_layers"] else None
     adapted = jlora.apply(params, spec, jax.random.key(cfg["seed"]), model=model_fn,
                           example=task.example() if model_fn else None)
     return task, adapted, spec
+
+
+def _method_spec(cfg: dict, common: dict, task):
+    """The jlora spec for a weight-adapting --method (lora, qlora, dora, adalora, ia3)."""
+    import jlora
+    from jlora.methods.ia3 import DEFAULTS as IA3_DEFAULTS
+
+    method = cfg["method"]
+    if method == "qlora":
+        return jlora.QLoRA(**common, quant=cfg["quant"], double_quant=cfg["double_quant"] and cfg["quant"] != "int8",
+                           quantize_frozen=cfg["quantize_frozen"])
+    if method == "dora":
+        return jlora.DoRA(**common)
+    if method == "adalora":
+        return jlora.AdaLoRA(init_r=cfg["init_r"], target_r=cfg["target_r"], tinit=cfg["tinit"], tfinal=cfg["tfinal"],
+                             delta_t=cfg["delta_t"], orth_reg_weight=cfg["orth_reg_weight"], total_steps=cfg["steps"],
+                             alpha=cfg["alpha"], dropout=cfg["dropout"], targets=common["targets"],
+                             exclude=common["exclude"], train_also=common["train_also"])
+    if method == "ia3":
+        targets, feedforward = IA3_DEFAULTS[MODEL_FAMILY[cfg["model"]]]
+        if cfg["targets"] != "default":
+            targets = common["targets"]
+        return jlora.IA3(targets=targets, feedforward=feedforward, exclude=common["exclude"],
+                         train_also=common["train_also"])
+    return jlora.LoRA(**common)
 
 
 def _build_prompt(cfg: dict, task, params):
@@ -187,7 +222,7 @@ def train(cfg: dict, task=None, log=print) -> dict:
     import jlora
     from jlora import io as jio
     from jlora.data import batches
-    from jlora.train import fit, make_step, plot_history
+    from jlora.train import fit, init_opt_state, make_step, plot_history
 
     out = pathlib.Path(cfg["out"] or f"runs/{cfg['model']}-{cfg['data'].replace(':', '_')}-{cfg['method']}")
     if (out / "config.json").exists():
@@ -203,8 +238,9 @@ def train(cfg: dict, task=None, log=print) -> dict:
     optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg["lr"], max(1, cfg["steps"] // 10), cfg["steps"]),
                             weight_decay=cfg["weight_decay"])
     trainable, frozen = jlora.partition(adapted)
-    opt_state = optimizer.init(trainable)
-    step = make_step(task.loss_fn(lifted), optimizer, accum_steps=cfg["accum_steps"])
+    alloc = jlora.adalora_allocator(spec) if cfg["method"] == "adalora" else None  # runs inside the step
+    opt_state = init_opt_state(optimizer, trainable, adapter_update=alloc)
+    step = make_step(task.loss_fn(lifted), optimizer, accum_steps=cfg["accum_steps"], adapter_update=alloc)
     stream = batches(task.arrays["train"], cfg["batch"], seed=cfg["seed"], epochs=None)
 
     def eval_fn(t):
@@ -232,6 +268,10 @@ def train(cfg: dict, task=None, log=print) -> dict:
         "steps_per_s": (timed[-1]["step"] - 1) / (timed[-1]["elapsed_s"] - history[0]["elapsed_s"]) if timed else None,
         "setup_s": setup_s, "wall_s": time.perf_counter() - t0,
     }
+    if cfg["method"] == "adalora":
+        from jlora.methods.adalora import kept_ranks
+
+        results["adalora_ranks"] = kept_ranks(adapted)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_history(history, str(out / "plot.png"), title=f"{cfg['method']} on {cfg['model']}/{cfg['data']}")
     log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  -> {out}" if "accuracy" in test
