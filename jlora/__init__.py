@@ -8,12 +8,12 @@ from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_node
 from jlora.core.spec import Axes
 from jlora.methods.lora import LoRA
 from jlora.methods.qlora import QLoRA
-from jlora.methods.prompt import (PrefixTuning, PromptTuning, PTuning, apply_prompt, export_prompt,
-                                  prompt_kwargs)
-from jlora.methods.prompt import load_adapter as load_prompt_adapter
 from jlora.methods.dora import DoRA, QDoRA
 from jlora.methods.ia3 import IA3
 from jlora.methods.adalora import AdaLoRA, adalora_allocator
+from jlora.methods.prompt import (PrefixTuning, PromptTuning, PTuning, apply_prompt, export_prompt,
+                                  prompt_kwargs)
+from jlora.methods.prompt import load_adapter as load_prompt_adapter
 
 __version__ = "0.1.0"
 
