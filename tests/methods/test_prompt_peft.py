@@ -142,3 +142,64 @@ def test_llama_prompt_tuning_matches_peft():
     with torch.no_grad():
         ref0 = pm(input_ids=torch.tensor(IDS[:1]), attention_mask=torch.tensor(MASK[:1])).logits.numpy()
     np.testing.assert_allclose(ours0, ref0, atol=1e-5 * max(1.0, np.abs(ref0).max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT (sequence classification): PEFT's prompt tensors and the classifier head
+
+BERT_IDS = np.array([[2, 17, 45, 98, 3, 61, 7], [2, 11, 9, 3, 0, 0, 0]], np.int64)           # row 1 right-padded
+BERT_MASK = (np.arange(7)[None, :] < np.array([[7], [4]])).astype(np.int64)
+BERT_LABELS = np.array([2, 0])
+
+
+def _bert_pair(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
+        num_labels=3, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.add_(0.1 * torch.randn_like(p))        # non-zero biases, LayerNorm scales != 1
+    hf.eval()
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    cfg = bert.BertConfig.from_hf(hf.config.to_dict())
+    return hf, bert.BertForSequenceClassification(cfg), bert.load_hf_params(tmp_path, cfg, strict=True)
+
+
+def _peft_bert_prompt_weight(pm):
+    (w,) = [p for n, p in pm.named_parameters() if p.requires_grad and "prompt_encoder" in n]
+    return w.detach().numpy()
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_bert_prefix_and_prompt_tuning_match_peft(tmp_path, kind):
+    hf, model, params = _bert_pair(tmp_path)
+    c = model.config
+    if kind == "prefix":
+        pm = peft.get_peft_model(hf, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
+        spec, leaf_kind = jlora.PrefixTuning(P), "prefix_tuning"
+    else:
+        pm = peft.get_peft_model(hf, peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
+        spec, leaf_kind = jlora.PromptTuning(P), "prompt_tuning"
+    pm.eval()
+    w = _peft_bert_prompt_weight(pm)
+    adapted = jlora.apply_prompt(params, spec, jax.random.key(0), config=c)
+    leaf = adapted[jp.PROMPT_KEY][leaf_kind]["embedding"]
+    assert leaf.value.size == w.size
+    if kind == "prefix":
+        assert leaf.shape == (P, c.num_hidden_layers, 2, c.num_attention_heads, c.hidden_size // c.num_attention_heads)
+    adapted = _with_prompt(adapted, leaf_kind, w.reshape(leaf.shape))
+    ours = np.asarray(model.apply(adapted, BERT_IDS, BERT_MASK, **jlora.prompt_kwargs(adapted, 2)))
+    with torch.no_grad():
+        out = pm(input_ids=torch.tensor(BERT_IDS), attention_mask=torch.tensor(BERT_MASK),
+                 labels=torch.tensor(BERT_LABELS))
+    ref = out.logits.numpy()
+    err = np.abs(ours - ref).max()
+    print(f"\n{kind} tuning vs PEFT (BERT seq-cls): max |logit diff| {err:.2e}")
+    assert err < 1e-5
+    plain = np.asarray(model.apply(params, BERT_IDS, BERT_MASK))
+    assert np.abs(plain - ref).max() > 1e-3                              # the prompt does change the logits
+    loss = -np.take_along_axis(np.asarray(jax.nn.log_softmax(ours)), BERT_LABELS[:, None], 1).mean()
+    assert abs(loss - float(out.loss)) < 1e-5
