@@ -134,14 +134,29 @@ class PrefixTuning(_PromptSpec):
     the keys/values it produces, so the saved prefix is the final one. Initialisation follows
     PyTorch's defaults as PEFT does (embedding N(0, 1), Linear U(+-1/sqrt(fan_in))).
 
+    ``init`` (deep prompts only): ``"random"`` is PEFT's N(0, 1). ``"vocab"`` / ``"text"`` start
+    from the keys/values the frozen model itself computes for real tokens (Li & Liang's
+    "initialise with the activations of real words"): P uniformly drawn token ids, or
+    ``init_text``'s tokens truncated or repeated to P (as :class:`PromptTuning`), run as one
+    sequence at positions ``0..P-1``, so at step 0 the model sees the input as if that text
+    preceded it. These need ``model=`` (a :class:`jlora.models.llama.LlamaForCausalLM`) in
+    :func:`apply_prompt`, and ``tokenizer=`` for ``"text"``. Why it matters: N(0, 1) keys/values are
+    far off the scale of a trained model's (SmolLM2-135M's layer-0 values have std ~0.05), so a
+    random deep prefix starts by wrecking the model (held-out loss 3.9 -> 14 on ChatterBot) and
+    40 steps do not recover; token keys/values start at (or below) the base model's loss.
+
     Example::
 
         spec = jlora.PrefixTuning(num_virtual_tokens=10, projection_hidden=128)
         adapted = jlora.apply_prompt(params, spec, key, config=model.config)
+        spec = jlora.PrefixTuning(20, init="vocab")
+        adapted = jlora.apply_prompt(params, spec, key, config=model.config, model=model)
     """
 
     num_virtual_tokens: int = 20
     projection_hidden: int | None = None
+    init: str = "random"
+    init_text: str | None = None
 
     method = "prefix_tuning"
     kind = "prefix_tuning"
@@ -152,6 +167,15 @@ class PrefixTuning(_PromptSpec):
         if self.projection_hidden is not None:
             object.__setattr__(self, "projection_hidden",
                                _positive_int(self.projection_hidden, "PrefixTuning", "projection_hidden"))
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"PrefixTuning.init must be one of {PROMPT_INITS}, got {self.init!r}")
+        if self.init != "random" and self.projection_hidden is not None:
+            raise ValueError(f"PrefixTuning(init={self.init!r}) initialises the deep prefix itself; it does not "
+                             f"combine with projection_hidden={self.projection_hidden} (the Li & Liang MLP)")
+        if self.init == "text" and (not isinstance(self.init_text, str) or not self.init_text.strip()):
+            raise ValueError(f"PrefixTuning(init='text') needs a non-empty init_text, got {self.init_text!r}")
+        if self.init != "text" and self.init_text is not None:
+            raise ValueError(f"PrefixTuning.init_text is only used with init='text' (init={self.init!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,8 +287,9 @@ def _text_ids(tokenizer, text: str):
     return ids
 
 
-def prompt_init_ids(spec: PromptTuning, vocab_size: int, key=None, tokenizer=None) -> np.ndarray:
-    """The token ids whose embeddings initialise a ``"vocab"`` / ``"text"`` prompt (PEFT's rules:
+def prompt_init_ids(spec, vocab_size: int, key=None, tokenizer=None) -> np.ndarray:
+    """The token ids whose embeddings (prompt tuning) or keys/values (prefix tuning) initialise a
+    ``"vocab"`` / ``"text"`` prompt (PEFT's rules:
     uniform over the whole vocabulary; or the text's ids truncated, or repeated ``ceil`` times and cut)."""
     n = spec.num_virtual_tokens
     if spec.init == "vocab":
@@ -293,8 +318,38 @@ def _lstm_params(key, n_in, hidden, layers):
     return out
 
 
-def init_prompt(spec, key, config, *, embedding_table=None, tokenizer=None) -> dict:
-    """The plain (unwrapped) parameters of a prompt method: ``{kind: {...}}`` (see the module doc)."""
+def _llama_config(model):
+    from jlora.models import llama
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, llama.LlamaConfig):
+        raise ValueError(f"PrefixTuning(init='vocab' | 'text') needs model= a jlora Llama (its KV cache gives the "
+                         f"keys/values), got {type(model).__name__}; use init='random' for other models")
+    return config
+
+
+def token_prefix(model, params, ids):
+    """The keys/values ``(P, L, 2, kv_heads, head_dim)`` that ``model`` (a jlora Llama) computes for
+    the token ids ``ids`` (P,) run as one sequence at positions ``0..P-1``: a deep prefix equal to
+    having those tokens in front of the input. ``params`` may carry adapters (the forward is lifted)."""
+    from jlora.core.lift import lift
+    from jlora.models import llama
+
+    config = _llama_config(model)
+    ids = jnp.asarray(ids, jnp.int32)[None]
+    n = ids.shape[1]
+    _, cache = lift(model.apply)(params, ids, cache=llama.init_cache(config, 1, n, jnp.float32))
+    layers = cache["layers"]
+    k = layers["k"] if config.scan_layers else jnp.stack([l["k"] for l in layers])
+    v = layers["v"] if config.scan_layers else jnp.stack([l["v"] for l in layers])
+    kv = jnp.stack([k[:, 0, :n], v[:, 0, :n]], axis=2)            # (L, P, 2, KV, D)
+    return jax.lax.stop_gradient(jnp.moveaxis(kv, 1, 0).astype(jnp.float32))
+
+
+def init_prompt(spec, key, config, *, embedding_table=None, tokenizer=None, prefix=None) -> dict:
+    """The plain (unwrapped) parameters of a prompt method: ``{kind: {...}}`` (see the module doc).
+    ``prefix``: the ``(P, L, 2, kv_heads, head_dim)`` start of a ``PrefixTuning(init="vocab" | "text")``
+    (:func:`token_prefix`)."""
     if not isinstance(spec, _PromptSpec):
         raise TypeError(f"spec must be jlora.PromptTuning / PrefixTuning / PTuning, got {spec!r}")
     g = geometry(config)
@@ -309,8 +364,15 @@ def init_prompt(spec, key, config, *, embedding_table=None, tokenizer=None) -> d
         return {"prompt_tuning": {"embedding": emb}}
     if isinstance(spec, PrefixTuning):
         kv_dim = g.num_kv_heads * g.head_dim
+        shape = (n, g.num_layers, 2, g.num_kv_heads, g.head_dim)
+        if spec.init != "random":
+            if prefix is None or tuple(np.shape(prefix)) != shape:
+                raise ValueError(f"PrefixTuning(init={spec.init!r}) needs the token keys/values prefix= of shape "
+                                 f"{shape}, got {None if prefix is None else np.shape(prefix)} (apply_prompt "
+                                 f"computes it when given model=)")
+            return {"prefix_tuning": {"embedding": jnp.asarray(prefix, jnp.float32)}}
         if spec.projection_hidden is None:
-            return {"prefix_tuning": {"embedding": _normal(k_emb, (n, g.num_layers, 2, g.num_kv_heads, g.head_dim))}}
+            return {"prefix_tuning": {"embedding": _normal(k_emb, shape)}}
         k0, k2 = jax.random.split(k_enc)
         return {"prefix_tuning": {
             "embedding": _normal(k_emb, (n, kv_dim)),
@@ -346,13 +408,14 @@ def _with_entry(params, value):
     return out
 
 
-def apply_prompt(params, spec, key=None, *, config, tokenizer=None):
+def apply_prompt(params, spec, key=None, *, config, tokenizer=None, model=None):
     """Adds the trainable parameters of a prompt method (``spec``) to ``params`` under the
     top-level ``"jlora_prompt"`` entry, as :class:`jlora.Trainable` leaves.
 
     ``config`` is the model's config (Hugging Face names: ``hidden_size``, ``num_hidden_layers``,
     ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) or a :class:`PromptGeometry`.
-    ``tokenizer`` is needed by ``PromptTuning(init="text")``. ``params`` may already carry LoRA
+    ``tokenizer`` is needed by ``PromptTuning(init="text")`` and ``PrefixTuning(init="text")``,
+    ``model`` (the Llama ``params`` belong to) by ``PrefixTuning(init="vocab" | "text")``. ``params`` may already carry LoRA
     nodes (the two combine); it must not already carry a prompt.
 
     Example::
@@ -369,7 +432,15 @@ def apply_prompt(params, spec, key=None, *, config, tokenizer=None):
     table = None
     if isinstance(spec, PromptTuning) and spec.init != "random":
         _, table = _find_embedding(params, spec.embedding, g.hidden_size)
-    plain = init_prompt(spec, key, g, embedding_table=table, tokenizer=tokenizer)
+    prefix = None
+    if isinstance(spec, PrefixTuning) and spec.init != "random":
+        if model is None:
+            raise ValueError(f"PrefixTuning(init={spec.init!r}) needs model= (the Llama that params belong to): the "
+                             f"prefix starts as the keys/values it computes for real tokens")
+        k_ids = jax.random.split(key)[0]           # the key init_prompt would draw the embedding with
+        ids = prompt_init_ids(spec, _llama_config(model).vocab_size, k_ids, tokenizer)
+        prefix = token_prefix(model, params, ids)
+    plain = init_prompt(spec, key, g, embedding_table=table, tokenizer=tokenizer, prefix=prefix)
     return _with_entry(params, _wrap(plain, PROMPT_KEY))
 
 

@@ -455,3 +455,49 @@ def test_readme_prompt_section_snippet_runs(capsys):
     initial = jlora.apply_prompt(scope["params"], scope["spec"], jax.random.key(1), config=scope["config"])
     assert not np.allclose(trained, initial["jlora_prompt"]["prefix_tuning"]["embedding"].value)
     np.testing.assert_array_equal(scope["restored"]["jlora_prompt"]["prefix_tuning"]["embedding"].value, trained)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_prefix_init_from_tokens_equals_running_those_tokens_first(scan):
+    """PrefixTuning(init="text" | "vocab") starts as the keys/values of real tokens: the adapted
+    model's logits are those of the base model run on ``text + input`` (Li & Liang's remedy for
+    random N(0, 1) prefixes, which start far off a trained model's key/value scale)."""
+    model, params, fwd = tiny_llama(scan_layers=scan)
+    c = model.config
+    text_ids = [7, 70, 3]
+    tok = lambda text: text_ids                                   # a tokenizer as a function text -> ids
+    spec = jlora.PrefixTuning(5, init="text", init_text="abc")
+    adapted = jlora.apply_prompt(params, spec, jax.random.key(0), config=c, tokenizer=tok, model=model)
+    emb = adapted[jp.PROMPT_KEY]["prefix_tuning"]["embedding"]
+    assert isinstance(emb, jlora.Trainable) and emb.shape == (5, 2, 2, 2, 8)
+    ids = jnp.asarray([[5, 17, 42, 8]])
+    got = fwd(adapted, ids, **jlora.prompt_kwargs(adapted, 1))
+    full = fwd(params, jnp.asarray([[7, 70, 3, 7, 70, 5, 17, 42, 8]]))      # text repeated and cut to P = 5
+    np.testing.assert_allclose(got, full[:, 5:], atol=1e-5)
+    # vocab: P uniformly drawn ids, the same rule and key as PromptTuning(init="vocab")
+    vspec = jlora.PrefixTuning(4, init="vocab")
+    vocab = jlora.apply_prompt(params, vspec, jax.random.key(1), config=c, model=model)
+    want_ids = jp.prompt_init_ids(vspec, c.vocab_size, jax.random.split(jax.random.key(1))[0])
+    np.testing.assert_allclose(vocab[jp.PROMPT_KEY]["prefix_tuning"]["embedding"].value,
+                               jp.token_prefix(model, params, want_ids), atol=1e-6)
+    # it trains like any prefix
+    trainable, frozen = jlora.partition(vocab)
+    g = jax.grad(lambda t: jnp.sum(fwd(jlora.combine(t, frozen), ids, **jlora.prompt_kwargs(jlora.combine(t, frozen), 1))[0, -1] ** 2))(trainable)
+    assert float(jnp.abs(g[jp.PROMPT_KEY]["prefix_tuning"]["embedding"].value).max()) > 0
+
+
+def test_prefix_init_validation():
+    model, params, _ = tiny_llama()
+    with pytest.raises(ValueError, match="PrefixTuning.init must be one of"):
+        jlora.PrefixTuning(4, init="tokens")
+    with pytest.raises(ValueError, match="does not combine with projection_hidden"):
+        jlora.PrefixTuning(4, projection_hidden=8, init="vocab")
+    with pytest.raises(ValueError, match="needs a non-empty init_text"):
+        jlora.PrefixTuning(4, init="text")
+    with pytest.raises(ValueError, match="only used with init='text'"):
+        jlora.PrefixTuning(4, init_text="hi")
+    with pytest.raises(ValueError, match="needs model="):
+        jlora.apply_prompt(params, jlora.PrefixTuning(4, init="vocab"), config=model.config)
+    with pytest.raises(ValueError, match="needs model= a jlora Llama"):
+        jlora.apply_prompt(params, jlora.PrefixTuning(4, init="vocab"), config=model.config, model=object())
+    assert jlora.PrefixTuning(4).to_json()["init"] == "random"          # PEFT's N(0, 1) stays the default
