@@ -85,7 +85,7 @@ def test_bad_specs_raise_value_errors_naming_the_value():
     with pytest.raises(ValueError, match="already carry a prompt"):
         jlora.apply_prompt(adapted, jlora.PromptTuning(3), config=tiny_llama_config())
     assert json.loads(json.dumps(jlora.PrefixTuning(4, projection_hidden=8).to_json())) == {
-        "method": "prefix_tuning", "num_virtual_tokens": 4, "projection_hidden": 8}
+        "method": "prefix_tuning", "num_virtual_tokens": 4, "projection_hidden": 8, "init": "random", "init_text": None}
 
 
 # ---------------------------------------------------------------------------------------------
