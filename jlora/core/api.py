@@ -18,6 +18,40 @@ from jlora.core.spec import resolve_hint
 DEFAULT_NAME = "default"
 
 
+# ------------------------------------------------------------------------------------------
+# expanders: methods whose per-leaf factors are derived from parameters shared by several leaves
+
+_EXPANDERS: dict = {}   # reserved top-level key -> (expand_fn, summary_fn or None)
+
+
+def register_expander(key: str, fn, summary=None):
+    """Registers a method that keeps shared parameters under the reserved top-level entry ``key``
+    of an adapted tree (e.g. tCURLoRA's ``"jlora_tcur"``: one trainable core per stacked tensor).
+
+    ``fn(tree) -> tree`` must return the tree without ``key`` and with every node of that method
+    given real factors ``a`` / ``b`` (differentiable in the shared parameters); ``summary(tree) ->
+    list of lines`` adds rows to :func:`summary`. :func:`jlora.lift`, :func:`merge`,
+    :func:`unmerge` and :func:`summary` call :func:`expand` on any tree holding ``key``."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"expander key must be a non-empty string, got {key!r}")
+    _EXPANDERS[key] = (fn, summary)
+
+
+def reserved_keys(tree) -> tuple:
+    """The registered reserved top-level keys that ``tree`` holds."""
+    if not isinstance(tree, Mapping):
+        return ()
+    return tuple(k for k in _EXPANDERS if k in tree)
+
+
+def expand(tree):
+    """``tree`` with every registered method's shared parameters turned into per-node factors
+    (and the reserved top-level entries removed); anything else is returned unchanged."""
+    for key in reserved_keys(tree):
+        tree = _EXPANDERS[key][0](tree)
+    return tree
+
+
 def _is_array(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
@@ -61,6 +95,8 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
         spec = jlora.LoRA(rank=4, alpha=8, targets=r".*/kernel")
         adapted = jlora.apply(params, spec, key=jax.random.key(0))
     """
+    if hasattr(spec, "apply_tree"):  # methods that adapt several leaves jointly (tCURLoRA)
+        return spec.apply_tree(params, key, name=name, model=model, example=example)
     if not hasattr(spec, "init_factors"):
         raise TypeError(f"spec must be a jlora method spec such as jlora.LoRA(...), got {spec!r}")
     if not isinstance(name, str) or not name or "/" in name:
@@ -249,6 +285,8 @@ def merge(adapted, dtype=None, requantize: bool = False):
     ``requantize=True`` the merged weight is quantised again with the base's scheme (lossy: see
     :func:`merge_error`), so the result keeps the 4-bit storage.
     """
+    adapted = expand(adapted)
+
     def one(leaf):
         if is_node(leaf) and requantize and leaf.quantized:
             from jlora.quant import requantize_like
@@ -277,17 +315,26 @@ def unmerge(merged, adapted):
     """Recovers the base weights from ``merged`` by subtracting the active deltas of
     ``adapted`` (the inverse of :func:`merge`, up to float round-off). For a quantised base the
     original codes held by ``adapted`` are returned exactly."""
-    def undo(m, a):
+    reserved = reserved_keys(adapted)
+    expanded = expand(adapted)
+    kept = {k: adapted[k] for k in reserved}
+    if reserved:  # the nodes keep their shared-parameter form; only their bases come from `merged`
+        adapted = type(adapted)({k: v for k, v in adapted.items() if k not in reserved})
+
+    def undo(m, a, e):
         if is_node(a):
             shape = tuple(m.shape) if is_quantized(m) else tuple(np.shape(m))
             if shape != a.shape:
                 raise ValueError(f"unmerge: merged leaf at {a.path!r} has shape {shape}, adapter expects {a.shape}")
             if a.quantized:
                 return a
-            return a.with_(base=a.unapply(m))
+            return a.with_(base=e.unapply(m))
         return a if isinstance(a, Trainable) else m
 
-    return jax.tree_util.tree_map(lambda a, m: undo(m, a), adapted, merged, is_leaf=is_adapter_leaf)
+    out = jax.tree_util.tree_map(lambda a, m, e: undo(m, a, e), adapted, merged, expanded, is_leaf=is_adapter_leaf)
+    if reserved:
+        out = type(out)({**out, **kept})
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -426,8 +473,11 @@ def summary(adapted, print_fn=None) -> str:
     """A table of adapted leaves: path, base shape, method, rank, trainable count, bytes,
     and the total trainable share. Returns the text (and prints it if ``print_fn``)."""
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
+    shared = tuple(k + "/" for k in reserved_keys(adapted))   # listed by the method's own summary
     rows = []
     for path, leaf in flat:
+        if shared and path.startswith(shared):
+            continue
         if is_node(leaf):
             meta = leaf.meta
             own = [x for k in leaf.active for x in (leaf.a.get(k), leaf.b.get(k), *leaf.extra.get(k, {}).values())
@@ -445,6 +495,9 @@ def summary(adapted, print_fn=None) -> str:
     c = count(adapted)
     pct = 100.0 * c["trainable"] / max(c["total"], 1)
     lines = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    for key in reserved_keys(adapted):
+        if _EXPANDERS[key][1] is not None:
+            lines.extend(_EXPANDERS[key][1](adapted))
     lines.append(f"trainable: {c['trainable']:,} / {c['total']:,} params ({pct:.4f}%), "
                  f"{c['trainable_bytes']:,} bytes trainable, {c['frozen_bytes']:,} bytes frozen")
     text = "\n".join(lines)

@@ -187,6 +187,10 @@ def _dot(eqn, invals, ctx):
         mode = "out"
     else:
         return None
+    if _denser_than_dense(node):
+        # the factored path would cost more than the dense matmul itself: run x @ (W0 + delta)
+        w = node.materialize(live.out_dtype)
+        return C.bind(eqn, [x, w] if node_is_rhs else [w, x])
     w_dtype = jnp.dtype(live.out_dtype)
     out_gain = in_gain = None
     dora = {}
@@ -230,6 +234,22 @@ def _dot(eqn, invals, ctx):
             second = second * _align_to_result(dora[name], s, n_free, node_is_rhs).astype(second.dtype)
         total = total + second.astype(total.dtype)
     return [total]
+
+
+def _denser_than_dense(node) -> bool:
+    """The cheaper-path rule. Per token (row of ``x``), ``x @ W0`` costs ``d_in * d_out``
+    multiply-adds and the factored low-rank path adds ``R * (d_in + d_out)``, ``R`` the total
+    active rank. When ``R * (d_in + d_out) > d_in * d_out`` the "low-rank" path costs more than a
+    second dense matmul, so ``lift`` materialises ``W0 + delta`` for that op instead (one
+    ``R * d_in * d_out`` product per call and a full-size weight gradient, independent of the
+    number of tokens). This happens for high ranks on small kernels, e.g. tCURLoRA, whose factors
+    have rank ``n3 * r``. No warning: both paths compute the same function."""
+    ranks = sum(int(a.shape[-1]) for _, a, _, _ in node.active_factors())
+    if not ranks:
+        return False
+    _, ins, outs = node.layout.split(node.shape)
+    d_in, d_out = int(np.prod(ins)), int(np.prod(outs))
+    return ranks * (d_in + d_out) > d_in * d_out
 
 
 def _align_to_result(gain, s, n_free, node_is_rhs):
@@ -464,6 +484,10 @@ def lift(fn, strict: bool = False):
 
     @functools.wraps(fn)
     def lifted(*args, jlora_rng=None, **kwargs):
+        from jlora.core.api import expand  # methods with shared parameters (tCURLoRA) -> per-node factors
+
+        args = tuple(expand(a) for a in args)
+        kwargs = {k: expand(v) for k, v in kwargs.items()}
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_adapter_leaf)
         leaves = [l.value if isinstance(l, Trainable) else l for l in leaves]
         if not any(is_node(l) for l in leaves):

@@ -83,14 +83,20 @@ class Layout:
         return Layout(self.stack, self.outputs, self.inputs)
 
 
-LOWRANK_METHODS = ("lora", "qlora", "dora", "adalora")
+LOWRANK_METHODS = ("lora", "qlora", "dora", "adalora", "tcur")
 SCALING_METHODS = ("ia3",)
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterMeta:
     """Static description of one named adapter on one leaf (``rank`` 0 for IA3;
-    ``feedforward`` only for IA3: scale the inputs instead of the outputs)."""
+    ``feedforward`` only for IA3: scale the inputs instead of the outputs).
+
+    ``group`` / ``slices``: for methods whose factors are derived from parameters shared by several
+    leaves (tCURLoRA: one trainable core per stacked tensor), the name of the shared group under
+    the tree's reserved top-level entry and this leaf's slice index (one per stacked layer of the
+    kernel, in row-major order). Such a node has no ``a`` / ``b`` of its own until
+    :func:`jlora.core.api.expand` fills them in."""
 
     method: str
     rank: int
@@ -98,6 +104,11 @@ class AdapterMeta:
     dropout: float = 0.0
     init: str = "kaiming"
     feedforward: bool = False
+    group: str = ""
+    slices: tuple = ()
+
+    def __post_init__(self):  # JSON gives a list; static metadata must be hashable
+        object.__setattr__(self, "slices", tuple(int(k) for k in self.slices))
 
     @property
     def lowrank(self) -> bool:
@@ -154,6 +165,12 @@ class LoRANode:
 
     def factors(self, name):
         """``(a, b)`` of a low-rank adapter, with AdaLoRA's singular values folded into ``a``."""
+        if name not in self.a:
+            meta = self.meta[name]
+            raise ValueError(
+                f"adapter {name!r} ({meta.method}) on {self.path!r} has no factors of its own: they are derived "
+                f"from the shared group {meta.group!r}. Pass the whole adapted tree (with its reserved top-level "
+                f"entry, e.g. 'jlora_tcur') to jlora.lift / merge, or expand it first with jlora.core.api.expand")
         a, b = self.a[name], self.b[name]
         if self.meta[name].method == "adalora":
             e = self.extra[name]["e"]

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora.core.api import merge as _merge
+from jlora.core.api import merge as _merge, reserved_keys
 from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
 
@@ -153,7 +153,7 @@ def _node_record(path: str, node: LoRANode, arrays: dict) -> dict:
     names = list(node.names)
     meta = node.meta
     missing = [n for n in names
-               if (meta[n].lowrank and (node.a.get(n) is None or node.b.get(n) is None))
+               if (meta[n].lowrank and not meta[n].group and (node.a.get(n) is None or node.b.get(n) is None))
                or any(v is None for d in (node.extra.get(n, {}), node.cache.get(n, {})) for v in d.values())]
     if node.base is None or missing:
         raise ValueError(
@@ -205,9 +205,20 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
     from jlora.methods.adalora import prepare_for_save
     adapted, spec = prepare_for_save(adapted, spec)  # AdaLoRA: drop masked triplets, record kept ranks
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
-    arrays, nodes, trainables = {}, [], []
+    arrays, nodes, trainables, shared = {}, [], [], []
+    reserved = tuple(k + "/" for k in reserved_keys(adapted))
     for leaf_path, leaf in flat:
-        if isinstance(leaf, LoRANode):
+        if reserved and leaf_path.startswith(reserved):
+            # a method's shared parameters (tCURLoRA's cores and their frozen factors): all saved
+            value = leaf.value if isinstance(leaf, Trainable) else leaf
+            if value is None:
+                raise ValueError(f"save_adapter needs the full adapted tree; {leaf_path!r} holds no value")
+            if np.size(value) == 0:  # Orbax refuses empty arrays (e.g. tCURLoRA's u_im for n3 = 2)
+                rec = {"key": None, "shape": list(np.shape(value)), "dtype": _dtype_name(value.dtype)}
+            else:
+                rec = _array_record(leaf_path, value, arrays)
+            shared.append({**rec, "path": leaf_path, "trainable": isinstance(leaf, Trainable)})
+        elif isinstance(leaf, LoRANode):
             nodes.append(_node_record(leaf_path, leaf, arrays))
         elif isinstance(leaf, Trainable):
             if leaf.value is None:
@@ -228,7 +239,7 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
         os.makedirs(target)
         _checkpointer().save(os.path.join(target, ARRAYS_DIR), args=ocp.args.StandardSave(arrays))
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "jlora_version": __version__,
-                "nodes": nodes, "trainables": trainables,
+                "nodes": nodes, "trainables": trainables, **({"shared": shared} if shared else {}),
                 "spec": None if spec is None else spec.to_json()}
         text = json.dumps(meta, indent=1)  # raises before anything lands at `path`
         with open(os.path.join(target, META_FILE), "w") as f:
@@ -334,6 +345,12 @@ def load_adapter(path, params):
         base = bases[record["path"]]
         abstract[record["key"]] = jax.ShapeDtypeStruct(tuple(record["shape"]), jnp.dtype(record["dtype"]),
                                                        sharding=_sharding_of(base))
+    some_base = next(iter(bases.values()), None)
+    for record in meta.get("shared", ()):
+        if record["key"] is None:
+            continue
+        abstract[record["key"]] = jax.ShapeDtypeStruct(tuple(record["shape"]), jnp.dtype(record["dtype"]),
+                                                       sharding=_replicated_like(some_base))
     try:
         arrays = _checkpointer().restore(os.path.join(path, ARRAYS_DIR), args=ocp.args.StandardRestore(abstract))
     except FileNotFoundError as e:
@@ -357,7 +374,22 @@ def load_adapter(path, params):
     for record in meta["trainables"]:
         placements[record["path"]] = Trainable(arrays[record["key"]], record["path"])
     leaves = [placements.get(p, leaf) for p, leaf in flat]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    tree = jax.tree_util.tree_unflatten(treedef, leaves)
+    if meta.get("shared"):  # a method's shared parameters go back under their reserved top-level key
+        extra = {}
+        for record in meta["shared"]:
+            *parents, last = record["path"].split("/")
+            d = extra
+            for part in parents:
+                d = d.setdefault(part, {})
+            value = (jnp.zeros(tuple(record["shape"]), record["dtype"]) if record["key"] is None
+                     else arrays[record["key"]])
+            d[last] = Trainable(value, record["path"]) if record["trainable"] else value
+        clash = [k for k in extra if k in tree]
+        if clash:
+            raise CheckpointError(f"adapter checkpoint {path} adds {clash} but params already hold them")
+        tree = type(tree)({**tree, **extra})
+    return tree
 
 
 # ------------------------------------------------------------------------------------------
