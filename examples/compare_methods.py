@@ -39,9 +39,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: learning rate per method (same steps, batch, seed and schedule for all)
 LR = {"head": 2e-3, "lora": 2e-3, "dora": 2e-3, "adalora": 1e-2, "ia3": 1e-2,
       "prompt": 3e-2, "prefix": 1e-2, "ptuning": 1e-2}
-LM_LR = {"lora": 1e-3, "prompt": 3e-2, "prefix": 1e-2}
+LM_LR = {"lora": 1e-3, "prompt": 3e-2, "prefix": 1e-2, "prefix_vocab": 1e-2}
 PART_A = ("head", "lora", "dora", "adalora", "ia3", "prompt", "prefix", "ptuning")
-PART_B = ("lora", "prompt", "prefix")
+PART_B = ("lora", "prompt", "prefix", "prefix_vocab")
 
 
 def parse_args(argv=None):
@@ -94,8 +94,10 @@ def machine() -> dict:
 
 
 def _method_cfg(method: str, args, lm: bool) -> dict:
-    cfg = {"method": method, "rank": args.rank, "alpha": args.alpha, "virtual_tokens": args.virtual_tokens,
+    cfg = {"method": "prefix" if method == "prefix_vocab" else method, "rank": args.rank, "alpha": args.alpha, "virtual_tokens": args.virtual_tokens,
            "lr": (LM_LR if lm else LR)[method]}
+    if method == "prefix_vocab":  # start from the keys/values of 20 random real tokens (not PEFT's N(0,1))
+        cfg.update(prefix_init="vocab")
     if method == "adalora":  # PEFT's defaults (init_r 12 -> target_r 8); warm-up 10 %, final phase 20 %
         steps = args.lm_steps if lm else args.steps
         cfg.update(init_r=12, target_r=8, tinit=max(1, steps // 10), tfinal=max(1, steps // 5))
@@ -171,7 +173,7 @@ def part_b(args) -> dict:
 
 NAMES = {"head": "head only (frozen encoder)", "lora": "LoRA r=8", "dora": "DoRA r=8",
          "adalora": "AdaLoRA r 12→8", "ia3": "IA3", "prompt": "prompt tuning", "prefix": "prefix tuning (P-tuning v2)",
-         "ptuning": "P-tuning (MLP encoder)"}
+         "ptuning": "P-tuning (MLP encoder)", "prefix_vocab": "prefix tuning, init from real tokens"}
 
 
 def _ms(r):

@@ -29,7 +29,7 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
                 eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None, param_dtype="float32",
                 virtual_tokens=20, prefix_projection=None, ptuning_encoder="mlp", ptuning_hidden=None,
-                prompt_init="random", prompt_init_text=None,
+                prompt_init="random", prompt_init_text=None, prefix_init="random",
                 init_r=12, target_r=8, tinit=0, tfinal=0, delta_t=1, orth_reg_weight=0.5)
 PROMPT_METHODS = ("prompt", "prefix", "ptuning")
 METHODS = ("lora", "qlora", "dora", "adalora", "ia3", "head") + PROMPT_METHODS
@@ -56,7 +56,10 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--ptuning-encoder", choices=("mlp", "lstm"), help="ptuning: the prompt encoder")
     p.add_argument("--ptuning-hidden", type=int, help="ptuning: encoder hidden size (default: the model's)")
     p.add_argument("--prompt-init", choices=("random", "vocab", "text"), help="prompt: initialisation")
-    p.add_argument("--prompt-init-text", help="prompt: the text for --prompt-init text")
+    p.add_argument("--prompt-init-text", help="prompt: the text for --prompt-init text (also --prefix-init text)")
+    p.add_argument("--prefix-init", choices=("random", "vocab", "text"),
+                   help="prefix (deep prompts, Llama): random = PEFT's N(0,1); vocab / text = the keys/values the "
+                        "frozen model computes for random tokens / --prompt-init-text")
     p.add_argument("--quant", choices=("nf4", "int4", "int4_asym", "int8"), help="qlora: frozen-base scheme")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
     p.add_argument("--quantize-frozen", help="qlora: also quantise frozen kernels: 'all-linear' or a regex")
@@ -186,15 +189,19 @@ def _build_prompt(cfg: dict, task, params):
         if cfg["method"] == "prompt":
             spec = jlora.PromptTuning(n, init=cfg["prompt_init"], init_text=cfg["prompt_init_text"])
         elif cfg["method"] == "prefix":
-            spec = jlora.PrefixTuning(n, projection_hidden=cfg["prefix_projection"])
+            spec = jlora.PrefixTuning(n, projection_hidden=cfg["prefix_projection"], init=cfg["prefix_init"],
+                                      init_text=cfg["prompt_init_text"] if cfg["prefix_init"] == "text" else None)
         else:
             spec = jlora.PTuning(n, encoder=cfg["ptuning_encoder"], hidden=cfg["ptuning_hidden"])
     except ValueError as e:
         raise SystemExit(f"jlora: {e}") from None
     if task.head is not None:
         params = jlora.mark_trainable(params, task.head)
-    adapted = jlora.apply_prompt(params, spec, jax.random.key(cfg["seed"]), config=task.model.config,
-                                 tokenizer=task.tokenizer)
+    try:
+        adapted = jlora.apply_prompt(params, spec, jax.random.key(cfg["seed"]), config=task.model.config,
+                                     tokenizer=task.tokenizer, model=task.model)
+    except ValueError as e:
+        raise SystemExit(f"jlora: {e}") from None
     return adapted, spec
 
 

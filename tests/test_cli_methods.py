@@ -49,3 +49,10 @@ def test_train_and_reload(tmp_path, capsys, method, extra):
         assert sum(ranks.values()) == 24 and all(0 <= r <= 4 for r in ranks.values())
         lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         assert lines[-1]["adalora_budget"] == 24
+
+
+def test_prefix_init_from_tokens_needs_a_llama():
+    cfg = cli.load_config({"method": "prefix", "prefix_init": "vocab", "virtual_tokens": 4})
+    assert cfg["prefix_init"] == "vocab"
+    with pytest.raises(SystemExit, match="needs model= a jlora Llama"):
+        cli.build(cfg)  # MiniLM is a BERT: only the Llama family computes keys/values for the init
