@@ -14,6 +14,7 @@ from jlora.methods.adalora import AdaLoRA, adalora_allocator
 from jlora.methods.prompt import (PrefixTuning, PromptTuning, PTuning, apply_prompt, export_prompt,
                                   prompt_kwargs)
 from jlora.methods.prompt import load_adapter as load_prompt_adapter
+from jlora.methods.tcur import TCURLoRA
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "activate", "adapter_names", "mark_trainable", "merge_error", "delete_adapter", "combine_adapters",
     "AdaLoRA", "adalora_allocator",
     "PromptTuning", "PrefixTuning", "PTuning", "apply_prompt", "prompt_kwargs", "export_prompt", "load_prompt_adapter",
+    "TCURLoRA",
 ]
 
 
