@@ -442,3 +442,20 @@ def test_scanned_layers_give_the_same_tensor_and_output():
     m_u, m_s = _perturb(a_u), _perturb(a_s)
     np.testing.assert_allclose(jlora.lift(model_s.apply)(m_s, IDS, MASK), jlora.lift(model.apply)(m_u, IDS, MASK),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_ablation_script_runs_on_a_tiny_step_count(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "tcurlora_ablation.py"
+    spec = importlib.util.spec_from_file_location("tcurlora_ablation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--steps", "2", "--eval-limit", "16", "--data", "rotten_tomatoes", "--runs",
+                    "lora,tcur_fisher_auto", "--calib-batches", "1", "--json", str(tmp_path / "t.json"),
+                    "--md", str(tmp_path / "t.md")])
+    runs = {r["run"]: r for r in res["results"]["rotten_tomatoes"]}
+    assert runs["lora"]["trainable_params"] == 74_498
+    assert runs["tcur_fisher_auto"]["trainable_params"] - 770 <= 36 * 4 ** 2     # the core budget + the head
+    assert "| tCURLoRA fisher, auto ranks (same budget) |" in (tmp_path / "t.md").read_text()
