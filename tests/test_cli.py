@@ -100,7 +100,8 @@ def test_prompt_methods_train_eval_export_inspect(tmp_path, capsys):
     shapes = {t["path"]: tuple(t["shape"]) for t in saved["trainables"]}
     assert shapes == {"jlora_prompt/prefix_tuning/embedding": (4, 6, 2, 12, 32),   # MiniLM: 6 layers, 12 heads
                       "params/classifier/kernel": (384, 2), "params/classifier/bias": (2,)}
-    assert saved["spec"] == {"method": "prefix_tuning", "num_virtual_tokens": 4, "projection_hidden": 16}
+    assert saved["spec"] == {"method": "prefix_tuning", "num_virtual_tokens": 4, "projection_hidden": 16,
+                             "init": "random", "init_text": None}
     # trained: embedding 4*384 + MLP (384*16 + 16 + 16*18432 + 18432) + head 770
     assert results["trainable_params"] == 4 * 384 + 384 * 16 + 16 + 16 * 6 * 2 * 384 + 6 * 2 * 384 + 770
     capsys.readouterr()
