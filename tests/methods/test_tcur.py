@@ -431,9 +431,7 @@ def test_scanned_layers_give_the_same_tensor_and_output():
     model, params = _bert()
     cfg_s = bert.BertConfig(**{**TINY.__dict__, "scan_layers": True})
     model_s = bert.BertForSequenceClassification(cfg_s)
-    params_s = {"params": bert.stack_layers(params["params"])} if hasattr(bert, "stack_layers") else None
-    if params_s is None:
-        pytest.skip("no stack_layers helper")
+    params_s = {"params": bert.stack_layers(params["params"])}
     spec = jlora.TCURLoRA(rank=2, axes={r".*/layers/.*/kernel": jlora.Axes(stack=1, inputs=1)})
     a_u = jlora.apply(params, jlora.TCURLoRA(rank=2), 0)
     a_s = jlora.apply(params_s, spec, 0)
