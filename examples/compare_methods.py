@@ -118,10 +118,24 @@ def _selected(methods, args):
     return [m for m in methods if not args.methods or m in args.methods]
 
 
-def part_a(args) -> dict:
+def _run_methods(part: str, methods, common: dict, task, out: pathlib.Path, args, lm: bool) -> dict:
+    """Trains every selected method of one part through ``jlora.cli.train`` on the shared task."""
     import jax
 
     from jlora import cli
+
+    runs = {}
+    for method in _selected(methods, args):
+        cfg = cli.load_config({**common, **_method_cfg(method, args, lm=lm), "out": str(out / method)})
+        print(f"\n== ({part}) {method}: {cfg['steps']} steps of batch {cfg['batch']}, lr {cfg['lr']} ==", flush=True)
+        r = cli.train(cfg, task=task)
+        runs[method] = _summary(r)
+        del r
+        jax.clear_caches()
+    return runs
+
+
+def part_a(args) -> dict:
     from jlora.tasks import ClassificationTask
 
     out = pathlib.Path(args.out) / "minilm_rt"
@@ -132,22 +146,12 @@ def part_a(args) -> dict:
     print(f"(a) Rotten Tomatoes + all-MiniLM-L6-v2 loaded in {time.perf_counter() - t0:.0f} s", flush=True)
     common = dict(model="minilm", data="rotten_tomatoes", targets="default", steps=args.steps, batch=args.batch,
                   max_length=args.max_length, seed=args.seed, progress=args.progress)
-    runs = {}
-    for method in _selected(PART_A, args):
-        cfg = cli.load_config({**common, **_method_cfg(method, args, lm=False), "out": str(out / method)})
-        print(f"\n== (a) {method}: {args.steps} steps of batch {args.batch}, lr {cfg['lr']} ==", flush=True)
-        r = cli.train(cfg, task=task)
-        runs[method] = _summary(r)
-        del r
-        jax.clear_caches()
+    runs = _run_methods("a", PART_A, common, task, out, args, lm=False)
     return {"task": "all-MiniLM-L6-v2 + Rotten Tomatoes (sentiment, 2 classes)", "settings": common, "runs": runs}
 
 
 def part_b(args) -> dict:
-    import jax
-
     import jlora
-    from jlora import cli
     from jlora.tasks_lm import InstructionTask
 
     out = pathlib.Path(args.out) / "smollm2_chat"
@@ -159,14 +163,7 @@ def part_b(args) -> dict:
     before = task.evaluate(jlora.lift(task.model.apply), task.params, "validation", limit=args.eval_limit)
     common = dict(model="smollm2", data="chatterbot", targets="default", steps=args.lm_steps, batch=args.lm_batch,
                   max_length=args.lm_max_length, seed=args.seed, eval_limit=args.eval_limit, progress=args.progress)
-    runs = {}
-    for method in _selected(PART_B, args):
-        cfg = cli.load_config({**common, **_method_cfg(method, args, lm=True), "out": str(out / method)})
-        print(f"\n== (b) {method}: {args.lm_steps} steps of batch {args.lm_batch}, lr {cfg['lr']} ==", flush=True)
-        r = cli.train(cfg, task=task)
-        runs[method] = _summary(r)
-        del r
-        jax.clear_caches()
+    runs = _run_methods("b", PART_B, common, task, out, args, lm=True)
     return {"task": "SmolLM2-135M-Instruct + ChatterBot (instruction tuning, loss on response tokens)",
             "settings": common, "before": before, "runs": runs}
 
