@@ -320,6 +320,10 @@ class TCURLoRA(AdapterSpec):
         them): ``loss_fn(params, batch) -> scalar`` on the plain params; ``batches`` an iterable of
         batches whose leaves have a leading example axis (fisher vmaps... scans over it).
       budget: total trainable core parameters for ``rank="auto"``.
+      scale: multiplies the update, ``dT = scale * Re IFFT(C (U - U0) R)`` (default 1, the paper's;
+        no ``alpha / r``). ``C`` and ``R`` are raw Fourier fibres, whose norms grow with ``n3``;
+        under Adam (no weight decay) ``scale = s`` at learning rate ``lr`` trains the core like
+        ``scale = 1`` at ``s * lr`` while the rest of the trainable tree keeps ``lr``.
       train_also / axes / exclude: as for :class:`jlora.LoRA` (``exclude`` removes kernels from groups).
     """
 
@@ -328,6 +332,7 @@ class TCURLoRA(AdapterSpec):
     selection: str = "norm"
     calibration: Any = dataclasses.field(default=None, compare=False, repr=False)
     budget: int | None = None
+    scale: float = 1.0
 
     method = "tcur"
 
@@ -345,6 +350,10 @@ class TCURLoRA(AdapterSpec):
                 raise ValueError(f"TCURLoRA(rank='auto') needs budget=<total trainable core params>, got {self.budget!r}")
         elif not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"TCURLoRA rank must be a positive int, a {{group: int}} mapping or 'auto', got {r!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not (
+                math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"TCURLoRA scale must be a positive finite number, got {self.scale!r}")
+        object.__setattr__(self, "scale", float(self.scale))
         if self.selection in ("gradient", "fisher"):
             cal = self.calibration
             if not (isinstance(cal, (tuple, list)) and len(cal) == 2 and callable(cal[0])):
@@ -483,7 +492,7 @@ class TCURLoRA(AdapterSpec):
                 path, leaf = flat[i]
                 layout = es[[e[1] for e in es].index(i)][4]
                 ks = tuple(slots[s] for s in range(len(slots)))
-                meta = AdapterMeta(method="tcur", rank=int(r), scale=1.0, init=self.selection, group=g, slices=ks)
+                meta = AdapterMeta(method="tcur", rank=int(r), scale=self.scale, init=self.selection, group=g, slices=ks)
                 leaves[i] = LoRANode(base=leaf, a={}, b={}, layout=layout, adapters=((name, meta),),
                                      active=(name,), path=path)
         tree = jax.tree_util.tree_unflatten(treedef, leaves)
