@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: run name -> (description, learning rate)
 RUNS = {
     "full": ("full fine-tuning", 5e-5),
+    "head": ("head only (no adapter)", 2e-3),
     "lora": ("LoRA r=8 (query/value), alpha 16", 2e-3),
     "tcur_norm": ("tCURLoRA norm (official), r fixed", None),
     "tcur_gradient": ("tCURLoRA gradient, r fixed", None),
@@ -50,7 +51,14 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--rank", type=int, default=4, help="tCURLoRA r per tensor (fixed runs)")
-    p.add_argument("--tcur-lr", type=float, default=1e-3)
+    p.add_argument("--tcur-lr", type=float, default=2e-3, help="learning rate of tCURLoRA runs (core and head)")
+    p.add_argument("--tcur-scale", type=float, default=1.0,
+                   help="TCURLoRA(scale=): multiplies the update; under Adam it scales the core's step only")
+    p.add_argument("--head", default="pooler", choices=("classifier", "pooler"),
+                   help="what trains beside the adapter: the new classifier, or the pooler too (all-MiniLM-L6-v2's "
+                        "pooler was never trained by sentence-transformers: its outputs are ~0.05 in size)")
+    p.add_argument("--eval-split", default="test", choices=("test", "validation"),
+                   help="split scored (tune on validation, report test)")
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--eval-limit", type=int, default=None, help="test examples scored (default: all)")
     p.add_argument("--json", default=str(ROOT / "docs" / "tcurlora.json"))
@@ -65,11 +73,15 @@ def parse_args(argv=None):
     return args
 
 
+def _head(task, args):
+    return task.head if args.head == "classifier" else rf"{task.head}|.*/pooler/dense/(kernel|bias)"
+
+
 def _spec(run, args, task, calibration):
     import jlora
     from jlora.models import bert
 
-    head = task.head
+    head = _head(task, args)
     if run == "lora":
         return jlora.LoRA(rank=8, alpha=16, targets=bert.DEFAULT_TARGETS["default"], train_also=head)
     selection = run.split("_")[1]
@@ -78,7 +90,7 @@ def _spec(run, args, task, calibration):
         budget = (24 + 6 + 6) * args.rank ** 2
     cal = calibration if selection in ("gradient", "fisher") else None
     return jlora.TCURLoRA(rank="auto" if budget else args.rank, budget=budget or None, selection=selection,
-                          calibration=cal, train_also=head)
+                          calibration=cal, scale=args.tcur_scale, train_also=head)
 
 
 def run_one(task, run, seed, args):
@@ -89,6 +101,8 @@ def run_one(task, run, seed, args):
 
     import jlora
     from jlora import data as jdata
+    from jlora.core.nodes import is_adapter_leaf
+    from jlora.core.paths import flatten_with_paths, matches
 
     lr = RUNS[run][1] or args.tcur_lr
     key = jax.random.key(seed)
@@ -103,11 +117,16 @@ def run_one(task, run, seed, args):
     t0 = time.perf_counter()
     if run == "full":
         adapted = jlora.mark_trainable(task.params, r".*")
+    elif run == "head":
+        adapted = jlora.mark_trainable(task.params, _head(task, args))
     else:
         adapted = jlora.apply(task.params, _spec(run, args, task, (calib_loss, calib)), key)
     setup_s = time.perf_counter() - t0
     trainable, frozen = jlora.partition(adapted)
     c = jlora.count(adapted)
+    head = _head(task, args) if run != "full" else None
+    head_n = sum(int(np.prod(np.shape(x))) for p, x in flatten_with_paths(trainable, is_leaf=is_adapter_leaf)[0]
+                 if head and matches(p, (head,)))
     n_model = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(task.params))
     ranks = {g: int(gp["u_re"].shape[-1]) for g, gp in adapted.get("jlora_tcur", {}).items()}
     optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, args.steps // 10), args.steps),
@@ -123,31 +142,34 @@ def run_one(task, run, seed, args):
         loss = float(metrics["loss"])
         times.append(time.perf_counter() - t)
     adapted = jlora.combine(trainable, frozen)
-    ev = task.evaluate(forward, adapted, "test", limit=args.eval_limit)
+    ev = task.evaluate(forward, adapted, args.eval_split, limit=args.eval_limit)
     timed = times[1:] or times
-    return {"run": run, "seed": seed, "lr": lr, "trainable_params": c["trainable"],
-            "trainable_percent": 100.0 * c["trainable"] / n_model, "test_accuracy": ev["accuracy"],
-            "test_loss": ev["loss"], "final_train_loss": loss, "step_ms": 1000 * statistics.mean(timed),
+    return {"run": run, "seed": seed, "lr": lr, "head": args.head if run != "full" else "all", "scale": args.tcur_scale if run.startswith("tcur") else None,
+            "eval_split": args.eval_split, "trainable_params": c["trainable"],
+            "adapter_params": c["trainable"] - head_n,
+            "trainable_percent": 100.0 * c["trainable"] / n_model, "accuracy": ev["accuracy"], "loss": ev["loss"], "final_train_loss": loss, "step_ms": 1000 * statistics.mean(timed),
             "setup_s": setup_s, "ranks": ranks}
 
 
 def to_markdown(res) -> str:
     lines = ["# tCURLoRA ablation (all-MiniLM-L6-v2)", "",
              f"Generated by `{res['command']}`. {res['steps']} steps of batch {res['batch']}, max length "
-             f"{res['max_length']}, seeds {res['seeds']}; AdamW, warm-up + cosine; every run trains the new head. "
-             "Trainable % is of the model's parameters (head included). Step time: mean over steps 2..N.", ""]
+             f"{res['max_length']}, seeds {res['seeds']}; AdamW, warm-up + cosine; every run trains the new classifier"
+             + (" and the pooler" if res.get("head") == "pooler" else "") + ". Trainable % is of the model's parameters "
+             "(head included). Step time: mean over steps 2..N.", ""]
     for data, runs in res["results"].items():
-        lines += [f"## {data}", "", "| run | lr | trainable params | % of model | ranks | test accuracy (mean ± std) "
-                  "| step time (ms) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## {data}", "", "| run | lr | scale | trainable params | of which adapter | % of model | ranks "
+                  f"| {res['eval_split']} accuracy (mean ± std) | step time (ms) |", "|---|---|---|---|---|---|---|---|---|"]
         for run in res["runs"]:
             rs = [r for r in runs if r["run"] == run]
             if not rs:
                 continue
-            acc = [r["test_accuracy"] for r in rs]
+            acc = [r["accuracy"] for r in rs]
             std = statistics.stdev(acc) if len(acc) > 1 else 0.0
             ranks = ", ".join(f"{g} {k}" for g, k in rs[0]["ranks"].items()) or "-"
-            lines.append(f"| {RUNS[run][0]} | {rs[0]['lr']:g} | {rs[0]['trainable_params']:,} | "
-                         f"{rs[0]['trainable_percent']:.4f} % | {ranks} | {statistics.mean(acc):.4f} ± {std:.4f} "
+            scale = "-" if rs[0]["scale"] is None else f"{rs[0]['scale']:g}"
+            lines.append(f"| {RUNS[run][0]} | {rs[0]['lr']:g} | {scale} | {rs[0]['trainable_params']:,} | "
+                         f"{rs[0].get('adapter_params', 0):,} | {rs[0]['trainable_percent']:.4f} % | {ranks} | {statistics.mean(acc):.4f} ± {std:.4f} "
                          f"(n={len(acc)}) | {statistics.mean(r['step_ms'] for r in rs):.1f} |")
         lines.append("")
     return "\n".join(lines)
@@ -161,7 +183,8 @@ def main(argv=None):
 
     res = {"command": "python examples/tcurlora_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "steps": args.steps, "batch": args.batch, "max_length": args.max_length, "seeds": args.seeds,
-           "runs": args.runs, "results": {}}
+           "runs": args.runs, "eval_split": args.eval_split, "head": args.head, "rank": args.rank,
+           "tcur_scale": args.tcur_scale, "results": {}}
     for data in args.data:
         out = res["results"][data] = []
         for seed in args.seeds:
@@ -171,12 +194,17 @@ def main(argv=None):
                 print(json.dumps({"data": data, **r}), flush=True)
                 out.append(r)
                 jax.clear_caches()
+                _write(res, args)   # after every run: a long sweep that is stopped keeps what finished
+    _write(res, args)
+    print(to_markdown(res))
+    return res
+
+
+def _write(res, args):
     for path, text in ((args.json, json.dumps(res, indent=1)), (args.md, to_markdown(res))):
         if path:
             pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
             pathlib.Path(path).write_text(text + "\n")
-    print(to_markdown(res))
-    return res
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 Hermitian symmetry of the core, n3*r^2 parameters, lift == merge, factored == materialised paths,
 training only U, checkpoints, summary, and the selection modes."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -390,6 +392,30 @@ def test_rank_per_group_and_user_groups():
     assert _rel(jlora.lift(model.apply)(moved, IDS, MASK), model.apply(jlora.merge(moved), IDS, MASK)) < 1e-5
 
 
+def test_scale_multiplies_the_update_in_lift_merge_and_checkpoints(tiny, tmp_path):
+    model, params, _ = tiny
+    y0 = model.apply(params, IDS, MASK)
+    outs = {}
+    for scale in (1.0, 4.0):
+        moved = _perturb(jlora.apply(params, jlora.TCURLoRA(rank=3, scale=scale), 0))
+        outs[scale] = jlora.lift(model.apply)(moved, IDS, MASK)
+        merged = jlora.merge(moved)
+        np.testing.assert_allclose(model.apply(merged, IDS, MASK), outs[scale], rtol=1e-5, atol=1e-6)
+        if scale == 4.0:
+            d1 = {p: k - _kernels(params)[p] for p, k in _kernels(jlora.merge(_perturb(
+                jlora.apply(params, jlora.TCURLoRA(rank=3), 0)))).items()}
+            for p, k in _kernels(merged).items():
+                np.testing.assert_allclose(k - _kernels(params)[p], 4.0 * d1[p], rtol=1e-4, atol=1e-6)
+            jlora.io.save_adapter(tmp_path / "s", moved, spec=jlora.TCURLoRA(rank=3, scale=scale))
+            back = jlora.io.load_adapter(tmp_path / "s", params)
+            np.testing.assert_allclose(jlora.lift(model.apply)(back, IDS, MASK), outs[scale], rtol=1e-6, atol=1e-7)
+            assert jlora.io.read_adapter_metadata(tmp_path / "s")["spec"]["scale"] == 4.0
+    assert _rel(outs[4.0], y0) > _rel(outs[1.0], y0) > 1e-4
+    for bad in (0, -1.0, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            jlora.TCURLoRA(scale=bad)
+
+
 def test_group_errors():
     _, params = _bert()
     with pytest.raises(ValueError, match="mixes kernel shapes"):
@@ -451,9 +477,14 @@ def test_ablation_script_runs_on_a_tiny_step_count(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     res = mod.main(["--steps", "2", "--eval-limit", "16", "--data", "rotten_tomatoes", "--runs",
-                    "lora,tcur_fisher_auto", "--calib-batches", "1", "--json", str(tmp_path / "t.json"),
-                    "--md", str(tmp_path / "t.md")])
+                    "head,lora,tcur_fisher_auto", "--calib-batches", "1", "--json", str(tmp_path / "t.json"),
+                    "--md", str(tmp_path / "t.md"), "--tcur-scale", "0.5"])
     runs = {r["run"]: r for r in res["results"]["rotten_tomatoes"]}
-    assert runs["lora"]["trainable_params"] == 74_498
-    assert runs["tcur_fisher_auto"]["trainable_params"] - 770 <= 36 * 4 ** 2     # the core budget + the head
+    head = 384 * 2 + 2 + 384 * 384 + 384                     # the new classifier + the (untrained) pooler
+    assert runs["head"]["trainable_params"] == head and runs["head"]["adapter_params"] == 0
+    assert runs["lora"]["adapter_params"] == 6 * 2 * 2 * 8 * 384 and runs["lora"]["trainable_params"] == 73_728 + head
+    assert 0 < runs["tcur_fisher_auto"]["adapter_params"] <= 36 * 4 ** 2             # within the core budget
+    assert runs["tcur_fisher_auto"]["scale"] == 0.5 and runs["lora"]["scale"] is None
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert [r["run"] for r in saved["results"]["rotten_tomatoes"]] == ["head", "lora", "tcur_fisher_auto"]
     assert "| tCURLoRA fisher, auto ranks (same budget) |" in (tmp_path / "t.md").read_text()
