@@ -30,9 +30,10 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None, param_dtype="float32",
                 virtual_tokens=20, prefix_projection=None, ptuning_encoder="mlp", ptuning_hidden=None,
                 prompt_init="random", prompt_init_text=None, prefix_init="random",
-                init_r=12, target_r=8, tinit=0, tfinal=0, delta_t=1, orth_reg_weight=0.5)
+                init_r=12, target_r=8, tinit=0, tfinal=0, delta_t=1, orth_reg_weight=0.5,
+                selection="norm", tcur_scale=1.0, budget=None, calib_batches=4)
 PROMPT_METHODS = ("prompt", "prefix", "ptuning")
-METHODS = ("lora", "qlora", "dora", "adalora", "ia3", "head") + PROMPT_METHODS
+METHODS = ("lora", "qlora", "dora", "adalora", "ia3", "tcur", "head") + PROMPT_METHODS
 #: IA3's default (targets, feed-forward) per model family, PEFT's tables (jlora.methods.ia3.DEFAULTS)
 MODEL_FAMILY = {"minilm": "bert", "smollm2": "llama"}
 
@@ -41,7 +42,7 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", help="YAML or JSON file with any of these settings")
     p.add_argument("--model", choices=("minilm", "smollm2"))
     p.add_argument("--data", help="rotten_tomatoes | bbc_news | chatterbot | natural_instructions:<subtask>")
-    p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), dora, adalora, ia3, head (train "
+    p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), dora, adalora, ia3, tcur (tCURLoRA), head (train "
                    "only the new head: baseline), prompt (prompt tuning), prefix (prefix tuning / P-tuning v2), "
                    "ptuning (P-tuning v1)")
     p.add_argument("--init-r", type=int, help="adalora: initial rank of every module (default 12)")
@@ -50,6 +51,12 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--tfinal", type=int, help="adalora: final steps with the budget fixed at the target")
     p.add_argument("--delta-t", type=int, help="adalora: mask every N steps in between")
     p.add_argument("--orth-reg-weight", type=float, help="adalora: weight of the orthogonality regulariser")
+    p.add_argument("--selection", choices=("norm", "gradient", "fisher", "random", "svd"),
+                   help="tcur: how fibres are chosen (norm: the paper's; gradient/fisher calibrate on training batches)")
+    p.add_argument("--tcur-scale", type=float, help="tcur: multiplies the update (default 1, the paper's)")
+    p.add_argument("--budget", type=int, help="tcur: total core parameters; ranks per tensor then follow importance "
+                   "(--rank is ignored)")
+    p.add_argument("--calib-batches", type=int, help="tcur: training batches for gradient/fisher selection (default 4)")
     p.add_argument("--virtual-tokens", type=int, help="prompt/prefix/ptuning: number of virtual tokens")
     p.add_argument("--prefix-projection", type=int,
                    help="prefix: hidden size of Li & Liang's MLP reparameterisation (default: none, deep prompts)")
@@ -111,11 +118,14 @@ def load_config(args: argparse.Namespace | dict) -> dict:
     if cfg["method"] not in METHODS:
         raise SystemExit(f"jlora: method must be one of {METHODS}, got {cfg['method']!r}")
     for key in ("steps", "batch", "rank", "max_length", "accum_steps", "virtual_tokens", "init_r", "target_r",
-                "delta_t"):
+                "delta_t", "calib_batches"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise SystemExit(f"jlora: {key} must be a positive integer, got {cfg[key]!r}")
-    if not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] > 0):
-        raise SystemExit(f"jlora: lr must be a positive number, got {cfg['lr']!r}")
+    for key in ("lr", "tcur_scale"):
+        if isinstance(cfg[key], bool) or not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):
+            raise SystemExit(f"jlora: {key} must be a positive number, got {cfg[key]!r}")
+    if cfg["budget"] is not None and (not isinstance(cfg["budget"], int) or cfg["budget"] < 1):
+        raise SystemExit(f"jlora: budget must be a positive integer, got {cfg['budget']!r}")
     if cfg["batch"] % cfg["accum_steps"]:
         raise SystemExit(f"jlora: batch {cfg['batch']} is not divisible by accum_steps {cfg['accum_steps']}")
     return cfg
@@ -153,7 +163,7 @@ def build(cfg: dict, task=None):
 
 
 def _method_spec(cfg: dict, common: dict, task):
-    """The jlora spec for a weight-adapting --method (lora, qlora, dora, adalora, ia3)."""
+    """The jlora spec for a weight-adapting --method (lora, qlora, dora, adalora, ia3, tcur)."""
     import jlora
     from jlora.methods.ia3 import DEFAULTS as IA3_DEFAULTS
 
@@ -168,6 +178,11 @@ def _method_spec(cfg: dict, common: dict, task):
                              delta_t=cfg["delta_t"], orth_reg_weight=cfg["orth_reg_weight"], total_steps=cfg["steps"],
                              alpha=cfg["alpha"], dropout=cfg["dropout"], targets=common["targets"],
                              exclude=common["exclude"], train_also=common["train_also"])
+    if method == "tcur":
+        return jlora.TCURLoRA(rank="auto" if cfg["budget"] else cfg["rank"], budget=cfg["budget"],
+                              selection=cfg["selection"], scale=cfg["tcur_scale"], exclude=common["exclude"],
+                              calibration=_calibration(cfg, task) if cfg["selection"] in ("gradient", "fisher") else None,
+                              train_also=common["train_also"])
     if method == "ia3":
         targets, feedforward = IA3_DEFAULTS[MODEL_FAMILY[cfg["model"]]]
         if cfg["targets"] != "default":
@@ -175,6 +190,18 @@ def _method_spec(cfg: dict, common: dict, task):
         return jlora.IA3(targets=targets, feedforward=feedforward, exclude=common["exclude"],
                          train_also=common["train_also"])
     return jlora.LoRA(**common)
+
+
+def _calibration(cfg: dict, task):
+    """(loss_fn, batches) for tCURLoRA's gradient / fisher selection: the task's loss on the plain
+    model (no dropout) over the first --calib-batches training batches of --batch examples."""
+    loss = task.loss_fn(task.model.apply)
+    train, b = task.arrays["train"], cfg["batch"]
+    n = len(next(iter(train.values())))
+    if cfg["calib_batches"] * b > n:
+        raise SystemExit(f"jlora: --calib-batches {cfg['calib_batches']} x --batch {b} exceeds the {n} training examples")
+    batches = [{k: v[i * b:(i + 1) * b] for k, v in train.items()} for i in range(cfg["calib_batches"])]
+    return (lambda params, batch: loss(params, batch, None)[0]), batches
 
 
 def _build_prompt(cfg: dict, task, params):

@@ -142,3 +142,37 @@ def test_prompt_and_ptuning_flags_build_their_specs():
     assert jlora.prompt_kwargs(adapted, 2)["prompt_embeddings"].shape == (2, 3, 384)
     with pytest.raises(SystemExit, match="needs a non-empty init_text, got None"):
         cli.build(cli.load_config({"method": "prompt", "prompt_init": "text"}), task=task)
+
+
+def test_tcur_method_train_eval_export_inspect(tmp_path, capsys):
+    """--method tcur on the real MiniLM with fisher selection calibrated on training batches: the
+    saved run reproduces its test metrics, merges, refuses PEFT files and shows its tensors."""
+    run = tmp_path / "tcur"
+    assert cli.main(["train", "--method", "tcur", "--rank", "2", "--selection", "fisher", "--calib-batches", "1",
+                     "--tcur-scale", "5", "--steps", "2", "--batch", "4", "--max-length", "16", "--eval-limit", "16",
+                     "--out", str(run), "--no-progress"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    saved = json.loads((run / "adapter" / "jlora_adapter.json").read_text())
+    assert saved["spec"]["method"] == "tcur" and saved["spec"]["selection"] == "fisher"
+    assert saved["spec"]["scale"] == 5.0 and saved["spec"]["rank"] == 2
+    # cores: n3 * r^2 per tensor (attention 24 slices, mlp up / down 6 each) + the 384 x 2 head
+    assert results["trainable_params"] == (24 + 6 + 6) * 2 ** 2 + 770
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(run), "--split", "test", "--limit", "16"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["loss"] == pytest.approx(results["test"]["loss"], rel=1e-5)
+    assert cli.main(["export", "--run", str(run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+    import orbax.checkpoint as ocp
+    merged = ocp.StandardCheckpointer().restore(str(tmp_path / "merged"))
+    assert "jlora_tcur" not in merged
+    assert merged["params"]["encoder"]["layer_5"]["output"]["dense"]["kernel"].shape == (1536, 384)
+    with pytest.raises((SystemExit, ValueError), match="tcur"):
+        cli.main(["export", "--run", str(run), "--format", "peft", "--out", str(tmp_path / "peft")])
+    capsys.readouterr()
+    assert cli.main(["inspect", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "attention: 24 kernels stacked, n3=24" in out and "selection=fisher" in out
+    with pytest.raises(SystemExit, match="tcur_scale must be a positive number, got 0"):
+        cli.load_config({"method": "tcur", "tcur_scale": 0})
+    with pytest.raises(SystemExit, match="budget must be a positive integer"):
+        cli.load_config({"method": "tcur", "budget": -3})
