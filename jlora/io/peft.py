@@ -1,4 +1,6 @@
 """Hugging Face PEFT adapter files (LoRA, DoRA, IA3): export jlora adapters, import PEFT-trained ones.
+(Prompt tuning / prefix tuning / P-tuning files: :mod:`jlora.io.peft_prompt`, which :func:`save_peft`
+and :func:`load_peft` hand over to when the tree carries a prompt or the file is a prompt-learning one.)
 
 A PEFT adapter is a directory with two files, which :func:`save_peft` writes and
 :func:`load_peft` reads:
@@ -56,6 +58,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import collections.abc
 import difflib
 import json
 import math
@@ -76,6 +79,7 @@ from jlora.io.checkpoint import REWRITES_BASE, CheckpointError, _atomic_write
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+_PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")   # jlora.io.peft_prompt
 
 Naming = Callable[[str, "int | None"], str]
 
@@ -380,6 +384,11 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     """
     if not callable(naming):
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
+    if isinstance(adapted, collections.abc.Mapping) and "jlora_prompt" in adapted:   # prompt / prefix / P-tuning
+        from jlora.io.peft_prompt import save_peft_prompt
+
+        return save_peft_prompt(path, adapted, naming, base_model_name_or_path=base_model_name_or_path,
+                                task_type=task_type, overwrite=overwrite)
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, tuple] = {}  # module -> (rank, scale, dropout, jlora path, kind, feedforward)
@@ -460,37 +469,7 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
                       f"which have a bias; PEFT's IA3 also scales the bias (y = (x W + b) * l), jlora does not "
                       f"(y = (x W) * l + b), so the PEFT model's outputs differ by b * (l - 1)", stacklevel=2)
 
-    # modules_to_save: every parameter of each module holding a Trainable leaf
-    by_parent = collections.defaultdict(list)
-    for leaf_path, leaf in flat:
-        by_parent[leaf_path.rsplit("/", 1)[0] if "/" in leaf_path else ""].append((leaf_path, leaf))
-    save_modules = []
-    for parent, leaves in by_parent.items():
-        if not any(isinstance(leaf, Trainable) for _, leaf in leaves):
-            continue
-        first = next(p for p, leaf in leaves if isinstance(leaf, Trainable))
-        module = _module_of_leaf(naming, first)
-        if module is None:
-            module = _call_naming(naming, first, None)  # raises the naming function's own error
-        if module in modules:
-            raise ValueError(f"module {module!r} both carries LoRA and is trained in full ({first!r}); PEFT "
-                             f"excludes modules_to_save from LoRA targeting")
-        for leaf_path, leaf in leaves:
-            if isinstance(leaf, LoRANode):
-                raise ValueError(f"{leaf_path!r} carries an adapter but its module {module!r} is trained in full "
-                                 f"({first!r}); PEFT cannot express both")
-            value = leaf.value if isinstance(leaf, Trainable) else leaf
-            if value is None:
-                raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
-                                 f"{leaf_path!r} holds no value")
-            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-                continue
-            name, tensor = _to_torch_param(leaf_path, value)
-            key = f"{PREFIX}{module}.{name}"
-            if key in tensors:
-                raise ValueError(f"two leaves of {parent!r} map to the same PyTorch parameter {key!r}")
-            tensors[key] = tensor
-        save_modules.append(module)
+    save_modules = _modules_to_save_tensors(flat, naming, tensors, PREFIX, adapted_modules=modules)
 
     if not modules:
         hint = f" (nodes carry other adapters: {others_with_adapter[:4]})" if others_with_adapter else ""
@@ -512,6 +491,42 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
             f.write(text)
 
     return _atomic_write(path, overwrite, write)
+
+
+def _modules_to_save_tensors(flat, naming, tensors, prefix, adapted_modules=()):
+    """``modules_to_save``: writes every parameter of each module holding a ``Trainable`` leaf into
+    ``tensors`` (keys ``prefix + <module>.<param>``, PyTorch layout); returns the module names."""
+    by_parent = collections.defaultdict(list)
+    for leaf_path, leaf in flat:
+        by_parent[leaf_path.rsplit("/", 1)[0] if "/" in leaf_path else ""].append((leaf_path, leaf))
+    save_modules = []
+    for parent, leaves in by_parent.items():
+        if not any(isinstance(leaf, Trainable) for _, leaf in leaves):
+            continue
+        first = next(p for p, leaf in leaves if isinstance(leaf, Trainable))
+        module = _module_of_leaf(naming, first)
+        if module is None:
+            module = _call_naming(naming, first, None)  # raises the naming function's own error
+        if module in adapted_modules:
+            raise ValueError(f"module {module!r} both carries LoRA and is trained in full ({first!r}); PEFT "
+                             f"excludes modules_to_save from LoRA targeting")
+        for leaf_path, leaf in leaves:
+            if isinstance(leaf, LoRANode):
+                raise ValueError(f"{leaf_path!r} carries an adapter but its module {module!r} is trained in full "
+                                 f"({first!r}); PEFT cannot express both")
+            value = leaf.value if isinstance(leaf, Trainable) else leaf
+            if value is None:
+                raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
+                                 f"{leaf_path!r} holds no value")
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                continue
+            name, tensor = _to_torch_param(leaf_path, value)
+            key = f"{prefix}{module}.{name}"
+            if key in tensors:
+                raise ValueError(f"two leaves of {parent!r} map to the same PyTorch parameter {key!r}")
+            tensors[key] = tensor
+        save_modules.append(module)
+    return save_modules
 
 
 def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_or_path, task_type,
@@ -649,9 +664,11 @@ def read_peft_config(path) -> dict:
     if not isinstance(config, dict):
         raise PeftFormatError(f"{file} does not hold a JSON object")
     peft_type = config.get("peft_type")
-    if str(peft_type).upper() not in ("LORA", "IA3"):
+    if str(peft_type).upper() not in ("LORA", "IA3") + _PROMPT_TYPES:
         raise PeftFormatError(f"{file}: unknown or unsupported peft_type {peft_type!r}; jlora.io.load_peft reads "
-                              f"'LORA' (LoRA, DoRA) and 'IA3' adapters")
+                              f"'LORA' (LoRA, DoRA), 'IA3' and prompt-learning ({', '.join(_PROMPT_TYPES)}) adapters")
+    if str(peft_type).upper() in _PROMPT_TYPES:
+        return config
     if str(peft_type).upper() == "IA3":
         ff = config.get("feedforward_modules")
         if ff is not None and not isinstance(ff, (str, list)):
@@ -702,6 +719,10 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     if not isinstance(adapter, str) or not adapter or "/" in adapter:
         raise ValueError(f"adapter name must be a non-empty string without '/', got {adapter!r}")
     config = read_peft_config(path)
+    if str(config["peft_type"]).upper() in _PROMPT_TYPES:
+        from jlora.io.peft_prompt import load_peft_prompt
+
+        return load_peft_prompt(path, params, naming, config)
     path = os.path.abspath(os.fspath(path))
     weights_file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_file):
@@ -857,34 +878,41 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
                       f"leaves the bias unscaled (y = (x W) * l + b), so outputs differ by b * (l - 1)", stacklevel=2)
 
     # -- modules_to_save / trained biases -------------------------------------------------------
-    if extra:
-        by_key = {}
-        for index, (leaf_path, leaf) in enumerate(flat):
-            value = leaf.value if isinstance(leaf, Trainable) else leaf
-            if isinstance(leaf, LoRANode) or not (hasattr(value, "shape") and hasattr(value, "dtype")):
-                continue
-            module = _module_of_leaf(naming, leaf_path)
-            if module is not None:
-                by_key.setdefault(f"{module}.{_torch_param_name(leaf_path)}", index)
-                if _torch_param_name(leaf_path) == "bias":  # bias="all"/"lora_only": <module>.base_layer.bias
-                    by_key.setdefault(f"{module}.base_layer.bias", index)
-        for key, value in sorted(extra.items()):
-            if key not in by_key:
-                closest = difflib.get_close_matches(key, sorted(by_key), n=4, cutoff=0.3)
-                raise PeftFormatError(f"{weights_file}: {PREFIX}{key} (modules_to_save / bias) matches no leaf of "
-                                      f"params; closest: {closest}")
-            index = by_key[key]
-            if index in placements:
-                raise PeftFormatError(f"{weights_file}: {key!r} targets {flat[index][0]!r}, which also carries an adapter")
-            leaf_path, leaf = flat[index]
-            like = leaf.value if isinstance(leaf, Trainable) else leaf
-            arr = _from_torch_param(leaf_path, like, value, f"{weights_file}: {PREFIX}{key}")
-            placements[index] = Trainable(jnp.asarray(arr, dtype=like.dtype), leaf_path)
+    _place_modules_to_save(flat, naming, extra, placements, weights_file, PREFIX)
 
     if not placements:
         raise PeftFormatError(f"{weights_file} holds no tensors")
     leaves = [placements.get(i, leaf) for i, (_, leaf) in enumerate(flat)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _place_modules_to_save(flat, naming, extra, placements, weights_file, prefix):
+    """Puts the file's ``modules_to_save`` / bias tensors ``extra`` (``{<module>.<param>: array}``)
+    into ``placements`` as :class:`Trainable` leaves, transposes undone."""
+    if not extra:
+        return
+    by_key = {}
+    for index, (leaf_path, leaf) in enumerate(flat):
+        value = leaf.value if isinstance(leaf, Trainable) else leaf
+        if isinstance(leaf, LoRANode) or not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            continue
+        module = _module_of_leaf(naming, leaf_path)
+        if module is not None:
+            by_key.setdefault(f"{module}.{_torch_param_name(leaf_path)}", index)
+            if _torch_param_name(leaf_path) == "bias":  # bias="all"/"lora_only": <module>.base_layer.bias
+                by_key.setdefault(f"{module}.base_layer.bias", index)
+    for key, value in sorted(extra.items()):
+        if key not in by_key:
+            closest = difflib.get_close_matches(key, sorted(by_key), n=4, cutoff=0.3)
+            raise PeftFormatError(f"{weights_file}: {prefix}{key} (modules_to_save / bias) matches no leaf of "
+                                  f"params; closest: {closest}")
+        index = by_key[key]
+        if index in placements:
+            raise PeftFormatError(f"{weights_file}: {key!r} targets {flat[index][0]!r}, which also carries an adapter")
+        leaf_path, leaf = flat[index]
+        like = leaf.value if isinstance(leaf, Trainable) else leaf
+        arr = _from_torch_param(leaf_path, like, value, f"{weights_file}: {prefix}{key}")
+        placements[index] = Trainable(jnp.asarray(arr, dtype=like.dtype), leaf_path)
 
 
 def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r_default, alpha_default, rslora,
