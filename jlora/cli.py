@@ -368,9 +368,6 @@ def main(argv=None) -> int:
         elif args.format == "adapter":
             jio.save_adapter(args.out, adapted)
         else:
-            if cfg["method"] in PROMPT_METHODS:
-                raise SystemExit(f"jlora: --format peft is not implemented for --method {cfg['method']}; "
-                                 f"use --format adapter or merged")
             jio.save_peft(args.out, adapted, task.naming, task_type=getattr(task, "peft_task_type", None))
         print(f"wrote {args.format} to {args.out}")
     elif args.command == "inspect":

@@ -32,6 +32,7 @@ class ClassificationTask:
 
     kind = "classification"
     model_name = "minilm"
+    peft_task_type = "SEQ_CLS"     # PEFT files: PeftModelForSequenceClassification (needed for prompts)
 
     def __post_init__(self):
         from jlora import data as jdata

@@ -114,8 +114,13 @@ def test_prompt_methods_train_eval_export_inspect(tmp_path, capsys):
     import orbax.checkpoint as ocp
     merged = ocp.StandardCheckpointer().restore(str(tmp_path / "merged"))
     assert merged["jlora_prompt"]["prefix_tuning"]["embedding"].shape == (4, 6, 2, 12, 32)
-    with pytest.raises(SystemExit, match="peft is not implemented for --method prefix"):
-        cli.main(["export", "--run", str(run), "--format", "peft", "--out", str(tmp_path / "peft")])
+    # PEFT prompt-learning file: the final prefix (the projection applied) and the head
+    assert cli.main(["export", "--run", str(run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["prefix_projection"], config["modules_to_save"]) == (
+        "PREFIX_TUNING", False, ["classifier"])
+    from safetensors.numpy import load_file
+    assert load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))["prompt_embeddings"].shape == (4, 6 * 2 * 384)
     capsys.readouterr()
     assert cli.main(["inspect", "--run", str(run)]) == 0
     assert "jlora_prompt/prefix_tuning/embedding" in capsys.readouterr().out
