@@ -33,6 +33,12 @@ QLoRA adapters are written as plain LoRA (PEFT files do not hold the quantised b
 ``ia3_l`` = jlora's ``extra["l"]``. PEFT's IA3 also scales the bias of a non-feed-forward layer,
 jlora's does not: both functions warn when such a layer has a bias.
 
+AdaLoRA adapters (method "adalora") are written (not read) as an ``AdaLoraConfig`` file: per module
+``lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k) for the k triplets whose singular value is
+non-zero, ``rank_pattern`` ``{"<module>.lora_E": kept mask over init_r}`` so that PEFT resizes the
+module on load, and ``lora_alpha = scale * (init_r + 1e-5)`` (PEFT divides by ``ranknum = init_r``).
+Pass the ``jlora.AdaLoRA`` spec to record its schedule (``init_r``, ``target_r``, ``total_step`` ...).
+
 Module names come from a ``naming(path, layer)`` function mapping a jlora leaf path (e.g.
 ``'params/encoder/layer_0/attention/self/query/kernel'``) to the PyTorch module name without the
 ``base_model.model.`` prefix (``'bert.encoder.layer.0.attention.self.query'``). For a kernel with a
@@ -41,7 +47,7 @@ layer with ``layer=0..L-1``; each layer is written as its own module, and :func:
 gathers the L modules and stacks them again. :func:`default_naming` covers simple Flax models.
 
 Not covered: ``lora_bias``, ``layer_replication``, trainable tokens, ``target_parameters``
-(errors), DoRA on embeddings, other PEFT methods (LoHa, LoKr, AdaLoRA files ...), convolution
+(errors), DoRA on embeddings, other PEFT methods (LoHa, LoKr ...), reading AdaLoRA files, convolution
 kernels in PyTorch's (out, in, kh, kw) order (a Flax ``Conv`` kernel would be exported as a
 flattened Linear), PiSSA / OLoRA nodes on save (their base is a residual that PEFT files cannot
 describe), and stacked ``modules_to_save`` leaves.
@@ -314,7 +320,7 @@ def _suffix(module: str) -> str:
 # ------------------------------------------------------------------------------------------
 # save
 
-_KINDS = {"lora": "lora", "qlora": "lora", "dora": "dora", "ia3": "ia3"}  # jlora method -> PEFT file kind
+_KINDS = {"lora": "lora", "qlora": "lora", "dora": "dora", "ia3": "ia3", "adalora": "adalora"}  # jlora -> PEFT kind
 
 
 def _lora_tensors(leaf, leaf_path, adapter, kind, stack, n_in, n_out, embedding):
@@ -360,6 +366,35 @@ def _ia3_tensors(leaf, leaf_path, adapter, meta, stack, n_in, n_out, embedding):
     return {"ia3_l": l.reshape(stack + ((1, n) if meta.feedforward else (n, 1)))}
 
 
+def _adalora_tensors(leaf, leaf_path, adapter, stack, n_in, n_out, embedding):
+    """AdaLoRA's ``lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k) per layer (lists for a
+    stacked kernel: the kept rank k may differ per layer), keeping the triplets whose singular
+    value is non-zero (all of them when none is: an untrained adapter), and the kept masks."""
+    if embedding:
+        raise ValueError(f"{leaf_path!r}: AdaLoRA on an embedding table has no PEFT form (PEFT's AdaLoRA adapts Linear)")
+    a, b = leaf.a.get(adapter), leaf.b.get(adapter)
+    e = (leaf.extra.get(adapter) or {}).get("e")
+    if a is None or b is None or e is None:
+        raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
+                         f"{leaf_path!r} is missing the factors or singular values of adapter {adapter!r}")
+    r = int(a.shape[-1])
+    a = np.asarray(a).reshape((-1, n_in, r))
+    b = np.asarray(b).reshape((-1, r, n_out))
+    e = np.asarray(e).reshape((-1, r))
+    out, masks = {"lora_A": [], "lora_E": [], "lora_B": []}, []
+    for i in range(a.shape[0]):
+        keep = e[i] != 0
+        if not keep.any():
+            keep = np.ones_like(keep)
+        out["lora_A"].append(a[i].T[keep])
+        out["lora_E"].append(e[i][keep][:, None])
+        out["lora_B"].append(b[i].T[:, keep])
+        masks.append(keep.tolist())
+    if not stack:
+        return {k: v[0] for k, v in out.items()}, r, masks[0]
+    return out, r, masks
+
+
 def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_model_name_or_path: str | None = None,
               task_type: str | None = None, overwrite: bool = False, spec=None) -> str:
     """Writes adapter ``adapter`` of ``adapted`` as a PEFT LoRA / DoRA / IA3 adapter directory at ``path``
@@ -392,6 +427,7 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, tuple] = {}  # module -> (rank, scale, dropout, jlora path, kind, feedforward)
+    patterns: dict[str, list] = {}  # AdaLoRA: module -> kept mask over the node's rank
     others_with_adapter = []
     ia3_with_bias = []
 
@@ -431,7 +467,10 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
             n_in, n_out = math.prod(inputs), math.prod(outputs)
             embedding = _is_embedding(leaf_path)
             n_layers = stack[0] if stack else None
-            if kind == "ia3":
+            masks = None
+            if kind == "adalora":
+                per_layer, rank, masks = _adalora_tensors(leaf, leaf_path, adapter, stack, n_in, n_out, embedding)
+            elif kind == "ia3":
                 per_layer = _ia3_tensors(leaf, leaf_path, adapter, meta, stack, n_in, n_out, embedding)
                 rank = 0
                 if not meta.feedforward and f"{leaf_path.rsplit('/', 1)[0]}/bias" in leaf_paths:
@@ -446,6 +485,8 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
                     tensors[key] = np.ascontiguousarray(arrays if layer is None else arrays[layer])
                 modules[module] = (rank, float(meta.scale), float(meta.dropout), leaf_path, kind,
                                    bool(meta.feedforward))
+                if masks is not None:
+                    patterns[module] = masks if layer is None else masks[layer]
         elif isinstance(leaf, Trainable):
             continue
         elif is_adapter_leaf(leaf):
@@ -454,10 +495,11 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     kinds = collections.defaultdict(list)
     for module, info in modules.items():
         kinds[info[4]].append(info[3])
-    if "ia3" in kinds and len(kinds) > 1:
-        other = next(k for k in kinds if k != "ia3")
-        raise ValueError(f"save_peft: adapter {adapter!r} is IA3 on {kinds['ia3'][0]!r} but {other} on "
-                         f"{kinds[other][0]!r}; a PEFT adapter file holds one method (peft_type)")
+    for single in ("ia3", "adalora"):
+        if single in kinds and len(kinds) > 1:
+            other = next(k for k in kinds if k != single)
+            raise ValueError(f"save_peft: adapter {adapter!r} is {single} on {kinds[single][0]!r} but {other} on "
+                             f"{kinds[other][0]!r}; a PEFT adapter file holds one method (peft_type)")
     if "dora" in kinds and "lora" in kinds:
         raise ValueError(f"save_peft: adapter {adapter!r} mixes DoRA ({kinds['dora'][0]!r}) and plain LoRA "
                          f"({kinds['lora'][0]!r}) modules; PEFT's use_dora applies to every module of a LoRA file, "
@@ -477,7 +519,10 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
                  if save_modules else " Did you pass the plain params?")
         raise ValueError(f"save_peft: no LoRA node carries an adapter named {adapter!r}{hint}.{extra}")
 
-    if "ia3" in kinds:
+    if "adalora" in kinds:
+        config = _make_adalora_config(modules, patterns, sorted(set(save_modules)), flat, naming, spec,
+                                      base_model_name_or_path, task_type)
+    elif "ia3" in kinds:
         config = _make_ia3_config(modules, sorted(set(save_modules)), flat, naming, base_model_name_or_path, task_type)
     else:
         config = _make_config(modules, sorted(set(save_modules)), flat, naming, spec,
@@ -574,6 +619,41 @@ def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_o
         "task_type": task_type,
         "use_dora": bool(use_dora),
         "use_rslora": rslora,
+    }
+
+
+def _make_adalora_config(modules, patterns, modules_to_save, flat, naming, spec, base_model_name_or_path, task_type):
+    """``AdaLoraConfig``: PEFT scales by ``lora_alpha / (ranknum + 1e-5)`` with ``ranknum = init_r``
+    (kept when a rank-pattern-truncated adapter is loaded), so ``init_r`` is the spec's (else the
+    largest node rank) and ``lora_alpha = scale * (init_r + 1e-5)``. ``rank_pattern`` (``<module>.lora_E``
+    -> kept mask over ``init_r``) makes PEFT resize each module to the triplets in the file."""
+    from jlora.methods.adalora import AdaLoRA
+
+    names = list(modules)
+    scales = {modules[m][1] for m in names}
+    if len(scales) > 1:
+        raise ValueError(f"save_peft: AdaLoRA modules have different scales {sorted(scales)}; an AdaLoraConfig has "
+                         f"one lora_alpha")
+    ada = spec if isinstance(spec, AdaLoRA) else None
+    init_r = int(ada.init_r) if ada is not None else max(modules[m][0] for m in names)
+    too_big = [m for m in names if modules[m][0] > init_r]
+    if too_big:
+        raise ValueError(f"save_peft: AdaLoRA module {too_big[0]!r} has rank {modules[too_big[0]][0]} > init_r {init_r}")
+    scale = scales.pop()
+    rank_pattern = {f"{m}.lora_E": list(patterns[m]) + [False] * (init_r - len(patterns[m])) for m in names}
+    total = int(ada.total_steps) if ada is not None and ada.total_steps else 1
+    return {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
+        "beta1": float(ada.beta1) if ada else 0.85, "beta2": float(ada.beta2) if ada else 0.85, "bias": "none",
+        "deltaT": int(ada.delta_t) if ada else 1, "exclude_modules": None, "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "init_r": init_r, "layers_pattern": None,
+        "layers_to_transform": None, "lora_alpha": scale * (init_r + 1e-5), "lora_dropout": _most_common(
+            [modules[m][2] for m in names]), "modules_to_save": modules_to_save or None,
+        "orth_reg_weight": float(ada.orth_reg_weight) if ada else 0.5, "peft_type": "ADALORA", "r": 8,
+        "rank_pattern": rank_pattern, "revision": None, "target_modules": _target_modules(names, modules_to_save, flat, naming),
+        "target_r": int(ada.target_r) if ada else min(init_r, 8), "task_type": task_type,
+        "tfinal": int(ada.tfinal) if ada else 0, "tinit": int(ada.tinit) if ada else 0, "total_step": total,
+        "use_dora": False, "use_rslora": False,
     }
 
 

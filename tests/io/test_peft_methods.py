@@ -516,3 +516,78 @@ def test_minilm_dora_parity_both_ways(tmp_path):
     np.testing.assert_allclose(node.cache["default"]["w0_sq"], column_sq_norms(jnp.asarray(w0), node.layout), rtol=1e-6)
     err = np.abs(ours(loaded) - theirs(made)).max()
     assert err <= 1e-4, err
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaLoRA (export only)
+
+def _ada_trained(adapted, keep, seed=5):
+    """A, B random; E random with the triplets not in ``keep`` ({path: bool mask, stack + (r,)}) zeroed,
+    as the rank allocator leaves them."""
+    rng = np.random.default_rng(seed)
+
+    def go(path, leaf):
+        if not isinstance(leaf, jlora.LoRANode):
+            return leaf
+        e = leaf.extra["default"]["e"]
+        new_e = rng.standard_normal(e.shape) * np.asarray(keep[path], np.float32)
+        return leaf.with_(a={"default": jnp.asarray(rng.standard_normal(leaf.a["default"].shape) * 0.3, jnp.float32)},
+                          b={"default": jnp.asarray(rng.standard_normal(leaf.b["default"].shape) * 0.3, jnp.float32)},
+                          extra={"default": {"e": jnp.asarray(new_e, jnp.float32)}})
+    flat, treedef = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
+    return jax.tree_util.tree_unflatten(treedef, [go(p, l) for p, l in flat])
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_adalora_export_loads_in_peft(tmp_path, truncated):
+    peft = pytest.importorskip("peft")
+    from jlora.methods.adalora import truncate
+
+    spec = jlora.AdaLoRA(init_r=4, target_r=2, total_steps=100, tinit=10, tfinal=20, alpha=6.0,
+                         targets=["fc1", "fc2"])
+    params = MLP().init(KEY, X)
+    keep = {"params/fc1/kernel": [True, False, True, False], "params/fc2/kernel": [False, True, True, True]}
+    adapted = _ada_trained(jlora.apply(params, spec, key=jax.random.key(2)), keep)
+    if truncated:                         # what jlora.io.save_adapter stores: only the kept triplets
+        adapted = truncate(adapted)
+        assert _flat(adapted)["params/fc1/kernel"].a["default"].shape == (8, 2)
+    expected = _jax_out(MLP(), adapted)
+    assert np.abs(expected - np.asarray(MLP().apply(params, X))).max() > 1e-2
+    out = save_peft(tmp_path / "ada", adapted, default_naming, spec=spec)
+    config = _json(out)
+    assert config["peft_type"] == "ADALORA" and (config["init_r"], config["target_r"], config["total_step"]) == (4, 2, 100)
+    assert config["lora_alpha"] == pytest.approx(6.0)
+    # the kept triplets, in their original order when not truncated, kept-first (padded) when truncated
+    want = keep if not truncated else {p: sorted(m, reverse=True) for p, m in keep.items()}
+    assert config["rank_pattern"] == {"fc1.lora_E": want["params/fc1/kernel"], "fc2.lora_E": want["params/fc2/kernel"]}
+    shapes = {k.removeprefix("base_model.model."): v.shape for k, v in _tensors(out).items()}
+    assert shapes == {"fc1.lora_A": (2, 8), "fc1.lora_E": (2, 1), "fc1.lora_B": (16, 2),
+                      "fc2.lora_A": (3, 16), "fc2.lora_E": (3, 1), "fc2.lora_B": (4, 3)}
+    model = peft.PeftModel.from_pretrained(_torch_mlp(params), out).eval()
+    assert model.base_model.model.fc1.ranknum["default"].item() == 4.0        # PEFT's scale stays alpha / init_r
+    err = np.abs(_torch_out(model) - expected).max()
+    print(f"\nAdaLoRA (truncated={truncated}) jlora -> PEFT max |diff| {err:.2e}")
+    assert err <= 1e-5, err
+    with pytest.raises(PeftFormatError, match="unsupported peft_type 'ADALORA'"):
+        load_peft(out, params, default_naming)
+
+
+def test_adalora_stacked_export_and_errors(tmp_path):
+    peft = pytest.importorskip("peft")
+    spec = jlora.AdaLoRA(init_r=3, target_r=2, total_steps=50, targets=["fc"])
+    params = Stack().init(KEY, X)
+    keep = {"params/layers/fc/kernel": [[True, True, False], [False, False, True], [True, True, True]]}
+    adapted = _ada_trained(jlora.apply(params, spec, key=jax.random.key(2), model=Stack().apply, example=(X,)), keep)
+    out = save_peft(tmp_path / "s", adapted, STACK_NAMING, spec=spec)
+    assert _json(out)["rank_pattern"] == {f"layers.{i}.fc.lora_E": m for i, m in enumerate(keep["params/layers/fc/kernel"])}
+    assert _tensors(out)["base_model.model.layers.1.fc.lora_A"].shape == (1, 8)
+    model = peft.PeftModel.from_pretrained(_torch_stack(params), out).eval()
+    err = np.abs(_torch_out(model) - _jax_out(Stack(), adapted)).max()
+    assert err <= 1e-5, err
+    # one method per file; an untrained adapter (E all zero) is written whole
+    both = jlora.apply(jlora.apply(MLP().init(KEY, X), jlora.AdaLoRA(init_r=2, target_r=1, total_steps=5, targets=["fc1"]),
+                                   key=KEY), jlora.LoRA(rank=2, targets=["fc2"]), key=KEY)
+    with pytest.raises(ValueError, match="holds one method"):
+        save_peft(tmp_path / "both", both, default_naming)
+    fresh = jlora.apply(MLP().init(KEY, X), jlora.AdaLoRA(init_r=2, target_r=1, total_steps=5, targets=["fc1"]), key=KEY)
+    assert _tensors(save_peft(tmp_path / "fresh", fresh, default_naming))["base_model.model.fc1.lora_A"].shape == (2, 8)
