@@ -368,7 +368,11 @@ def main(argv=None) -> int:
         elif args.format == "adapter":
             jio.save_adapter(args.out, adapted)
         else:
-            jio.save_peft(args.out, adapted, task.naming, task_type=getattr(task, "peft_task_type", None))
+            spec = None
+            if cfg["method"] == "adalora":    # the schedule and init_r go into the AdaLoraConfig
+                targets = task.targets.get(cfg["targets"], cfg["targets"])
+                spec = _method_spec(cfg, {"targets": targets, "exclude": None, "train_also": task.head}, task)
+            jio.save_peft(args.out, adapted, task.naming, task_type=getattr(task, "peft_task_type", None), spec=spec)
         print(f"wrote {args.format} to {args.out}")
     elif args.command == "inspect":
         if args.run:

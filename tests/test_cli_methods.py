@@ -49,6 +49,13 @@ def test_train_and_reload(tmp_path, capsys, method, extra):
         assert sum(ranks.values()) == 24 and all(0 <= r <= 4 for r in ranks.values())
         lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         assert lines[-1]["adalora_budget"] == 24
+        # PEFT AdaLoRA file: the kept triplets, init_r and the schedule from the run's config
+        assert cli.main(["export", "--run", str(run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+        config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+        assert (config["peft_type"], config["init_r"], config["target_r"], config["total_step"]) == ("ADALORA", 4, 2, 4)
+        from safetensors.numpy import load_file
+        tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+        assert sum(int((v != 0).sum()) for k, v in tensors.items() if k.endswith("lora_E")) == 24
 
 
 def test_prefix_init_from_tokens_needs_a_llama():
