@@ -33,11 +33,13 @@ QLoRA adapters are written as plain LoRA (PEFT files do not hold the quantised b
 ``ia3_l`` = jlora's ``extra["l"]``. PEFT's IA3 also scales the bias of a non-feed-forward layer,
 jlora's does not: both functions warn when such a layer has a bias.
 
-AdaLoRA adapters (method "adalora") are written (not read) as an ``AdaLoraConfig`` file: per module
+AdaLoRA adapters (method "adalora") are written and read as ``AdaLoraConfig`` files: per module
 ``lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k) for the k triplets whose singular value is
 non-zero, ``rank_pattern`` ``{"<module>.lora_E": kept mask over init_r}`` so that PEFT resizes the
 module on load, and ``lora_alpha = scale * (init_r + 1e-5)`` (PEFT divides by ``ranknum = init_r``).
 Pass the ``jlora.AdaLoRA`` spec to record its schedule (``init_r``, ``target_r``, ``total_step`` ...).
+:func:`load_peft` builds AdaLoRA nodes (``lora_E`` as ``extra["e"]``, scale ``lora_alpha / (init_r +
+1e-5)``), checking each module's triplet count against ``rank_pattern``.
 
 Module names come from a ``naming(path, layer)`` function mapping a jlora leaf path (e.g.
 ``'params/encoder/layer_0/attention/self/query/kernel'``) to the PyTorch module name without the
@@ -47,7 +49,7 @@ layer with ``layer=0..L-1``; each layer is written as its own module, and :func:
 gathers the L modules and stacks them again. :func:`default_naming` covers simple Flax models.
 
 Not covered: ``lora_bias``, ``layer_replication``, trainable tokens, ``target_parameters``
-(errors), DoRA on embeddings, other PEFT methods (LoHa, LoKr ...), reading AdaLoRA files, convolution
+(errors), DoRA on embeddings, other PEFT methods (LoHa, LoKr ...), convolution
 kernels in PyTorch's (out, in, kh, kw) order (a Flax ``Conv`` kernel would be exported as a
 flattened Linear), PiSSA / OLoRA nodes on save (their base is a residual that PEFT files cannot
 describe), and stacked ``modules_to_save`` leaves.
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import dataclasses
 import difflib
 import json
 import math
@@ -744,9 +747,9 @@ def read_peft_config(path) -> dict:
     if not isinstance(config, dict):
         raise PeftFormatError(f"{file} does not hold a JSON object")
     peft_type = config.get("peft_type")
-    if str(peft_type).upper() not in ("LORA", "IA3") + _PROMPT_TYPES:
+    if str(peft_type).upper() not in ("LORA", "IA3", "ADALORA") + _PROMPT_TYPES:
         raise PeftFormatError(f"{file}: unknown or unsupported peft_type {peft_type!r}; jlora.io.load_peft reads "
-                              f"'LORA' (LoRA, DoRA), 'IA3' and prompt-learning ({', '.join(_PROMPT_TYPES)}) adapters")
+                              f"'LORA' (LoRA, DoRA), 'ADALORA', 'IA3' and prompt-learning ({', '.join(_PROMPT_TYPES)}) adapters")
     if str(peft_type).upper() in _PROMPT_TYPES:
         return config
     if str(peft_type).upper() == "IA3":
@@ -814,7 +817,8 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
 
     # -- sort the file's keys --------------------------------------------------------------
     ia3_file = str(config.get("peft_type")).upper() == "IA3"
-    use_dora = bool(config.get("use_dora", False)) and not ia3_file
+    ada_file = str(config.get("peft_type")).upper() == "ADALORA"
+    use_dora = bool(config.get("use_dora", False)) and not ia3_file and not ada_file
     # module -> {"A": arr, "B": arr, "embedding": bool, "M": magnitude} (LoRA / DoRA) or {"L": arr} (IA3)
     lora: dict[str, dict] = collections.defaultdict(dict)
     extra: dict[str, np.ndarray] = {}
@@ -827,6 +831,15 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
                 raise PeftFormatError(f"{weights_file}: unrecognised tensor {key!r} in an IA3 adapter (expected "
                                       f"<module>.ia3_l)")
             else:
+                extra[key] = value
+            continue
+        if ada_file:   # AdaLoRA: <module>.lora_A (k, in), .lora_E (k, 1), .lora_B (out, k); ranknum = init_r
+            m = re.fullmatch(r"(.+)\.lora_(A|B|E)", key)
+            if m:
+                lora[m.group(1)][m.group(2)] = value
+            elif not re.fullmatch(r".+\.ranknum", key):
+                if re.search(r"\.lora_[A-Za-z_]+\b", key):
+                    raise PeftFormatError(f"{weights_file}: unrecognised AdaLoRA tensor {key!r}")
                 extra[key] = value
             continue
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key) or re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B)", key)
@@ -849,6 +862,8 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     for module, parts in lora.items():
         if ia3_file:
             continue
+        if ada_file and "E" not in parts:
+            raise PeftFormatError(f"{weights_file}: AdaLoRA module {module!r} has no lora_E")
         for part in ("A", "B"):
             if part not in parts:
                 if "M" in parts and not ({"A", "B"} & set(parts)):
@@ -939,6 +954,10 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
                     any(p == leaf_path.rsplit("/", 1)[0] + "/bias" for p, _ in flat):
                 ia3_with_bias.append(names[0])
             continue
+        if ada_file:
+            placements[index] = _build_adalora_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
+                                                    config, dropout, weights_file)
+            continue
         placements[index] = _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
                                         r_default, alpha_default, rslora, rank_pattern, alpha_pattern, dropout,
                                         weights_file, use_dora)
@@ -996,7 +1015,7 @@ def _place_modules_to_save(flat, naming, extra, placements, weights_file, prefix
 
 
 def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r_default, alpha_default, rslora,
-                rank_pattern, alpha_pattern, dropout, weights_file, use_dora=False):
+                rank_pattern, alpha_pattern, dropout, weights_file, use_dora=False, fixed_scale=None):
     rest = shape[1:] if stacked else shape
     embedding = {bool(lora[n].get("embedding")) for n in names}
     if len(embedding) > 1:
@@ -1023,14 +1042,15 @@ def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r
             raise PeftFormatError(
                 f"{weights_file}: shape mismatch for module {n!r} (params {leaf_path!r} {shape}, layout {layout}): "
                 f"expected lora_A (r, {n_in}) and lora_B ({n_out}, r), found {tuple(a.shape)} and {tuple(b.shape)}")
-        r_cfg = int(_pattern_value(rank_pattern, n, r_default))
-        if r_cfg != r:
-            raise PeftFormatError(f"{weights_file}: module {n!r} has rank {r} in the weights but the config says "
-                                  f"r={r_cfg} (r / rank_pattern)")
-        alpha = _pattern_value(alpha_pattern, n, alpha_default)
+        if fixed_scale is None:   # LoRA / DoRA: r and alpha from the config's patterns
+            r_cfg = int(_pattern_value(rank_pattern, n, r_default))
+            if r_cfg != r:
+                raise PeftFormatError(f"{weights_file}: module {n!r} has rank {r} in the weights but the config says "
+                                      f"r={r_cfg} (r / rank_pattern)")
+            alpha = _pattern_value(alpha_pattern, n, alpha_default)
         factors.append((a.T, b.T))
         ranks.append(r)
-        scales.append(_peft_scale(alpha, r, rslora))
+        scales.append(_peft_scale(alpha, r, rslora) if fixed_scale is None else fixed_scale)
 
     rank, scale = max(ranks), scales[0]
     a_list, b_list = [], []
@@ -1061,6 +1081,42 @@ def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r
         extra = {adapter: {"m": m}}
         cache = {adapter: {"w0_sq": column_sq_norms(dense(base, jnp.float32), layout)}}
     return _attach(leaf, leaf_path, layout, adapter, meta, {adapter: a}, {adapter: b}, extra, cache)
+
+
+def _build_adalora_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, config, dropout, weights_file):
+    """An AdaLoRA node (method "adalora", ``extra["e"]`` = ``lora_E``) from PEFT's per-module
+    triplets; scale ``lora_alpha / (init_r + 1e-5)`` as PEFT's ``ranknum``. Layers of a stacked
+    kernel with fewer kept triplets are padded with zero singular values."""
+    init_r = config.get("init_r", 12)
+    if not isinstance(init_r, int) or init_r < 1:
+        raise PeftFormatError(f"{weights_file}: AdaLoRA init_r must be a positive int, got {init_r!r}")
+    pattern = config.get("rank_pattern") or {}
+    for n in names:
+        e, k = lora[n]["E"], lora[n]["A"].shape[0]
+        if e.shape != (k, 1):
+            raise PeftFormatError(f"{weights_file}: module {n!r}: lora_E has shape {tuple(e.shape)}, expected ({k}, 1) "
+                                  f"(one singular value per lora_A row)")
+        mask = pattern.get(f"{n}.lora_E")
+        if mask is not None and (len(mask) != init_r or sum(bool(v) for v in mask) != k):
+            raise PeftFormatError(f"{weights_file}: module {n!r}: rank_pattern keeps {sum(bool(v) for v in mask)} of "
+                                  f"{len(mask)} triplets, but the file holds {k} (init_r={init_r})")
+        if k > init_r:
+            raise PeftFormatError(f"{weights_file}: module {n!r} has {k} triplets > init_r={init_r}")
+    rank = max(lora[n]["A"].shape[0] for n in names)
+    alpha = config.get("lora_alpha", 8)
+    scale = (alpha if alpha > 0 else init_r) / (init_r + 1e-5)
+    # lora_B's columns carry nothing AdaLoRA-specific: the LoRA builder pads and reshapes A and B
+    padded = {}
+    for n in names:
+        a, b, e = lora[n]["A"], lora[n]["B"], lora[n]["E"][:, 0]
+        k = a.shape[0]
+        padded[n] = {"A": a, "B": b, "E": np.concatenate([e, np.zeros(rank - k, e.dtype)])}
+    node = _build_node(leaf_path, leaf, shape, layout, stacked, names, padded, adapter, None, None, False,
+                       {}, {}, dropout, weights_file, fixed_scale=float(scale))
+    e = np.stack([padded[n]["E"] for n in names]) if stacked else padded[names[0]]["E"]
+    meta = dataclasses.replace(node.meta[adapter], method="adalora")
+    return node.with_(extra={**node.extra, adapter: {"e": jnp.asarray(e)}},
+                      adapters=tuple((k, meta if k == adapter else m) for k, m in node.adapters))
 
 
 def _attach(leaf, leaf_path, layout, adapter, meta, a, b, extra, cache):

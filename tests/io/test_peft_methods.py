@@ -568,8 +568,12 @@ def test_adalora_export_loads_in_peft(tmp_path, truncated):
     err = np.abs(_torch_out(model) - expected).max()
     print(f"\nAdaLoRA (truncated={truncated}) jlora -> PEFT max |diff| {err:.2e}")
     assert err <= 1e-5, err
-    with pytest.raises(PeftFormatError, match="unsupported peft_type 'ADALORA'"):
-        load_peft(out, params, default_naming)
+    # and back: AdaLoRA nodes (E as extra["e"]) with the same outputs
+    restored = load_peft(out, params, default_naming)
+    node = _flat(restored)["params/fc2/kernel"]
+    assert node.meta["default"].method == "adalora" and node.extra["default"]["e"].shape == (3,)
+    assert node.meta["default"].scale == pytest.approx(6.0 / (4 + 1e-5))
+    np.testing.assert_allclose(_jax_out(MLP(), restored), expected, atol=1e-6, rtol=0)
 
 
 def test_adalora_stacked_export_and_errors(tmp_path):
@@ -584,6 +588,16 @@ def test_adalora_stacked_export_and_errors(tmp_path):
     model = peft.PeftModel.from_pretrained(_torch_stack(params), out).eval()
     err = np.abs(_torch_out(model) - _jax_out(Stack(), adapted)).max()
     assert err <= 1e-5, err
+    back = load_peft(out, params, STACK_NAMING, model=Stack().apply, example=(X,))
+    e = np.asarray(_flat(back)["params/layers/fc/kernel"].extra["default"]["e"])
+    assert e.shape == (3, 3) and [int((row != 0).sum()) for row in e] == [2, 1, 3]   # padded with zeros
+    np.testing.assert_allclose(_jax_out(Stack(), back), _jax_out(Stack(), adapted), atol=1e-6, rtol=0)
+    bad = _json(out)
+    bad["rank_pattern"]["layers.0.fc.lora_E"] = [True, True, True]
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(bad, f)
+    with pytest.raises(PeftFormatError, match="rank_pattern keeps 3 of 3 triplets, but the file holds 2"):
+        load_peft(out, params, STACK_NAMING, model=Stack().apply, example=(X,))
     # one method per file; an untrained adapter (E all zero) is written whole
     both = jlora.apply(jlora.apply(MLP().init(KEY, X), jlora.AdaLoRA(init_r=2, target_r=1, total_steps=5, targets=["fc1"]),
                                    key=KEY), jlora.LoRA(rank=2, targets=["fc2"]), key=KEY)
@@ -591,3 +605,23 @@ def test_adalora_stacked_export_and_errors(tmp_path):
         save_peft(tmp_path / "both", both, default_naming)
     fresh = jlora.apply(MLP().init(KEY, X), jlora.AdaLoRA(init_r=2, target_r=1, total_steps=5, targets=["fc1"]), key=KEY)
     assert _tensors(save_peft(tmp_path / "fresh", fresh, default_naming))["base_model.model.fc1.lora_A"].shape == (2, 8)
+
+
+def test_peft_made_adalora_loads_with_equal_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    import torch
+
+    params = MLP().init(KEY, X)
+    model = peft.get_peft_model(_torch_mlp(params), peft.AdaLoraConfig(
+        init_r=3, target_r=2, total_step=10, lora_alpha=5, target_modules=["fc1", "fc2"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.5 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path / "ada")
+    adapted = load_peft(tmp_path / "ada", params, default_naming)
+    err = np.abs(_jax_out(MLP(), adapted) - _torch_out(model)).max()
+    assert err <= 1e-5, err
+    assert np.abs(_torch_out(model) - np.asarray(MLP().apply(params, X))).max() > 1e-2
