@@ -488,3 +488,14 @@ def test_ablation_script_runs_on_a_tiny_step_count(tmp_path):
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [r["run"] for r in saved["results"]["rotten_tomatoes"]] == ["head", "lora", "tcur_fisher_auto"]
     assert "| tCURLoRA fisher, auto ranks (same budget) |" in (tmp_path / "t.md").read_text()
+    # results of separate runs (one per data set) merge into one table, training nothing
+    other = dict(saved, command="other", results={"bbc_news": saved["results"]["rotten_tomatoes"]})
+    (tmp_path / "o.json").write_text(json.dumps(other))
+    merged = mod.main(["--from-json", f"{tmp_path / 't.json'},{tmp_path / 'o.json'}", "--json", "",
+                       "--md", str(tmp_path / "m.md")])
+    assert list(merged["results"]) == ["rotten_tomatoes", "bbc_news"] and len(merged["commands"]) == 2
+    md = (tmp_path / "m.md").read_text()
+    assert md.count("| head only (no adapter) |") == 2 and "`other`" in md
+    (tmp_path / "x.json").write_text(json.dumps(dict(other, steps=7)))
+    with pytest.raises(SystemExit, match="steps differs"):
+        mod.main(["--from-json", f"{tmp_path / 't.json'},{tmp_path / 'x.json'}", "--json", "", "--md", ""])
