@@ -501,7 +501,8 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     for single in ("ia3", "adalora"):
         if single in kinds and len(kinds) > 1:
             other = next(k for k in kinds if k != single)
-            raise ValueError(f"save_peft: adapter {adapter!r} is {single} on {kinds[single][0]!r} but {other} on "
+            shown = {"ia3": "IA3", "adalora": "AdaLoRA"}[single]
+            raise ValueError(f"save_peft: adapter {adapter!r} is {shown} on {kinds[single][0]!r} but {other} on "
                              f"{kinds[other][0]!r}; a PEFT adapter file holds one method (peft_type)")
     if "dora" in kinds and "lora" in kinds:
         raise ValueError(f"save_peft: adapter {adapter!r} mixes DoRA ({kinds['dora'][0]!r}) and plain LoRA "
