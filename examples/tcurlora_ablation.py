@@ -162,11 +162,12 @@ def to_markdown(res) -> str:
              "classifier" + (" and the pooler" if res.get("head") == "pooler" else "") + ". Adapter params: the "
              "trainable parameters besides that head (% of the model's). Accuracy on the "
              f"{res['eval_split']} split, mean ± sample std over n seeds; '% of full FT': mean accuracy / full "
-             "fine-tuning's. Step time: mean over steps 2..N.", ""]
+             "fine-tuning's; 'gap closed': (accuracy - head only) / (full fine-tuning - head only), what the "
+             "adapter adds over training the head alone. Step time: mean over steps 2..N.", ""]
     for data, runs in res["results"].items():
-        full = [r["accuracy"] for r in runs if r["run"] == "full"]
         lines += [f"## {data}", "", "| run | lr | scale | adapter params | trainable (with head) | ranks "
-                  "| accuracy (mean ± std, n) | % of full FT | step time (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| accuracy (mean ± std, n) | % of full FT | gap closed | step time (ms) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for run in res["runs"]:
             rs = [r for r in runs if r["run"] == run]
             if not rs:
@@ -177,10 +178,20 @@ def to_markdown(res) -> str:
             scale = "-" if rs[0]["scale"] is None else f"{rs[0]['scale']:g}"
             n_ad = rs[0].get("adapter_params", 0)
             pct = rs[0]["trainable_percent"] * n_ad / max(rs[0]["trainable_params"], 1)
-            of_full = f"{100 * statistics.mean(acc) / statistics.mean(full):.1f} %" if full else "-"
+            # against head-only and full fine-tuning on the seeds all three have (a stopped sweep
+            # leaves rows with fewer seeds): like is compared with like
+            by = {k: {r["seed"]: r["accuracy"] for r in runs if r["run"] == k} for k in ("head", "full")}
+            common = sorted({r["seed"] for r in rs} & set(by["head"]) & set(by["full"]))
+            of_full = gap = "-"
+            if common:
+                a = statistics.mean(r["accuracy"] for r in rs if r["seed"] in common)
+                h, f = (statistics.mean(by[k][s] for s in common) for k in ("head", "full"))
+                of_full = f"{100 * a / f:.1f} %"
+                if f != h:
+                    gap = f"{100 * (a - h) / (f - h):.0f} %"
             lines.append(f"| {RUNS[run][0]} | {rs[0]['lr']:g} | {scale} | {n_ad:,} ({pct:.4f} %) | "
                          f"{rs[0]['trainable_params']:,} | {ranks} | {statistics.mean(acc):.4f} ± {std:.4f} "
-                         f"(n={len(acc)}) | {of_full} | {statistics.mean(r['step_ms'] for r in rs):.1f} |")
+                         f"(n={len(acc)}) | {of_full} | {gap} | {statistics.mean(r['step_ms'] for r in rs):.1f} |")
         lines.append("")
     return "\n".join(lines)
 
