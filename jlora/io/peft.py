@@ -531,6 +531,11 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     else:
         config = _make_config(modules, sorted(set(save_modules)), flat, naming, spec,
                               base_model_name_or_path, task_type, use_dora="dora" in kinds)
+    return _write_adapter_dir(path, overwrite, tensors, config)
+
+
+def _write_adapter_dir(path, overwrite, tensors, config) -> str:
+    """Atomically writes ``adapter_model.safetensors`` + ``adapter_config.json`` at ``path``."""
     text = json.dumps(config, indent=2, sort_keys=True)
 
     def write(target):

@@ -24,7 +24,6 @@ tree carries a prompt or the file is a prompt-learning one.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
@@ -35,10 +34,9 @@ import numpy as np
 from jlora.core.nodes import LoRANode, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
 from jlora.io import peft as _peft
-from jlora.io.checkpoint import _atomic_write
 
 PREFIX = "base_model."          # prompt-learning PeftModels wrap the transformers model directly
-PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+PROMPT_TYPES = _peft._PROMPT_TYPES
 EMBEDDINGS = "prompt_embeddings"
 #: PEFT task types whose PeftModel subclass injects a prompt (decoder-only / encoder-only models)
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -89,15 +87,7 @@ def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, tas
                    "modules_to_save": sorted(set(save_modules)) or None, "num_transformer_submodules": 1,
                    "num_virtual_tokens": int(n_virtual), "revision": None, "task_type": task_type,
                    "token_dim": int(token_dim)})
-    text = json.dumps(config, indent=2, sort_keys=True)
-
-    def write(target):
-        os.makedirs(target)
-        _peft._write_safetensors(os.path.join(target, _peft.WEIGHTS_NAME), tensors, {"format": "pt"})
-        with open(os.path.join(target, _peft.CONFIG_NAME), "w") as f:
-            f.write(text)
-
-    return _atomic_write(path, overwrite, write)
+    return _peft._write_adapter_dir(path, overwrite, tensors, config)
 
 
 def load_peft_prompt(path, params, naming, config: dict):
