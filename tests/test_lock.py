@@ -92,3 +92,7 @@ def test_a_range_or_option_in_a_lock_is_an_error_naming_the_line(project_copy):
     assert any("--index-url" in p for p in lockfiles.check())
     (project_copy / "requirements" / "pip.txt").unlink()
     assert any("requirements/pip.txt is missing" in p for p in lockfiles.check())
+
+
+def test_pip_check_is_clean_but_for_the_asset_packages():
+    assert lockfiles.pip_check() == []

