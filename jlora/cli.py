@@ -281,11 +281,14 @@ def train(cfg: dict, task=None, log=print) -> dict:
         return task.evaluate(lifted, jlora.combine(t, frozen), "validation", limit=cfg["eval_limit"])
 
     setup_s = time.perf_counter() - t0
-    trainable, opt_state, history = fit(
-        step, trainable, frozen, opt_state, stream, cfg["steps"], jax.random.key(cfg["seed"] + 1),
-        tokens_per_batch=cfg["batch"] * task.tokens_per_example(), log_path=str(out / "metrics.jsonl"),
-        eval_fn=eval_fn, eval_every=cfg["eval_every"] or None, progress=cfg["progress"],
-        desc=f"{cfg['method']} {cfg['model']}/{cfg['data']}")
+    try:
+        trainable, opt_state, history = fit(
+            step, trainable, frozen, opt_state, stream, cfg["steps"], jax.random.key(cfg["seed"] + 1),
+            tokens_per_batch=cfg["batch"] * task.tokens_per_example(), log_path=str(out / "metrics.jsonl"),
+            eval_fn=eval_fn, eval_every=cfg["eval_every"] or None, progress=cfg["progress"],
+            desc=f"{cfg['method']} {cfg['model']}/{cfg['data']}", diverge_factor=10.0)
+    except FloatingPointError as e:  # a diverged run saves no adapter and exits non-zero
+        raise SystemExit(f"jlora: training stopped, no adapter saved: {e}") from None
     adapted = jlora.combine(trainable, frozen)
     # prompt methods: the saved adapter holds the final prompt / prefix (reparameterisations dropped)
     adapted = jlora.export_prompt(adapted)
@@ -299,6 +302,7 @@ def train(cfg: dict, task=None, log=print) -> dict:
         "adapter_bytes_on_disk": _dir_bytes(out / "adapter"),
         "validation": {k: v for k, v in history[-1].items() if k.startswith("eval_")},
         "test": test, "final_train_loss": history[-1]["loss"],
+        "skipped_steps": history[-1].get("skipped", 0),
         "steps_per_s": (timed[-1]["step"] - 1) / (timed[-1]["elapsed_s"] - history[0]["elapsed_s"]) if timed else None,
         "setup_s": setup_s, "wall_s": time.perf_counter() - t0,
     }

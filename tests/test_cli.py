@@ -181,3 +181,13 @@ def test_tcur_method_train_eval_export_inspect(tmp_path, capsys):
         cli.load_config({"method": "tcur", "tcur_scale": 0})
     with pytest.raises(SystemExit, match="budget must be a positive integer"):
         cli.load_config({"method": "tcur", "budget": -3})
+
+
+def test_a_diverging_run_exits_nonzero_and_saves_no_adapter(tmp_path):
+    run = tmp_path / "wild"
+    with pytest.raises(SystemExit, match=r"training stopped, no adapter saved: .*(diverged|consecutive steps)"):
+        cli.main(["train", "--steps", "30", "--batch", "4", "--max-length", "16", "--eval-limit", "8",
+                  "--lr", "1e6", "--out", str(run), "--no-progress"])
+    assert not (run / "adapter").exists() and not (run / "results.json").exists()
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records and records[0]["step"] == 1

@@ -10,12 +10,14 @@ import time
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_steps: int, key, *,
         tokens_per_batch: int | None = None, log_path: str | None = None, eval_fn: Callable | None = None,
-        eval_every: int | None = None, log_every: int = 10, progress: bool = True, desc: str = "train"):
+        eval_every: int | None = None, log_every: int = 10, progress: bool = True, desc: str = "train",
+        max_consecutive_skips: int = 5, diverge_factor: float | None = None):
     """Runs ``num_steps`` of ``step`` over ``batches``.
 
     Returns ``(trainable, opt_state, history)`` where ``history`` is the list of records also
@@ -24,6 +26,21 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
     the dict returned by ``eval_fn(trainable)`` every ``eval_every`` steps and at the end, and the
     metrics a step built with ``adapter_update`` names in ``step.log_metrics`` (e.g. AdaLoRA's
     ``adalora_rank`` and ``adalora_budget``; ``opt_state`` is then the step's ``StepState``).
+    ``loss_mean`` is the mean loss of the finite steps since the previous record (``loss`` is the
+    last batch's alone).
+
+    Non-finite steps: a step from :func:`make_step` skips an update whose loss or gradients are not
+    finite (``metrics["skipped"]``); records then carry ``skipped``, the count so far. When
+    ``max_consecutive_skips`` steps in a row are skipped, the run is diverging (or the data is
+    broken) and ``fit`` raises :class:`FloatingPointError` naming the steps; the parameters it held
+    are those of the last good update, so they can still be saved. A step without skipping
+    (``skip_nonfinite=False``) that logs a non-finite loss raises at once, as its parameters are lost.
+    The skip bookkeeping runs on the device (no host sync per step); it is read when a record is
+    logged, so a run stops at most ``log_every`` steps after the limit is reached.
+
+    Divergence: with ``diverge_factor``, a record whose ``loss_mean`` exceeds ``diverge_factor`` times
+    the loss at step 1 (the untrained model's) raises :class:`FloatingPointError` too; a run whose
+    loss is still finite but ten times where it started has diverged (the CLI uses 10).
 
     Example::
 
@@ -32,6 +49,12 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+        raise ValueError(f"max_consecutive_skips must be a positive int, got {max_consecutive_skips!r}")
+    if not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+    if diverge_factor is not None and not (isinstance(diverge_factor, (int, float)) and diverge_factor > 1):
+        raise ValueError(f"diverge_factor must be a number > 1 (or None), got {diverge_factor!r}")
     from tqdm.auto import tqdm
 
     log = open(log_path, "a") if log_path else None
@@ -39,6 +62,10 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
     bar = tqdm(total=num_steps, desc=desc, disable=not progress, dynamic_ncols=True)
     start = last_t = time.perf_counter()
     last_step = 0
+    # device-side counters (no host sync per step): skips so far, the current run of consecutive
+    # skips, the longest run and the step it ended at, and the finite-loss sum / count of the window
+    acc = None
+    first_loss = None
     try:
         for i in range(1, num_steps + 1):
             try:
@@ -47,20 +74,50 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
                 raise ValueError(f"the batch iterator ran out after {i - 1} of {num_steps} steps") from None
             key, sub = jax.random.split(key)
             trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, sub)
+            skipping = "skipped" in metrics
+            if acc is None:
+                acc = _fresh_counters()
+            acc = _accumulate(acc, metrics["loss"], metrics.get("skipped", 0), i)
             do_eval = eval_fn is not None and ((eval_every and i % eval_every == 0) or i == num_steps)
             if i % log_every == 0 or i == num_steps or i == 1 or do_eval:
                 loss = float(metrics["loss"])  # synchronises
+                skips, _, worst, worst_end, win_sum, win_n = (int(v) if j != 4 else float(v)
+                                                              for j, v in enumerate(jax.device_get(acc)))
+                acc = acc[:4] + _fresh_counters()[4:]
+                loss_mean = win_sum / win_n if win_n else math.nan
+                if i == 1:
+                    first_loss = loss
+                if skipping:
+                    n_worst = worst
+                    if n_worst >= max_consecutive_skips:
+                        end = worst_end
+                        raise FloatingPointError(
+                            f"{n_worst} consecutive steps ({end - n_worst + 1}..{end}) had a non-finite loss or "
+                            f"gradients (max_consecutive_skips={max_consecutive_skips}); their updates were "
+                            f"skipped, so the parameters are those of step {end - n_worst}. The run is diverging "
+                            f"or the data holds bad examples: lower the learning rate, clip gradients, or check "
+                            f"the batches")
                 now = time.perf_counter()
                 rate = (i - last_step) / max(now - last_t, 1e-9)
-                record = {"step": i, "loss": loss, "grad_norm": float(metrics.get("grad_norm", math.nan)),
+                record = {"step": i, "loss": loss, "loss_mean": loss_mean,
+                          "grad_norm": float(metrics.get("grad_norm", math.nan)),
                           "steps_per_s": rate, "elapsed_s": now - start}
                 if tokens_per_batch:
                     record["tokens_per_s"] = rate * tokens_per_batch
                 for k in getattr(step, "log_metrics", ()):
                     if k in metrics:
                         record[k] = float(metrics[k])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {i}")
+                if skipping:
+                    record["skipped"] = skips
+                elif not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {i}, and this step applies every update "
+                                             f"(make_step(skip_nonfinite=False)), so the parameters are lost")
+                if (diverge_factor is not None and first_loss is not None and math.isfinite(first_loss)
+                        and loss_mean > diverge_factor * abs(first_loss)):
+                    raise FloatingPointError(
+                        f"the run diverged: mean loss {loss_mean:.4g} over steps {last_step + 1}..{i} is more than "
+                        f"diverge_factor={diverge_factor:g} times the loss at step 1 ({first_loss:.4g}); lower the "
+                        f"learning rate or clip gradients")
                 if do_eval:
                     record.update({f"eval_{k}": float(v) for k, v in eval_fn(trainable).items()})
                     now = time.perf_counter()
@@ -79,6 +136,22 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
         if log:
             log.close()
     return trainable, opt_state, history
+
+
+def _fresh_counters():
+    z = jnp.zeros((), jnp.int32)
+    return (z, z, z, z, jnp.zeros((), jnp.float32), z)
+
+
+@jax.jit
+def _accumulate(acc, loss, skipped, i):
+    skips, run, worst, worst_end, win_sum, win_n = acc
+    skipped = jnp.asarray(skipped).astype(jnp.int32)
+    run = jnp.where(skipped > 0, run + 1, 0)
+    longer = run > worst
+    finite = jnp.isfinite(loss)
+    return (skips + skipped, run, jnp.where(longer, run, worst), jnp.where(longer, i, worst_end),
+            win_sum + jnp.where(finite, loss, 0.0).astype(jnp.float32), win_n + finite.astype(jnp.int32))
 
 
 def plot_history(history, path: str, title: str = "") -> str:

@@ -38,7 +38,7 @@ from jlora.core.paths import flatten_with_paths
 
 __all__ = ["make_step", "init_opt_state", "StepState"]
 
-_RESERVED = ("loss", "grad_norm")
+_RESERVED = ("loss", "grad_norm", "skipped")
 
 
 class StepState(NamedTuple):
@@ -155,14 +155,16 @@ def _acc_dtype(dtype):
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-              mesh=None, rules=None, batch_axes=("data",), donate: bool = True, adapter_update=None):
+              mesh=None, rules=None, batch_axes=("data",), donate: bool = True, adapter_update=None,
+              skip_nonfinite: bool = True):
     """Builds ``step(trainable, frozen, opt_state, batch, key=None) -> (trainable, opt_state, metrics)``.
 
     ``loss_fn(params, batch, key)`` gets ``params = jlora.combine(trainable, frozen)`` (lift the
     model inside it) and returns a scalar loss or ``(loss, aux_dict)``. Gradients are taken
     w.r.t. ``trainable`` only and applied with ``optimizer``; ``frozen`` is never written.
     ``metrics`` holds ``"loss"``, ``"grad_norm"`` (``optax.global_norm`` of the averaged gradients, before
-    the optimizer) and the aux entries.
+    the optimizer), ``"skipped"`` (int32: 1 when this step's update was skipped; only with ``skip_nonfinite``)
+    and the aux entries.
 
     Args:
       loss_fn: ``(params, batch, key) -> loss`` or ``(loss, aux)``.
@@ -194,6 +196,12 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         The step's ``opt_state`` is then a :class:`StepState` ``(opt_state, adapter_state, step)``:
         create it with ``init_opt_state(optimizer, trainable, adapter_update=...)`` or
         ``step.init(trainable)``. Without ``adapter_update`` nothing changes.
+      skip_nonfinite: when the loss or the gradients' global norm is not finite (one bad batch, an
+        overflow), return ``trainable`` and ``opt_state`` (and the adapter state and step count)
+        unchanged instead of applying an update that would poison them for good, and report
+        ``metrics["skipped"] = 1``. The decision is made inside the jitted step (no host sync);
+        :func:`jlora.train.fit` counts the skips and stops a run that keeps skipping. ``False``
+        applies every update, as a bare optax loop does.
 
     Example::
 
@@ -208,6 +216,8 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         raise TypeError(f"optimizer must be an optax.GradientTransformation (with init/update), got {optimizer!r}")
     if not isinstance(accum_steps, int) or isinstance(accum_steps, bool) or accum_steps < 1:
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
     if rules is not None and mesh is None:
         raise ValueError("rules= needs a mesh=; pass mesh=jlora.distributed.make_mesh(...)")
     _check_adapter_update(adapter_update)
@@ -278,6 +288,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         return loss, aux, grads
 
     def _step(trainable, frozen, opt_state, batch, key):
+        old_trainable, old_state = trainable, opt_state
         if adapter_update is not None:
             opt_state, adapter_state, count = opt_state
         if accum_steps == 1:
@@ -287,7 +298,9 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         grad_norm = _global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm, **aux}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm,
+                   **({"skipped": (~finite).astype(jnp.int32)} if skip_nonfinite else {}), **aux}
         if adapter_update is not None:
             trainable, adapter_state, more = adapter_update.update(adapter_state, trainable, grads, count)
             clash = sorted(set(more or {}) & set(metrics))
@@ -295,6 +308,10 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
                 raise ValueError(f"adapter_update's metrics {clash} clash with the step's or loss_fn's metrics")
             metrics.update(more or {})
             opt_state = StepState(opt_state, adapter_state, count + 1)
+        if skip_nonfinite:  # a select, not a branch: same program, no host sync, donation still applies
+            keep = lambda new, old: jnp.where(finite, new, old)
+            trainable = jax.tree_util.tree_map(keep, trainable, old_trainable)
+            opt_state = jax.tree_util.tree_map(keep, opt_state, old_state)
         return trainable, opt_state, metrics
 
     jitted = jax.jit(_step, donate_argnums=donate_argnums) if mesh is None else None

@@ -92,3 +92,69 @@ def test_fit_logs_the_adapter_update_metrics(tmp_path):
     assert records[2]["adalora_rank"] == 4 and records[-1]["adalora_rank"] == 1
     assert all("adapter_loss" in r for r in records)
     assert isinstance(opt_state, jlora.train.StepState) and int(opt_state.step) == 12
+
+
+def _with_bad_batches(good, bad_steps):
+    """Yields the good batch, except NaN inputs at the 1-based steps in ``bad_steps``."""
+    x, y = good
+    i = 0
+    while True:
+        i += 1
+        yield (x * np.nan, y) if i in bad_steps else (x, y)
+
+
+def test_fit_counts_skipped_steps_and_keeps_training(tmp_path):
+    step, trainable, frozen, opt_state, _, good = _setup()
+    log = tmp_path / "m.jsonl"
+    trainable, opt_state, history = fit(step, trainable, frozen, opt_state, _with_bad_batches(good, {3, 7, 8}), 20,
+                                        jax.random.key(0), log_every=5, progress=False, log_path=str(log))
+    assert [r["skipped"] for r in history] == [0, 1, 3, 3, 3]
+    w = np.asarray(trainable["params"]["w"]["kernel"].value)
+    assert np.isfinite(w).all() and history[-1]["loss"] < 0.1 * history[0]["loss"]
+    jio_path = jlora.io.save_adapter(str(tmp_path / "adapter"), jlora.combine(trainable, frozen))
+    assert jlora.io.read_adapter_metadata(jio_path)["trainables"]
+
+
+def test_fit_stops_a_run_that_keeps_skipping():
+    step, trainable, frozen, opt_state, _, good = _setup()
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps \(4\.\.6\).*parameters are those of step 3"):
+        fit(step, trainable, frozen, opt_state, _with_bad_batches(good, {4, 5, 6}), 12, jax.random.key(0),
+            log_every=2, progress=False, max_consecutive_skips=3)
+    with pytest.raises(ValueError, match="max_consecutive_skips must be a positive int, got 0"):
+        fit(step, trainable, frozen, opt_state, _with_bad_batches(good, ()), 2, jax.random.key(0),
+            progress=False, max_consecutive_skips=0)
+
+
+def test_fit_without_skipping_raises_on_a_nonfinite_loss():
+    _, trainable, frozen, opt_state, _, good = _setup()
+
+    def loss_fn(p, batch, key):
+        xb, yb = batch
+        return jnp.mean((xb @ jlora.merge(p)["params"]["w"]["kernel"] - yb) ** 2)
+
+    raw = make_step(loss_fn, optax.sgd(0.1), skip_nonfinite=False)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 1.*parameters are lost"):
+        fit(raw, trainable, frozen, opt_state, _with_bad_batches(good, {1}), 3, jax.random.key(0), progress=False)
+
+
+def test_fit_stops_a_diverging_run_and_logs_window_means():
+    step, trainable, frozen, opt_state, batches, _ = _setup()
+    _, _, history = fit(step, trainable, frozen, opt_state, batches, 10, jax.random.key(0), log_every=5,
+                        progress=False, diverge_factor=10.0)
+    assert [r["step"] for r in history] == [1, 5, 10]
+    assert history[0]["loss_mean"] == pytest.approx(history[0]["loss"])
+    assert history[1]["loss_mean"] > history[1]["loss"]  # steps 2..5 of a decreasing loss average above step 5
+
+    _, trainable, frozen, _, batches, _ = _setup()
+
+    def loss_fn(p, batch, key):
+        xb, yb = batch
+        return jnp.mean((xb @ jlora.merge(p)["params"]["w"]["kernel"] - yb) ** 2)
+
+    wild = make_step(loss_fn, optax.sgd(5.0))  # finite but exploding: no step is skipped
+    with pytest.raises(FloatingPointError, match=r"diverged: mean loss .* over steps 2\.\.4 .* diverge_factor=10"):
+        fit(wild, trainable, frozen, optax.sgd(5.0).init(trainable), batches, 20, jax.random.key(0),
+            log_every=4, progress=False, diverge_factor=10.0)
+    with pytest.raises(ValueError, match="diverge_factor must be a number > 1"):
+        fit(wild, trainable, frozen, optax.sgd(5.0).init(trainable), batches, 2, jax.random.key(0),
+            progress=False, diverge_factor=0.5)

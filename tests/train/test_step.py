@@ -74,7 +74,7 @@ def test_lora_learns_and_frozen_leaves_are_untouched():
     for i in range(200):
         trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(i))
         losses.append(float(metrics["loss"]))
-    assert set(metrics) == {"loss", "grad_norm", "mae"}
+    assert set(metrics) == {"loss", "grad_norm", "skipped", "mae"}
     assert np.isfinite(float(metrics["grad_norm"]))
     # B starts at zero, so the first step sees exactly the frozen model.
     np.testing.assert_allclose(losses[0], frozen_loss, rtol=1e-5)
@@ -358,3 +358,50 @@ def test_adapter_update_with_accumulation_and_mesh_and_errors():
         make_step(loss_fn, optimizer, adapter_update=Clash())(trainable, frozen, init_opt_state(
             optimizer, trainable, adapter_update=Clash()), batch)
 
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_nonfinite_batch_is_skipped_and_state_kept(accum_steps):
+    """One NaN batch (or an Inf loss) leaves trainable and optimizer state bit-equal to before, and the
+    next good batch trains as if the bad one never came."""
+    _, _, adapted, loss_fn, batch = _setup()
+    trainable, frozen = jlora.partition(adapted)
+    opt = optax.adam(1e-2)
+    step = make_step(loss_fn, opt, accum_steps=accum_steps)
+    opt_state = opt.init(trainable)
+    trainable, opt_state, m = step(trainable, frozen, opt_state, batch, jax.random.key(0))
+    assert int(m["skipped"]) == 0
+    before_t, before_o = _snapshot(trainable), _snapshot(opt_state)
+    bad = {"x": batch["x"].at[3, 5].set(jnp.nan), "y": batch["y"]}
+    trainable, opt_state, m = step(trainable, frozen, opt_state, bad, jax.random.key(1))
+    assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
+    chex.assert_trees_all_equal(_snapshot(trainable), before_t)
+    chex.assert_trees_all_equal(_snapshot(opt_state), before_o)
+    # the reference: the same good step with the bad one never taken
+    ref_t, ref_o = _copy(before_t), _copy(before_o)
+    ref_t, ref_o, _ = step(ref_t, frozen, ref_o, batch, jax.random.key(2))
+    trainable, opt_state, m = step(trainable, frozen, opt_state, batch, jax.random.key(2))
+    assert int(m["skipped"]) == 0
+    chex.assert_trees_all_equal(_snapshot(trainable), _snapshot(ref_t))
+
+
+def test_nonfinite_skip_keeps_adapter_state_and_can_be_turned_off():
+    x = jax.random.normal(jax.random.key(0), (16, 8))
+    model = nn.Dense(4)
+    params = model.init(jax.random.key(1), x)
+    spec = jlora.AdaLoRA(init_r=4, target_r=2, total_steps=10, tinit=1, targets=r".*kernel")
+    trainable, frozen = jlora.partition(jlora.apply(params, spec, key=jax.random.key(2)))
+    forward = jlora.lift(model.apply)
+    loss = lambda p, b, k: jnp.mean(forward(p, b) ** 2)
+    step = make_step(loss, optax.adam(1e-2), adapter_update=jlora.adalora_allocator(spec))
+    state = step.init(trainable)
+    trainable, state, _ = step(trainable, frozen, state, x)
+    count = int(state.step)
+    trainable, state, m = step(trainable, frozen, state, x.at[0, 0].set(jnp.inf))
+    assert int(m["skipped"]) == 1 and int(state.step) == count  # a skipped step does not advance the schedule
+    raw = make_step(loss, optax.adam(1e-2), skip_nonfinite=False, adapter_update=jlora.adalora_allocator(spec))
+    trainable, state, m = raw(trainable, frozen, state, x.at[0, 0].set(jnp.nan))
+    assert "skipped" not in m
+    assert not all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(trainable))
+    with pytest.raises(TypeError, match="skip_nonfinite must be True or False, got 1"):
+        make_step(loss, optax.adam(1e-2), skip_nonfinite=1)
