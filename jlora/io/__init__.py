@@ -14,13 +14,14 @@ Example::
 """
 
 from jlora.io.peft import PeftFormatError, default_naming, load_peft, read_peft_config, save_peft
-from jlora.io.checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, RestoredState,
+from jlora.io.checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, CorruptCheckpointError, NonFiniteError,
+                                 RestoredState, array_digest, check_finite,
                                  checkpoint_manager, load_adapter, read_adapter_metadata,
                                  restore_state, save_adapter, save_merged, save_state)
 
 __all__ = [
     "save_adapter", "load_adapter", "read_adapter_metadata", "save_merged",
     "checkpoint_manager", "save_state", "restore_state", "RestoredState",
-    "CheckpointError", "FORMAT", "FORMAT_VERSION",
+    "CheckpointError", "CorruptCheckpointError", "NonFiniteError", "array_digest", "check_finite", "FORMAT", "FORMAT_VERSION",
     "save_peft", "load_peft", "read_peft_config", "default_naming", "PeftFormatError",
 ]

@@ -29,6 +29,11 @@ Three kinds of checkpoint:
 it into place, so a save that fails midway leaves an existing checkpoint at ``path`` untouched;
 they refuse to replace an existing ``path`` unless ``overwrite=True``. They target a local (or
 locally mounted) filesystem from a single process.
+
+Nothing non-finite is written (every save checks its floating arrays, :class:`NonFiniteError`), and
+nothing damaged is read: each array's sha256 is recorded at save and compared at load, the adapter
+metadata carries a digest of itself, and damaged, truncated or edited files raise
+:class:`CorruptCheckpointError`; :func:`restore_state` falls back to the newest undamaged step.
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_adapte
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
 
 FORMAT = "jlora.adapter"
-FORMAT_VERSION = 2          # 2: per-adapter "extra" / "cache" arrays (DoRA, AdaLoRA, IA3)
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3          # 2: per-adapter "extra" / "cache" arrays (DoRA, AdaLoRA, IA3); 3: sha256 digests
+SUPPORTED_VERSIONS = (1, 2, 3)
 META_FILE = "jlora_adapter.json"
 ARRAYS_DIR = "arrays"
 STATE_FORMAT = "jlora.train_state"
@@ -66,6 +71,58 @@ _STATE_META_ITEM = "jlora"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the parameters given."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files are damaged: unreadable, truncated, or not matching the sha256 digests
+    recorded when it was saved (bit rot, a partial copy, a hand-edited metadata file)."""
+
+
+def array_digest(x) -> str:
+    """sha256 of an array's values (C order, its own dtype), the digest save and load compare."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(jax.device_get(x)).tobytes()).hexdigest()
+
+
+def _meta_digest(meta: dict) -> str:
+    import hashlib
+
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class NonFiniteError(ValueError):
+    """A save refused because an array holds NaN or Inf: a checkpoint is never written with one."""
+
+
+def check_finite(tree, what: str) -> None:
+    """Raises :class:`NonFiniteError` naming every leaf of ``tree`` (a pytree or a flat dict keyed by
+    path) whose floating values are not all finite. Integer, boolean and PRNG-key leaves pass.
+    One device round trip for all the device arrays in the tree.
+
+    Example::
+
+        check_finite(trainable, "save_state trainable")
+    """
+    flat, _ = flatten_with_paths(tree, is_leaf=lambda x: x is None)
+    names, verdicts = [], []
+    for leaf_path, leaf in flat:
+        dtype = getattr(leaf, "dtype", None)
+        if leaf is None or dtype is None or _is_key(leaf) or not jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        names.append(leaf_path or "<root>")
+        verdicts.append(jnp.isfinite(leaf).all() if isinstance(leaf, jax.Array) else bool(np.isfinite(leaf).all()))
+    bad = [n for n, ok in zip(names, jax.device_get(verdicts)) if not ok]
+    if bad:
+        raise NonFiniteError(f"{what}: refusing to write NaN/Inf; non-finite values in {len(bad)} array(s): "
+                             f"{bad[:8]}{f' (+{len(bad) - 8} more)' if len(bad) > 8 else ''}. The run diverged or "
+                             f"a bad batch reached the parameters (jlora.train.make_step skips such updates)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,6 +290,7 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
         raise ValueError("save_adapter: the tree has no adapter nodes or Trainable leaves; did you pass the plain params?")
     if spec is not None and not hasattr(spec, "to_json"):
         raise TypeError(f"spec must be a jlora spec with .to_json(), got {spec!r}")
+    check_finite(arrays, f"save_adapter({os.fspath(path)!r})")
     from jlora import __version__
 
     def write(target):
@@ -240,7 +298,9 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
         _checkpointer().save(os.path.join(target, ARRAYS_DIR), args=ocp.args.StandardSave(arrays))
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "jlora_version": __version__,
                 "nodes": nodes, "trainables": trainables, **({"shared": shared} if shared else {}),
-                "spec": None if spec is None else spec.to_json()}
+                "spec": None if spec is None else spec.to_json(),
+                "sha256": {k: array_digest(v) for k, v in arrays.items()}}
+        meta["meta_sha256"] = _meta_digest(meta)
         text = json.dumps(meta, indent=1)  # raises before anything lands at `path`
         with open(os.path.join(target, META_FILE), "w") as f:
             f.write(text)
@@ -270,6 +330,11 @@ def read_adapter_metadata(path) -> dict:
     if meta.get("version") not in SUPPORTED_VERSIONS:
         raise CheckpointError(f"{path}: unknown jlora adapter format version {meta.get('version')!r}; "
                               f"this jlora reads versions {list(SUPPORTED_VERSIONS)} (upgrade jlora?)")
+    if meta["version"] >= 3 and meta.get("meta_sha256") != _meta_digest(meta):
+        raise CorruptCheckpointError(
+            f"{meta_file} does not match the digest recorded when it was saved: it was edited or damaged "
+            f"(scales, ranks, active adapters or dtypes in it may no longer describe the arrays). Save the "
+            f"adapter again rather than editing its metadata")
     return meta
 
 
@@ -351,10 +416,15 @@ def load_adapter(path, params):
             continue
         abstract[record["key"]] = jax.ShapeDtypeStruct(tuple(record["shape"]), jnp.dtype(record["dtype"]),
                                                        sharding=_replicated_like(some_base))
+    arrays_dir = os.path.join(path, ARRAYS_DIR)
     try:
-        arrays = _checkpointer().restore(os.path.join(path, ARRAYS_DIR), args=ocp.args.StandardRestore(abstract))
+        arrays = _checkpointer().restore(arrays_dir, args=ocp.args.StandardRestore(abstract))
     except FileNotFoundError as e:
-        raise CheckpointError(f"adapter checkpoint {path} has no readable {ARRAYS_DIR}/ ({e})") from None
+        raise CorruptCheckpointError(f"adapter checkpoint {path} has no readable {ARRAYS_DIR}/ ({e})") from None
+    except Exception as e:  # noqa: BLE001 - TensorStore / Orbax report damage in many ways
+        raise CorruptCheckpointError(f"adapter checkpoint {path}: the arrays in {arrays_dir} cannot be read, the "
+                                     f"files are damaged or truncated ({_first_line(e)})") from None
+    _verify_digests(arrays, meta.get("sha256"), f"adapter checkpoint {path} ({arrays_dir})")
 
     for record in meta["nodes"]:
         p = record["path"]
@@ -407,6 +477,17 @@ def _to_pure(tree):
     return unfreeze(tree)
 
 
+def _verify_digests(arrays: dict, digests: dict | None, where: str) -> None:
+    """Compares restored arrays with the sha256 digests recorded at save (absent in old formats)."""
+    if digests is None:
+        return
+    bad = [k for k, v in arrays.items() if k in digests and digests[k] is not None
+           and getattr(v, "is_fully_addressable", True) and array_digest(v) != digests[k]]
+    if bad:
+        raise CorruptCheckpointError(f"{where}: {len(bad)} array(s) differ from the sha256 recorded when they were "
+                                     f"saved, the files are damaged: {bad[:8]}")
+
+
 def save_merged(path, adapted, *, dtype=None, overwrite: bool = False) -> str:
     """Saves ``jlora.merge(adapted, dtype)`` (plain weights, as nested dicts) with Orbax's
     standard handler, atomically. No jlora is needed to read it back::
@@ -420,6 +501,7 @@ def save_merged(path, adapted, *, dtype=None, overwrite: bool = False) -> str:
     """
     _single_process("save_merged")
     merged = jax.device_get(_to_pure(_merge(adapted, dtype)))
+    check_finite(merged, f"save_merged({os.fspath(path)!r})")
 
     def write(target):
         _checkpointer().save(target, args=ocp.args.StandardSave(merged))
@@ -495,6 +577,10 @@ def save_state(manager: ocp.CheckpointManager, step: int, trainable, opt_state, 
         description[item] = {k: _describe(flat[k]) for k in keys}
         data = {k: (jax.random.key_data(v) if _is_key(v) else v if hasattr(v, "dtype") else np.asarray(v))
                 for k, v in flat.items()}
+        check_finite(data, f"save_state step {step} {item}")
+        for k, v in data.items():  # digests of what this host can see (a multi-host shard is not hashed)
+            if getattr(v, "is_fully_addressable", True):
+                description[item][k]["sha256"] = array_digest(v)
         if data:  # Orbax refuses empty items
             args[item] = ocp.args.StandardSave(data)
     meta = {"format": STATE_FORMAT, "version": STATE_FORMAT_VERSION, "items": description}
@@ -512,20 +598,47 @@ def restore_state(manager: ocp.CheckpointManager, trainable_template, opt_state_
     ``optimizer.init(that)`` and ``jax.random.key(0)``; arrays or ``jax.ShapeDtypeStruct``;
     leaves are placed with the template's sharding). Returns ``(step, trainable, opt_state, rng)``.
 
+    Every array is checked against the sha256 recorded at save; damaged or truncated files raise
+    :class:`CorruptCheckpointError`. Without ``step``, a damaged newest checkpoint is skipped with a
+    warning and the one before it is restored (and so on), so a run killed mid-save, or a disk that
+    flipped bits, loses only the steps since the last good checkpoint; a template that does not fit
+    raises at once.
+
     Example::
 
         step, trainable, opt_state, rng = jlora.io.restore_state(manager, trainable, opt_state, rng)
     """
     manager.wait_until_finished()
-    if step is None:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no training checkpoints in {manager.directory}")
-    step = int(step)
+    if step is not None:
+        return _restore_step(manager, int(step), trainable_template, opt_state_template, rng_template)
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no training checkpoints in {manager.directory}")
+    damaged = []
+    for s in steps:
+        try:
+            restored = _restore_step(manager, s, trainable_template, opt_state_template, rng_template)
+        except CorruptCheckpointError as e:
+            damaged.append(str(e))
+            continue
+        if damaged:
+            import warnings
+            warnings.warn(f"restored step {s} of {manager.directory}; newer checkpoints are damaged:\n  "
+                          + "\n  ".join(damaged), RuntimeWarning, stacklevel=2)
+        return restored
+    raise CorruptCheckpointError(f"every training checkpoint in {manager.directory} is damaged:\n  "
+                                 + "\n  ".join(damaged))
+
+
+def _restore_step(manager, step: int, trainable_template, opt_state_template, rng_template) -> RestoredState:
     if step not in manager.all_steps():
         raise FileNotFoundError(f"no training checkpoint for step {step} in {manager.directory}; "
                                 f"steps: {list(manager.all_steps())}")
-    meta = manager.restore(step, args=ocp.args.Composite(**{_STATE_META_ITEM: ocp.args.JsonRestore()}))[_STATE_META_ITEM]
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(**{_STATE_META_ITEM: ocp.args.JsonRestore()}))[_STATE_META_ITEM]
+    except Exception as e:  # noqa: BLE001 - a damaged or half-written step
+        raise CorruptCheckpointError(f"training checkpoint step {step} in {manager.directory}: its metadata cannot be "
+                                     f"read ({_first_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
         raise CheckpointError(f"step {step} in {manager.directory} was not written by jlora.io.save_state")
     if meta.get("version") != STATE_FORMAT_VERSION:
@@ -551,7 +664,7 @@ def restore_state(manager: ocp.CheckpointManager, trainable_template, opt_state_
             if k not in saved:
                 continue
             want = _describe(flat[k])
-            if want != saved[k]:
+            if want != {f: v for f, v in saved[k].items() if f != "sha256"}:
                 problems.append(f"{item} {k!r}: checkpoint has shape {tuple(saved[k]['shape'])} {saved[k]['dtype']}, "
                                 f"template has shape {tuple(want['shape'])} {want['dtype']}")
                 continue
@@ -566,7 +679,14 @@ def restore_state(manager: ocp.CheckpointManager, trainable_template, opt_state_
     if problems:
         raise CheckpointError(f"training checkpoint step {step} in {manager.directory} does not fit the "
                               f"templates:\n  " + "\n  ".join(problems))
-    restored = manager.restore(step, args=ocp.args.Composite(**args)) if args else {}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**args)) if args else {}
+    except Exception as e:  # noqa: BLE001 - TensorStore / Orbax report damage in many ways
+        raise CorruptCheckpointError(f"training checkpoint step {step} in {manager.directory}: the arrays cannot be "
+                                     f"read, the files are damaged or truncated ({_first_line(e)})") from None
+    for item in args:
+        _verify_digests(restored[item], {k: r.get("sha256") for k, r in meta["items"][item].items()},
+                        f"training checkpoint step {step} in {manager.directory} ({item})")
 
     out = {"rng": None}
     for item, (flat, treedef, keys) in plans.items():

@@ -83,7 +83,7 @@ import numpy as np
 
 from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, column_sq_norms, dense, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
-from jlora.io.checkpoint import REWRITES_BASE, CheckpointError, _atomic_write
+from jlora.io.checkpoint import REWRITES_BASE, CheckpointError, _atomic_write, check_finite
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -535,7 +535,9 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
 
 
 def _write_adapter_dir(path, overwrite, tensors, config) -> str:
-    """Atomically writes ``adapter_model.safetensors`` + ``adapter_config.json`` at ``path``."""
+    """Atomically writes ``adapter_model.safetensors`` + ``adapter_config.json`` at ``path``;
+    refuses (:class:`jlora.io.checkpoint.NonFiniteError`) tensors holding NaN or Inf."""
+    check_finite(tensors, f"save_peft({os.fspath(path)!r})")
     text = json.dumps(config, indent=2, sort_keys=True)
 
     def write(target):

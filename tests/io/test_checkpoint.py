@@ -347,3 +347,136 @@ def test_resume_is_bit_for_bit(tmp_path):
     step, _, _, rng_none = jio.restore_state(manager, t_tmpl, o_tmpl)
     assert step == 6 and rng_none is None and list(manager.all_steps()) == [5, 6]
     manager.close()
+
+
+# ------------------------------------------------------------------------------------------
+# non-finite values are never written
+
+def _lora(train_also=r"Dense_1/bias"):
+    return _perturb(jlora.apply(_params(), jlora.LoRA(rank=4, targets=r".*/kernel", train_also=train_also),
+                                key=jax.random.key(0)))
+
+
+def _poisoned(train_also=r"Dense_1/bias"):
+    def go(leaf):
+        if isinstance(leaf, jlora.LoRANode) and leaf.path.endswith("Dense_0/kernel"):
+            return leaf.with_(b={n: v.at[0, 1].set(jnp.nan) for n, v in leaf.b.items()})
+        return leaf
+    return jax.tree_util.tree_map(go, _lora(train_also), is_leaf=is_adapter_leaf)
+
+
+def test_no_save_path_writes_a_nonfinite_value(tmp_path):
+    bad = _poisoned()
+    with pytest.raises(jio.NonFiniteError, match=r"save_adapter.*Dense_0/kernel/b/default"):
+        jio.save_adapter(tmp_path / "adapter", bad)
+    with pytest.raises(jio.NonFiniteError, match=r"save_merged.*Dense_0/kernel"):
+        jio.save_merged(tmp_path / "merged", bad)
+    with pytest.raises(jio.NonFiniteError, match=r"save_peft.*Dense_0.lora_B"):
+        jio.save_peft(tmp_path / "peft", _poisoned(train_also=None), jio.default_naming, task_type=None)
+    trainable, _ = jlora.partition(bad)
+    opt = optax.adam(1e-3)
+    manager = jio.checkpoint_manager(tmp_path / "train")
+    with pytest.raises(jio.NonFiniteError, match=r"save_state step 5 trainable.*Dense_0/kernel/b/default"):
+        jio.save_state(manager, 5, trainable, opt.init(trainable), jax.random.key(0))
+    good_t = jlora.partition(_lora())[0]
+    inf_moments = jax.tree_util.tree_map(lambda v: jnp.full_like(v, jnp.inf) if v.dtype == jnp.float32 else v,
+                                         opt.init(good_t))
+    with pytest.raises(jio.NonFiniteError, match=r"save_state step 6 opt_state"):
+        jio.save_state(manager, 6, good_t, inf_moments, jax.random.key(0))
+    manager.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"] and manager.all_steps() == []
+    # integer, boolean and key leaves pass; a finite tree passes
+    jio.check_finite({"i": jnp.arange(3), "m": jnp.ones(2, bool), "k": jax.random.key(1), "x": np.ones(2)}, "ok")
+
+
+# ------------------------------------------------------------------------------------------
+# damaged files are refused, never loaded silently
+
+def _data_files(directory):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+    return sorted((f for f in files if os.path.getsize(f) > 0 and not f.endswith((".json", "_METADATA"))),
+                  key=os.path.getsize)
+
+
+def _flip(path, n=64):
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    for i in range(mid, min(mid + n, len(data))):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_adapter_arrays_raise_naming_the_checkpoint(tmp_path, damage):
+    adapted = _lora()
+    path = jio.save_adapter(tmp_path / "ad", adapted)
+    assert set(jio.read_adapter_metadata(path)["sha256"]) >= {"params/Dense_0/kernel/a/default"}
+    target = _data_files(os.path.join(path, "arrays"))[-1]
+    if damage == "flip":
+        _flip(target)
+    else:
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) // 2)
+    with pytest.raises(jio.CorruptCheckpointError, match=r"adapter checkpoint .*ad.*(damaged|truncated)"):
+        jio.load_adapter(path, _params())
+
+
+def test_flipped_values_that_still_decode_are_caught_by_the_digest(tmp_path, monkeypatch):
+    path = jio.save_adapter(tmp_path / "ad", _lora())
+    real_restore = jio.checkpoint.ocp.Checkpointer.restore
+
+    def bit_rot(self, directory, *args, **kwargs):  # the storage returns a value one bit off
+        out = real_restore(self, directory, *args, **kwargs)
+        key = "params/Dense_1/kernel/b/default"
+        out[key] = out[key].at[0, 0].set(jnp.nextafter(out[key][0, 0], jnp.inf))
+        return out
+
+    monkeypatch.setattr(jio.checkpoint.ocp.Checkpointer, "restore", bit_rot)
+    with pytest.raises(jio.CorruptCheckpointError, match=r"differ from the sha256.*Dense_1/kernel/b/default"):
+        jio.load_adapter(path, _params())
+
+
+@pytest.mark.parametrize("edit", ["scale", "active", "dtype"])
+def test_edited_adapter_metadata_is_refused(tmp_path, edit):
+    path = jio.save_adapter(tmp_path / "ad", _lora())
+    meta_file = os.path.join(path, jio.checkpoint.META_FILE)
+    meta = json.load(open(meta_file))
+    node = meta["nodes"][0]
+    if edit == "scale":
+        node["adapters"][0]["scale"] *= 2
+    elif edit == "active":
+        node["active"] = []
+    else:
+        node["adapters"][0]["a"]["dtype"] = "bfloat16"
+    json.dump(meta, open(meta_file, "w"), indent=1)
+    with pytest.raises(jio.CorruptCheckpointError, match="jlora_adapter.json does not match the digest.*edited"):
+        jio.load_adapter(path, _params())
+
+
+@pytest.mark.parametrize("part", ["trainable", "jlora", "all"])
+def test_damaged_newest_training_state_falls_back_to_the_previous(tmp_path, part):
+    trainable, _ = jlora.partition(_lora())
+    opt = optax.adam(1e-3)
+    manager = jio.checkpoint_manager(tmp_path / "train", max_to_keep=3)
+    states = {}
+    for s in (10, 20):
+        trainable = jax.tree_util.tree_map(lambda v: v + 0.5, trainable)
+        states[s] = _snapshot_leaves(trainable)
+        jio.save_state(manager, s, trainable, opt.init(trainable), jax.random.key(s), wait=True)
+    manager.close()
+    step_dir = tmp_path / "train" / "20"
+    for f in _data_files(step_dir if part == "all" else step_dir / part):
+        _flip(f)
+    manager = jio.checkpoint_manager(tmp_path / "train", max_to_keep=3)
+    template = (trainable, opt.init(trainable), jax.random.key(0))
+    with pytest.warns(RuntimeWarning, match=r"(?s)restored step 10 .*newer checkpoints are damaged.*step 20"):
+        step, t, _, rng = jio.restore_state(manager, *template)
+    assert step == 10 and all(np.array_equal(u, v) for u, v in zip(_snapshot_leaves(t), states[10]))
+    assert np.array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(10)))
+    with pytest.raises(jio.CorruptCheckpointError, match="step 20"):
+        jio.restore_state(manager, *template, step=20)
+    manager.close()
+
+
+def _snapshot_leaves(tree):
+    return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
