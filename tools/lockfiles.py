@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         print("lock check:", p, file=sys.stderr)
     if not problems:
-        print(f"lock check: requirements/*.txt agree with pyproject.toml and jlora/assets.py")
+        print("lock check: requirements/*.txt agree with pyproject.toml and jlora/assets.py")
     return 1 if problems else 0
 
 

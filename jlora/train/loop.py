@@ -64,7 +64,7 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
     last_step = 0
     # device-side counters (no host sync per step): skips so far, the current run of consecutive
     # skips, the longest run and the step it ended at, and the finite-loss sum / count of the window
-    acc = None
+    acc = _fresh_counters()
     first_loss = None
     try:
         for i in range(1, num_steps + 1):
@@ -75,28 +75,23 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
             key, sub = jax.random.split(key)
             trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, sub)
             skipping = "skipped" in metrics
-            if acc is None:
-                acc = _fresh_counters()
             acc = _accumulate(acc, metrics["loss"], metrics.get("skipped", 0), i)
             do_eval = eval_fn is not None and ((eval_every and i % eval_every == 0) or i == num_steps)
             if i % log_every == 0 or i == num_steps or i == 1 or do_eval:
                 loss = float(metrics["loss"])  # synchronises
-                skips, _, worst, worst_end, win_sum, win_n = (int(v) if j != 4 else float(v)
-                                                              for j, v in enumerate(jax.device_get(acc)))
-                acc = acc[:4] + _fresh_counters()[4:]
-                loss_mean = win_sum / win_n if win_n else math.nan
+                skips, _, worst, end, win_sum, win_n = jax.device_get(acc)
+                acc = acc[:4] + _fresh_counters()[4:]  # a new loss window
+                loss_mean = float(win_sum) / int(win_n) if win_n else math.nan
                 if i == 1:
                     first_loss = loss
-                if skipping:
-                    n_worst = worst
-                    if n_worst >= max_consecutive_skips:
-                        end = worst_end
-                        raise FloatingPointError(
-                            f"{n_worst} consecutive steps ({end - n_worst + 1}..{end}) had a non-finite loss or "
-                            f"gradients (max_consecutive_skips={max_consecutive_skips}); their updates were "
-                            f"skipped, so the parameters are those of step {end - n_worst}. The run is diverging "
-                            f"or the data holds bad examples: lower the learning rate, clip gradients, or check "
-                            f"the batches")
+                if skipping and worst >= max_consecutive_skips:
+                    worst, end = int(worst), int(end)
+                    raise FloatingPointError(
+                        f"{worst} consecutive steps ({end - worst + 1}..{end}) had a non-finite loss or "
+                        f"gradients (max_consecutive_skips={max_consecutive_skips}); their updates were "
+                        f"skipped, so the parameters are those of step {end - worst}. The run is diverging "
+                        f"or the data holds bad examples: lower the learning rate, clip gradients, or check "
+                        f"the batches")
                 now = time.perf_counter()
                 rate = (i - last_step) / max(now - last_t, 1e-9)
                 record = {"step": i, "loss": loss, "loss_mean": loss_mean,
@@ -108,7 +103,7 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
                     if k in metrics:
                         record[k] = float(metrics[k])
                 if skipping:
-                    record["skipped"] = skips
+                    record["skipped"] = int(skips)
                 elif not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {i}, and this step applies every update "
                                              f"(make_step(skip_nonfinite=False)), so the parameters are lost")
