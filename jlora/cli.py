@@ -4,23 +4,29 @@ Examples::
 
     jlora train --model minilm --data rotten_tomatoes --method lora --rank 8 --alpha 16 \\
                 --steps 300 --batch 16 --lr 2e-3 --out runs/rt-lora
+    jlora train --model ./my_llama --data chats.jsonl --method lora --steps 500 --out runs/mine
     jlora train --config run.yaml            # the same keys as the flags (dashes or underscores)
     jlora eval --run runs/rt-lora --split test
     jlora export --run runs/rt-lora --format merged --out runs/rt-lora/merged
     jlora inspect --model minilm --method lora --rank 8 --targets all-linear
 
-A run directory holds ``config.json`` (the resolved settings), ``adapter/`` (jlora adapter
+A run directory holds ``config.json`` (the resolved settings, written first), ``checkpoints/``
+(Orbax training states every ``--checkpoint-every`` steps and at exit), ``adapter/`` (jlora adapter
 checkpoint), ``metrics.jsonl`` (one JSON record per logged step), ``plot.png``, ``summary.txt``
-and ``results.json`` (final validation and test metrics; ``test`` is reported, never used to
-choose anything).
+and ``results.json`` (written last: final validation and test metrics; ``test`` is reported, never
+used to choose anything). A run killed before ``results.json`` resumes from its newest good
+checkpoint when the same command is run again; a finished one is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
+import shutil
+import signal
 import sys
 import time
 
@@ -31,17 +37,57 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 virtual_tokens=20, prefix_projection=None, ptuning_encoder="mlp", ptuning_hidden=None,
                 prompt_init="random", prompt_init_text=None, prefix_init="random",
                 init_r=12, target_r=8, tinit=0, tfinal=0, delta_t=1, orth_reg_weight=0.5,
-                selection="norm", tcur_scale=1.0, budget=None, calib_batches=4)
+                selection="norm", tcur_scale=1.0, budget=None, calib_batches=4,
+                # your data (jlora.tasks.DATA_OPTIONS)
+                text_column=None, label_column="label", prompt_column=None, response_column=None,
+                messages_column=None, validation_file=None, test_file=None, packing=False,
+                # the trainer
+                optimizer="adamw", schedule="cosine", warmup_ratio=0.1, warmup_steps=None, clip_norm=0.0,
+                log_every=10, logdir=None, checkpoint_every=100, keep_checkpoints=2, best_metric=None,
+                early_stopping=0)
+#: settings that may differ when a run is resumed (they do not change what is computed)
+RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit")
+OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
+SCHEDULES = ("constant", "linear", "cosine")
+DATA_KEYS = ("text_column", "label_column", "prompt_column", "response_column", "messages_column",
+             "validation_file", "test_file", "packing")
 PROMPT_METHODS = ("prompt", "prefix", "ptuning")
 METHODS = ("lora", "qlora", "dora", "adalora", "ia3", "tcur", "head") + PROMPT_METHODS
-#: IA3's default (targets, feed-forward) per model family, PEFT's tables (jlora.methods.ia3.DEFAULTS)
-MODEL_FAMILY = {"minilm": "bert", "smollm2": "llama"}
 
 
 def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", help="YAML or JSON file with any of these settings")
-    p.add_argument("--model", choices=("minilm", "smollm2"))
-    p.add_argument("--data", help="rotten_tomatoes | bbc_news | chatterbot | natural_instructions:<subtask>")
+    p.add_argument("--model", help="minilm | smollm2 | a Hugging Face directory (BERT, Llama, Mistral, Qwen2) | a .gguf file")
+    p.add_argument("--data", help="rotten_tomatoes | bbc_news | chatterbot | natural_instructions:<subtask> | a CSV / "
+                                  "TSV / JSON / JSONL / Parquet file")
+    g = p.add_argument_group("your data (a --data file)")
+    g.add_argument("--text-column", help="classification text, or plain LM text (default: text)")
+    g.add_argument("--label-column", help="classification label (default: label); the label set is read from the data")
+    g.add_argument("--prompt-column", help="LM prompt (default: found among prompt / instruction / question / input)")
+    g.add_argument("--response-column", help="LM response (default: response / completion / output / answer)")
+    g.add_argument("--messages-column", help="LM chat conversations, rendered with the model's chat template "
+                                             "(default: messages)")
+    g.add_argument("--validation-file", help="validation split (default: cut from --data, seeded)")
+    g.add_argument("--test-file", help="test split (default: cut from --data, seeded)")
+    g.add_argument("--packing", action="store_true", default=None,
+                   help="plain-text LM: pack documents into full rows of --max-length tokens")
+    t = p.add_argument_group("the trainer")
+    t.add_argument("--optimizer", choices=OPTIMIZERS)
+    t.add_argument("--schedule", choices=SCHEDULES, help="learning-rate decay after warm-up (default cosine)")
+    t.add_argument("--warmup-ratio", type=float, help="warm-up as a fraction of --steps (default 0.1)")
+    t.add_argument("--warmup-steps", type=int, help="warm-up steps (overrides --warmup-ratio)")
+    t.add_argument("--clip-norm", type=float, help="clip gradients to this global norm (0: off, the default)")
+    t.add_argument("--log-every", type=int, help="write a metrics record every N steps (default 10)")
+    t.add_argument("--logdir", help="also write TensorBoard event files here")
+    t.add_argument("--checkpoint-every", type=int, help="save the training state every N steps (default 100; 0: only "
+                                                        "at the end and on SIGTERM / Ctrl-C)")
+    t.add_argument("--keep-checkpoints", type=int, help="training states kept (default 2)")
+    t.add_argument("--best-metric", help="with --eval-every: keep the adapter with the best validation metric "
+                                         "(loss, accuracy, perplexity) instead of the last")
+    t.add_argument("--early-stopping", type=int, help="with --best-metric: stop after N evaluations without improvement")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="refuse to continue an interrupted run in --out (the default resumes it)")
     p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), dora, adalora, ia3, tcur (tCURLoRA), head (train "
                    "only the new head: baseline), prompt (prompt tuning), prefix (prefix tuning / P-tuning v2), "
                    "ptuning (P-tuning v1)")
@@ -115,20 +161,80 @@ def load_config(args: argparse.Namespace | dict) -> dict:
             raise SystemExit(f"jlora: unknown keys in {path}: {unknown}; known: {sorted(DEFAULTS)}")
         cfg.update(loaded)
     cfg.update({k: v for k, v in given.items() if k in DEFAULTS and v is not None})
-    if cfg["method"] not in METHODS:
-        raise SystemExit(f"jlora: method must be one of {METHODS}, got {cfg['method']!r}")
-    for key in ("steps", "batch", "rank", "max_length", "accum_steps", "virtual_tokens", "init_r", "target_r",
-                "delta_t", "calib_batches"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise SystemExit(f"jlora: {key} must be a positive integer, got {cfg[key]!r}")
-    for key in ("lr", "tcur_scale"):
-        if isinstance(cfg[key], bool) or not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):
-            raise SystemExit(f"jlora: {key} must be a positive number, got {cfg[key]!r}")
-    if cfg["budget"] is not None and (not isinstance(cfg["budget"], int) or cfg["budget"] < 1):
-        raise SystemExit(f"jlora: budget must be a positive integer, got {cfg['budget']!r}")
-    if cfg["batch"] % cfg["accum_steps"]:
-        raise SystemExit(f"jlora: batch {cfg['batch']} is not divisible by accum_steps {cfg['accum_steps']}")
+    _validate(cfg)
     return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate(cfg: dict) -> None:
+    """Every setting checked; the message names the flag, the value and what was expected."""
+    def bad(key, value, expected):
+        raise SystemExit(f"jlora: --{key.replace('_', '-')} must be {expected}, got {value!r}")
+
+    for key, choices in (("method", METHODS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if cfg[key] not in choices:
+            bad(key, cfg[key], f"one of {choices}")
+    for key in ("model", "data"):
+        if not isinstance(cfg[key], str) or not cfg[key]:
+            bad(key, cfg[key], "a name or a path")
+    for key in ("steps", "batch", "rank", "max_length", "accum_steps", "virtual_tokens", "init_r", "target_r",
+                "delta_t", "calib_batches", "log_every", "keep_checkpoints"):
+        if not _is_int(cfg[key]) or cfg[key] < 1:
+            bad(key, cfg[key], "a positive integer")
+    for key in ("eval_every", "checkpoint_every", "early_stopping", "seed", "tinit", "tfinal"):
+        if not _is_int(cfg[key]) or cfg[key] < 0:
+            bad(key, cfg[key], "an integer >= 0")
+    for key in ("lr", "tcur_scale", "alpha"):
+        if not _is_number(cfg[key]) or cfg[key] <= 0:
+            bad(key, cfg[key], "a positive number")
+    for key in ("weight_decay", "clip_norm", "orth_reg_weight"):
+        if not _is_number(cfg[key]) or cfg[key] < 0:
+            bad(key, cfg[key], "a number >= 0")
+    if not _is_number(cfg["dropout"]) or not 0 <= cfg["dropout"] < 1:
+        bad("dropout", cfg["dropout"], "a number in [0, 1)")
+    if not _is_number(cfg["warmup_ratio"]) or not 0 <= cfg["warmup_ratio"] < 1:
+        bad("warmup_ratio", cfg["warmup_ratio"], "a number in [0, 1)")
+    if cfg["warmup_steps"] is not None and (not _is_int(cfg["warmup_steps"]) or not 0 <= cfg["warmup_steps"] < cfg["steps"]):
+        bad("warmup_steps", cfg["warmup_steps"], f"an integer in [0, --steps={cfg['steps']})")
+    for key in ("budget", "eval_limit", "prefix_projection", "ptuning_hidden"):
+        if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] < 1):
+            bad(key, cfg[key], "a positive integer")
+    for key in ("text_column", "prompt_column", "response_column", "messages_column", "validation_file", "test_file",
+                "logdir", "label_column", "out"):
+        if cfg[key] is not None and (not isinstance(cfg[key], str) or not cfg[key]):
+            bad(key, cfg[key], "a non-empty string")
+    if cfg["batch"] % cfg["accum_steps"]:
+        raise SystemExit(f"jlora: --batch {cfg['batch']} is not divisible by --accum-steps {cfg['accum_steps']}")
+    if cfg["best_metric"] is not None:
+        if cfg["best_metric"] not in BEST_METRICS:
+            bad("best_metric", cfg["best_metric"], f"one of {tuple(BEST_METRICS)}")
+        if not cfg["eval_every"]:
+            raise SystemExit("jlora: --best-metric needs --eval-every N (the metric is measured every N steps)")
+    if cfg["early_stopping"] and cfg["best_metric"] is None:
+        raise SystemExit("jlora: --early-stopping needs --best-metric (the metric whose improvement it waits for)")
+
+
+#: validation metrics --best-metric can select on, and whether larger is better
+BEST_METRICS = {"loss": False, "accuracy": True, "perplexity": False}
+
+
+def make_task(cfg: dict):
+    """The task (model + data + loss + evaluation) for a config; bad models or data exit with the reason."""
+    from jlora.data.files import DataFileError
+    from jlora.tasks import make_task as _make
+
+    try:
+        return _make(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
+                     scan_layers=cfg["scan_layers"], options={k: cfg[k] for k in DATA_KEYS})
+    except (ValueError, FileNotFoundError, DataFileError) as e:
+        raise SystemExit(f"jlora: {e}") from None
 
 
 def build(cfg: dict, task=None):
@@ -136,11 +242,9 @@ def build(cfg: dict, task=None):
     import jax
 
     import jlora
-    from jlora.tasks import make_task
 
     if task is None:
-        task = make_task(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
-                         scan_layers=cfg["scan_layers"])
+        task = make_task(cfg)
     params = _cast_frozen(task.params, cfg["param_dtype"], task.head)
     if cfg["method"] in PROMPT_METHODS:
         return task, *_build_prompt(cfg, task, params)
@@ -154,11 +258,11 @@ def build(cfg: dict, task=None):
                   init=cfg["init"], dropout=cfg["dropout"], train_also=task.head)
     try:
         spec = _method_spec(cfg, common, task)
-    except ValueError as e:
+        model_fn = task.model.apply if cfg["scan_layers"] else None
+        adapted = jlora.apply(params, spec, jax.random.key(cfg["seed"]), model=model_fn,
+                              example=task.example() if model_fn else None)
+    except ValueError as e:   # a rank larger than a module, targets that match nothing ...
         raise SystemExit(f"jlora: {e}") from None
-    model_fn = task.model.apply if cfg["scan_layers"] else None
-    adapted = jlora.apply(params, spec, jax.random.key(cfg["seed"]), model=model_fn,
-                          example=task.example() if model_fn else None)
     return task, adapted, spec
 
 
@@ -184,7 +288,7 @@ def _method_spec(cfg: dict, common: dict, task):
                               calibration=_calibration(cfg, task) if cfg["selection"] in ("gradient", "fisher") else None,
                               train_also=common["train_also"])
     if method == "ia3":
-        targets, feedforward = IA3_DEFAULTS[MODEL_FAMILY[cfg["model"]]]
+        targets, feedforward = IA3_DEFAULTS[task.family]
         if cfg["targets"] != "default":
             targets = common["targets"]
         return jlora.IA3(targets=targets, feedforward=feedforward, exclude=common["exclude"],
@@ -248,75 +352,316 @@ def _cast_frozen(params, dtype: str, head_pattern):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def train(cfg: dict, task=None, log=print) -> dict:
-    """Runs one training configuration end to end; returns the results dict."""
-    import jax
+def make_optimizer(cfg: dict):
+    """(optax optimizer, learning-rate schedule) for --optimizer / --schedule / --warmup-* / --clip-norm /
+    --weight-decay: linear warm-up from 0 to --lr, then constant, linear to 0, or cosine to 0."""
     import optax
+
+    steps, lr = cfg["steps"], cfg["lr"]
+    warm = cfg["warmup_steps"] if cfg["warmup_steps"] is not None else int(cfg["warmup_ratio"] * steps)
+    if cfg["schedule"] == "cosine":   # jlora's historical default: at least one warm-up step
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warm), steps)
+    else:
+        decay = (optax.constant_schedule(lr) if cfg["schedule"] == "constant"
+                 else optax.linear_schedule(lr, 0.0, max(1, steps - warm)))
+        schedule = decay if warm == 0 else optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+    wd = cfg["weight_decay"]
+    if cfg["optimizer"] == "adamw":
+        opt = optax.adamw(schedule, weight_decay=wd)
+    elif cfg["optimizer"] == "lion":
+        opt = optax.lion(schedule, weight_decay=wd)
+    elif cfg["optimizer"] == "adafactor":
+        opt = optax.adafactor(schedule, weight_decay_rate=wd or None)
+    else:
+        opt = optax.chain(optax.add_decayed_weights(wd), optax.sgd(schedule, momentum=0.9)) if wd else \
+            optax.sgd(schedule, momentum=0.9)
+    if cfg["clip_norm"]:
+        opt = optax.chain(optax.clip_by_global_norm(cfg["clip_norm"]), opt)
+    return opt, schedule
+
+
+def _default_out(cfg: dict) -> pathlib.Path:
+    name = lambda v: pathlib.Path(str(v).rstrip("/")).stem.replace(":", "_") or "run"  # noqa: E731
+    return pathlib.Path(f"runs/{name(cfg['model'])}-{name(cfg['data'])}-{cfg['method']}")
+
+
+def _portable(cfg: dict) -> dict:
+    """The config as written to config.json: model and data files as absolute paths, so a run can be
+    evaluated, exported and resumed from any working directory."""
+    from jlora.data.files import looks_like_file
+
+    out = dict(cfg)
+    if out["model"] not in ("minilm", "smollm2"):
+        out["model"] = str(pathlib.Path(out["model"]).resolve())
+    if looks_like_file(out["data"]):
+        out["data"] = str(pathlib.Path(out["data"]).resolve())
+    for key in ("validation_file", "test_file"):
+        if out[key]:
+            out[key] = str(pathlib.Path(out[key]).resolve())
+    return out
+
+
+def _prepare_out(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool) -> bool:
+    """Creates ``out`` or checks it may be reused; True when an interrupted run is to be resumed."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"jlora: --out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "config.json").is_file():
+            raise SystemExit(f"jlora: --out {out} holds files that are not a jlora run; choose another --out")
+        finished = (out / "results.json").is_file()
+        if overwrite:
+            shutil.rmtree(out)
+        elif finished:
+            raise SystemExit(f"jlora: {out} already holds a finished run; choose another --out, or pass --overwrite "
+                             "to replace it")
+        elif not resume:
+            raise SystemExit(f"jlora: {out} holds an interrupted run; run without --no-resume to continue it, or "
+                             "pass --overwrite to start again")
+        else:
+            saved = json.loads((out / "config.json").read_text())
+            diff = sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k))
+            if diff:
+                raise SystemExit(f"jlora: {out} holds an interrupted run with other settings: "
+                                 + ", ".join(f"{k}: {saved.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:6])
+                                 + "; use the same settings to resume it, or --overwrite to start again")
+            return True
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", cfg)
+    return False
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a reason the training loop reads after each step (so it checkpoints and
+    stops cleanly); early stopping sets one too."""
+
+    def __init__(self):
+        self.reason, self.signalled, self._old = None, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signalled is not None:   # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signalled = signal.Signals(signum).name
+        self.reason = self.signalled
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def __call__(self):
+        return self.reason
+
+
+def _read_history(path: pathlib.Path, upto: int) -> list[dict]:
+    """metrics.jsonl records up to step ``upto``; the file is rewritten without later ones (steps a
+    killed run logged after its last checkpoint are recomputed, not duplicated)."""
+    from jlora.train.loop import read_jsonl
+
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:   # a line cut by the kill
+            continue
+        if record.get("step", math.inf) <= upto:
+            kept.append(record)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return read_jsonl(str(path))
+
+
+def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: bool = True) -> dict:
+    """Runs one training configuration end to end; returns the results dict.
+
+    Into a directory that holds an interrupted run (``config.json`` but no ``results.json``) with the
+    same settings, it resumes from the newest good checkpoint (``resume=False`` refuses); a finished
+    run is replaced only with ``overwrite``. SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130.
+    """
+    import jax
+    import numpy as np
 
     import jlora
     from jlora import io as jio
     from jlora.data import batches
     from jlora.train import fit, init_opt_state, make_step, plot_history
 
-    out = pathlib.Path(cfg["out"] or f"runs/{cfg['model']}-{cfg['data'].replace(':', '_')}-{cfg['method']}")
-    if (out / "config.json").exists():
-        raise SystemExit(f"jlora: {out} already holds a run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(cfg["out"]) if cfg["out"] else _default_out(cfg)
     t0 = time.perf_counter()
-    task, adapted, spec = build(cfg, task)
+    task, adapted, spec = build(cfg, task)   # bad models, data and settings fail before anything is written
+    resuming = _prepare_out(out, _portable(cfg), overwrite, resume)
     summary = jlora.summary(adapted)
     (out / "summary.txt").write_text(summary + "\n")
     counts = jlora.count(adapted)
     log(summary.splitlines()[-1])
     lifted = jlora.lift(task.model.apply)
-    optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg["lr"], max(1, cfg["steps"] // 10), cfg["steps"]),
-                            weight_decay=cfg["weight_decay"])
+    optimizer, schedule = make_optimizer(cfg)
     trainable, frozen = jlora.partition(adapted)
     alloc = jlora.adalora_allocator(spec) if cfg["method"] == "adalora" else None  # runs inside the step
     opt_state = init_opt_state(optimizer, trainable, adapter_update=alloc)
     step = make_step(task.loss_fn(lifted), optimizer, accum_steps=cfg["accum_steps"], adapter_update=alloc)
-    stream = batches(task.arrays["train"], cfg["batch"], seed=cfg["seed"], epochs=None)
+    key = jax.random.key(cfg["seed"] + 1)
+    best_metric = cfg["best_metric"]
+    larger_better = BEST_METRICS.get(best_metric, False)
+    # the checkpointed extras: PRNG key, data position, and (with --best-metric) the best adapter so far
+    extra = {"key": key, "data_position": np.int32(0)}
+    if best_metric:
+        extra.update(best_value=np.float32(0.0), best_step=np.int32(0), evals_since_best=np.int32(0))  # step 0: none yet
+    state = {"trainable": trainable, "best": trainable if best_metric else None}
+
+    manager = jio.checkpoint_manager(out / "checkpoints", max_to_keep=cfg["keep_checkpoints"])
+    start, history = 0, []
+    if resuming and manager.all_steps():
+        restored = jio.restore_state(manager, state, opt_state, extra)
+        start, state, opt_state, extra = restored.step, restored.trainable, restored.opt_state, restored.rng
+        if int(extra["data_position"]) != start:
+            raise SystemExit(f"jlora: checkpoint step {start} in {out} records data position "
+                             f"{int(extra['data_position'])}; the checkpoint is inconsistent")
+        key = extra["key"]
+        log(f"resuming {out} from step {start} of {cfg['steps']}")
+    history = _read_history(out / "metrics.jsonl", start) if resuming else []
+    reference = next((r["loss"] for r in history if r["step"] == 1), None)
+    best = {k: extra[k] for k in ("best_value", "best_step", "evals_since_best")} if best_metric else {}
+    best_tree = state["best"]
+    stop = _StopFlag()
+    writer = None
+    if cfg["logdir"]:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(cfg["logdir"], purge_step=start + 1 if start else None)
 
     def eval_fn(t):
-        return task.evaluate(lifted, jlora.combine(t, frozen), "validation", limit=cfg["eval_limit"])
+        nonlocal best_tree
+        metrics = task.evaluate(lifted, jlora.combine(t, frozen), "validation", limit=cfg["eval_limit"])
+        if best_metric:
+            if best_metric not in metrics:
+                raise SystemExit(f"jlora: --best-metric {best_metric} is not measured for this task; "
+                                 f"measured: {sorted(metrics)}")
+            value = float(metrics[best_metric])
+            old = float(best["best_value"])
+            better = int(best["best_step"]) == 0 or (value > old if larger_better else value < old)
+            if better:
+                best_tree = jax.tree_util.tree_map(lambda x: x.copy() if hasattr(x, "copy") else x, t)
+                best.update(best_value=np.float32(value), best_step=np.int32(current["step"]),
+                            evals_since_best=np.int32(0))
+            else:
+                best["evals_since_best"] = np.int32(int(best["evals_since_best"]) + 1)
+                if cfg["early_stopping"] and int(best["evals_since_best"]) >= cfg["early_stopping"]:
+                    stop.reason = stop.reason or (f"early stopping: {cfg['early_stopping']} evaluations without a "
+                                                  f"better validation {best_metric} than step {int(best['best_step'])}")
+        return metrics
 
+    current = {"step": start}
+
+    def on_record(record):
+        record["lr"] = float(schedule(record["step"] - 1))
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    writer.add_scalar(k if k.startswith("eval_") else f"train/{k}", v, record["step"])
+            writer.flush()
+
+    def checkpoint(i, t, o, k):
+        extras = {"key": k, "data_position": np.int32(i), **best}
+        jio.save_state(manager, i, {"trainable": t, "best": best_tree if best_metric else None}, o, extras,
+                       wait=stop.reason is not None or i == cfg["steps"])
+
+    def count_step(fn):   # the eval callback needs the step it is evaluating
+        def wrapped(*a):
+            current["step"] += 1
+            return fn(*a)
+        wrapped.log_metrics = getattr(fn, "log_metrics", ())
+        return wrapped
+
+    stream = batches(task.arrays["train"], cfg["batch"], seed=cfg["seed"], epochs=None, start=start)
     setup_s = time.perf_counter() - t0
+    trainable, new = state["trainable"], []
     try:
-        trainable, opt_state, history = fit(
-            step, trainable, frozen, opt_state, stream, cfg["steps"], jax.random.key(cfg["seed"] + 1),
-            tokens_per_batch=cfg["batch"] * task.tokens_per_example(), log_path=str(out / "metrics.jsonl"),
-            eval_fn=eval_fn, eval_every=cfg["eval_every"] or None, progress=cfg["progress"],
-            desc=f"{cfg['method']} {cfg['model']}/{cfg['data']}", diverge_factor=10.0)
+        with stop:
+            if start < cfg["steps"]:   # else: killed after its last checkpoint, before the results
+                trainable, opt_state, new = fit(
+                    count_step(step), trainable, frozen, opt_state, stream, cfg["steps"], key,
+                    tokens_per_batch=cfg["batch"] * task.tokens_per_example(), log_path=str(out / "metrics.jsonl"),
+                    eval_fn=eval_fn, eval_every=cfg["eval_every"] or None, progress=cfg["progress"],
+                    desc=f"{cfg['method']} {pathlib.Path(cfg['model']).name}/{pathlib.Path(cfg['data']).name}",
+                    diverge_factor=10.0, log_every=cfg["log_every"], start_step=start, checkpoint=checkpoint,
+                    checkpoint_every=cfg["checkpoint_every"] or None, should_stop=stop, reference_loss=reference,
+                    on_record=on_record)
     except FloatingPointError as e:  # a diverged run saves no adapter and exits non-zero
         raise SystemExit(f"jlora: training stopped, no adapter saved: {e}") from None
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        if writer is not None:
+            writer.close()
+    if stop.signalled:
+        print(f"jlora: {stop.signalled} at step {new[-1]['step']}: training state saved in {out / 'checkpoints'}; "
+              f"run the same command again to resume", file=sys.stderr)
+        raise SystemExit(143 if stop.signalled == "SIGTERM" else 130)
+    history += new
+    if best_metric and int(best["best_step"]) > 0:
+        trainable = best_tree
+        log(f"keeping the adapter of step {int(best['best_step'])}: validation {best_metric} "
+            f"{float(best['best_value']):.4f}")
     adapted = jlora.combine(trainable, frozen)
     # prompt methods: the saved adapter holds the final prompt / prefix (reparameterisations dropped)
     adapted = jlora.export_prompt(adapted)
-    jio.save_adapter(str(out / "adapter"), adapted, spec=spec)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    jio.save_adapter(str(out / "adapter"), adapted, spec=spec, overwrite=True)
     test = task.evaluate(lifted, adapted, "test", limit=cfg["eval_limit"])
-    timed = [r for r in history if r["step"] > 1]
+    timed = [r for r in new if r["step"] > new[0]["step"]] if new else []
+    evals = [r for r in history if any(k.startswith("eval_") for k in r)]
     results = {
         "config": cfg, "trainable_params": counts["trainable"], "total_params": counts["total"],
         "trainable_percent": 100.0 * counts["trainable"] / counts["total"],
         "adapter_bytes_on_disk": _dir_bytes(out / "adapter"),
-        "validation": {k: v for k, v in history[-1].items() if k.startswith("eval_")},
-        "test": test, "final_train_loss": history[-1]["loss"],
-        "skipped_steps": history[-1].get("skipped", 0),
-        "steps_per_s": (timed[-1]["step"] - 1) / (timed[-1]["elapsed_s"] - history[0]["elapsed_s"]) if timed else None,
+        "validation": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
+        "test": test, "final_train_loss": history[-1]["loss"], "steps_done": history[-1]["step"],
+        "skipped_steps": history[-1].get("skipped", 0), "resumed_from_step": start or None,
+        "stopped": history[-1].get("stopped"),
+        "steps_per_s": (timed[-1]["step"] - new[0]["step"]) / (timed[-1]["elapsed_s"] - new[0]["elapsed_s"]) if timed else None,
         "setup_s": setup_s, "wall_s": time.perf_counter() - t0,
     }
+    if best_metric:
+        results["best"] = {"metric": best_metric, "step": int(best["best_step"]), "value": float(best["best_value"])}
     if cfg["method"] == "adalora":
         from jlora.methods.adalora import kept_ranks
 
         results["adalora_ranks"] = kept_ranks(adapted)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_history(history, str(out / "plot.png"), title=f"{cfg['method']} on {cfg['model']}/{cfg['data']}")
+    plot_history(history, str(out / "plot.png"), title=f"{cfg['method']} on {pathlib.Path(cfg['model']).name}/"
+                 f"{pathlib.Path(cfg['data']).name}")
+    _write_json(out / "results.json", results)   # last: marks the run finished
     log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  -> {out}" if "accuracy" in test
         else f"test loss {test['loss']:.4f}  -> {out}")
     results["_adapted"] = adapted
     results["_task"] = task
     return results
+
+
+#: the Hub names of the bundled checkpoints (what PEFT's AutoPeftModel loads as the base)
+HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def _base_model_name(model: str) -> str | None:
+    """``base_model_name_or_path`` for an exported PEFT config: the Hub name of a bundled model, the
+    directory of a local one; None for a GGUF file (transformers cannot load one as a PEFT base)."""
+    if model in HUB_NAMES:
+        return HUB_NAMES[model]
+    return None if str(model).endswith(".gguf") else str(pathlib.Path(model).resolve())
 
 
 def _dir_bytes(path) -> int:
@@ -329,13 +674,37 @@ def _load_run(run: str):
     run = pathlib.Path(run)
     if not (run / "config.json").is_file():
         raise SystemExit(f"jlora: {run} is not a run directory (no config.json)")
-    cfg = json.loads((run / "config.json").read_text())
-    from jlora.tasks import make_task
+    cfg = {**DEFAULTS, **json.loads((run / "config.json").read_text())}
+    if not (run / "adapter").is_dir():
+        raise SystemExit(f"jlora: {run} has no adapter/ (the run has not finished; run its train command again "
+                         "to resume it)")
+    task = make_task(cfg)
+    if cfg["method"] in PROMPT_METHODS or cfg["method"] == "head":   # jlora.io.load_adapter + a saved prompt
+        adapted = load_adapter(str(run / "adapter"), _cast_frozen(task.params, cfg["param_dtype"], task.head))
+    else:   # the frozen base exactly as trained (bf16, NF4 ...), then the saved adapter on it
+        from jlora import io as jio
 
-    task = make_task(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
-                     scan_layers=cfg["scan_layers"])
-    adapted = load_adapter(str(run / "adapter"), task.params)   # jlora.io.load_adapter + a saved prompt
+        _, template, _ = build(cfg, task)
+        shared = {r["path"].split("/", 1)[0] for r in jio.read_adapter_metadata(str(run / "adapter")).get("shared", ())}
+        template = type(template)({k: v for k, v in template.items() if k not in shared})  # e.g. tCURLoRA's factors
+        adapted = jio.load_adapter(str(run / "adapter"), template)
     return cfg, task, adapted
+
+
+def _export(fmt: str, out: str, cfg: dict, task, adapted) -> None:
+    from jlora import io as jio
+
+    if fmt == "merged":
+        jio.save_merged(out, adapted)
+    elif fmt == "adapter":
+        jio.save_adapter(out, adapted)
+    else:
+        spec = None
+        if cfg["method"] == "adalora":    # the schedule and init_r go into the AdaLoraConfig
+            targets = task.targets.get(cfg["targets"], cfg["targets"])
+            spec = _method_spec(cfg, {"targets": targets, "exclude": None, "train_also": task.head}, task)
+        jio.save_peft(out, adapted, task.naming, task_type=getattr(task, "peft_task_type", None), spec=spec,
+                      base_model_name_or_path=_base_model_name(cfg["model"]))
 
 
 def main(argv=None) -> int:
@@ -359,7 +728,7 @@ def main(argv=None) -> int:
     from jlora import io as jio
 
     if args.command == "train":
-        results = train(load_config(args))
+        results = train(load_config(args), overwrite=args.overwrite, resume=args.resume)
         print(json.dumps({k: v for k, v in results.items() if not k.startswith("_") and k != "config"}, indent=2))
     elif args.command == "eval":
         cfg, task, adapted = _load_run(args.run)
@@ -367,16 +736,10 @@ def main(argv=None) -> int:
         print(json.dumps({"run": args.run, "split": args.split, **metrics}, indent=2))
     elif args.command == "export":
         cfg, task, adapted = _load_run(args.run)
-        if args.format == "merged":
-            jio.save_merged(args.out, adapted)
-        elif args.format == "adapter":
-            jio.save_adapter(args.out, adapted)
-        else:
-            spec = None
-            if cfg["method"] == "adalora":    # the schedule and init_r go into the AdaLoraConfig
-                targets = task.targets.get(cfg["targets"], cfg["targets"])
-                spec = _method_spec(cfg, {"targets": targets, "exclude": None, "train_also": task.head}, task)
-            jio.save_peft(args.out, adapted, task.naming, task_type=getattr(task, "peft_task_type", None), spec=spec)
+        try:
+            _export(args.format, args.out, cfg, task, adapted)
+        except ValueError as e:   # what a format cannot hold (PiSSA residuals in PEFT, a head-only run ...)
+            raise SystemExit(f"jlora: cannot export {args.run} as {args.format}: {e}") from None
         print(f"wrote {args.format} to {args.out}")
     elif args.command == "inspect":
         if args.run:

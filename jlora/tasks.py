@@ -1,10 +1,17 @@
 """Model + data + loss + evaluation bundles used by the ``jlora`` CLI and the examples.
 
 A task knows how to build the (pretrained) model and its params, the tokenised splits, the
-loss for :func:`jlora.train.make_step`, and an evaluation on a split. Model names:
-``minilm`` (BERT encoder, sequence classification) and ``smollm2`` (Llama decoder, instruction
-tuning). Data names: ``rotten_tomatoes``, ``bbc_news`` (classification) and ``chatterbot``,
-``natural_instructions:<subtask>`` (instructions).
+loss for :func:`jlora.train.make_step`, and an evaluation on a split.
+
+Models: the bundled ``minilm`` (BERT encoder, sequence classification) and ``smollm2`` (Llama
+decoder, instruction tuning), or a local checkpoint: a Hugging Face directory (``config.json`` +
+safetensors + ``tokenizer.json``) whose ``model_type`` is a BERT encoder (classification) or a
+Llama / Mistral / Qwen2 decoder (language modelling), or a Llama / Qwen2 ``.gguf`` file.
+
+Data: the bundled ``rotten_tomatoes``, ``bbc_news`` (classification), ``chatterbot``,
+``natural_instructions:<subtask>`` (instructions), or a local CSV / TSV / JSON / JSONL / Parquet
+file (:mod:`jlora.data.files`): ``text`` + ``label`` columns for an encoder; ``messages`` (chat),
+``prompt`` + ``response`` (or ``instruction`` [+ ``input``] + ``output`` ...) or ``text`` for a decoder.
 """
 
 from __future__ import annotations
@@ -19,6 +26,53 @@ import optax
 
 CLASSIFICATION_DATA = ("rotten_tomatoes", "bbc_news")
 MODELS = ("minilm", "smollm2")
+#: config.json ``model_type`` -> the jlora model family that runs it
+FAMILIES = {"bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama", "vit": "vit"}
+#: data options (CLI flags) and their defaults; None columns are detected from the file
+DATA_OPTIONS = dict(text_column=None, label_column="label", prompt_column=None, response_column=None,
+                    messages_column=None, validation_file=None, test_file=None, packing=False)
+
+
+class ModelError(ValueError):
+    """A ``--model`` that is neither a bundled name nor a checkpoint jlora can run."""
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """``(family, path)`` for a model name: ``("bert", None)`` for ``minilm``, ``("llama", "smollm2")``
+    for ``smollm2``, else the family read from a directory's ``config.json`` (``model_type``) or a
+    ``.gguf`` file. Anything else raises :class:`ModelError` naming what is supported."""
+    import json
+    import pathlib
+
+    if name == "minilm":
+        return "bert", None
+    if name == "smollm2":
+        return "llama", "smollm2"
+    path = pathlib.Path(name)
+    supported = (f"a bundled name {MODELS}, a .gguf file (llama / qwen2), or a Hugging Face directory whose "
+                 f"config.json model_type is one of {sorted(FAMILIES)}")
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        return "llama", str(path)
+    if not path.exists():
+        raise ModelError(f"model {name!r} is not {supported}: no such file or directory")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model {path} has no config.json; expected {supported}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        model_type = config.get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise ModelError(f"{path / 'config.json'} is not a JSON object: {e}") from None
+    if model_type not in FAMILIES:
+        raise ModelError(f"{path / 'config.json'} has model_type={model_type!r} "
+                         f"(architectures {config.get('architectures')}); jlora runs {sorted(FAMILIES)}")
+    if FAMILIES[model_type] == "vit":
+        raise ModelError(f"{path} is a ViT image model; the jlora CLI trains on text. Fine-tune it from Python: "
+                         "jlora.models.vit.load_pretrained + jlora.apply + jlora.train.make_step")
+    if not (path / "tokenizer.json").is_file():
+        raise ModelError(f"{path} has no tokenizer.json (a fast tokenizer file); the CLI needs one to read text")
+    return FAMILIES[model_type], str(path)
 
 
 @dataclasses.dataclass
@@ -29,23 +83,38 @@ class ClassificationTask:
     max_length: int = 48
     seed: int = 0
     scan_layers: bool = False
+    model_path: str | None = None      # a Hugging Face BERT directory; None: the bundled MiniLM
+    options: dict | None = None        # DATA_OPTIONS for a data file
 
     kind = "classification"
-    model_name = "minilm"
+    family = "bert"
     peft_task_type = "SEQ_CLS"     # PEFT files: PeftModelForSequenceClassification (needed for prompts)
 
     def __post_init__(self):
         from jlora import data as jdata
+        from jlora.data import files
         from jlora.models import bert
 
-        if self.data not in CLASSIFICATION_DATA:
-            raise ValueError(f"data {self.data!r} is not a classification set; choose one of {CLASSIFICATION_DATA}")
-        loader = {"rotten_tomatoes": jdata.rotten_tomatoes, "bbc_news": jdata.bbc_news}[self.data]
-        self.splits = loader(seed=self.seed)
-        self.label_names = self.splits["train"].features["label"].names
+        opts = {**DATA_OPTIONS, **(self.options or {})}
+        text_col, label_col = opts["text_column"] or "text", opts["label_column"] or "label"
+        if self.data in CLASSIFICATION_DATA:
+            loader = {"rotten_tomatoes": jdata.rotten_tomatoes, "bbc_news": jdata.bbc_news}[self.data]
+            self.splits = loader(seed=self.seed)
+            text_col, label_col = "text", "label"
+        elif files.looks_like_file(self.data):
+            splits = files.local_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed,
+                                        stratify=label_col)
+            files.require_columns(splits["train"], [text_col, label_col], f"data file {self.data}",
+                                  ("--text-column", "--label-column"))
+            _, self.splits = files.encode_labels(splits, label_col)
+        else:
+            raise ValueError(f"data {self.data!r} is not a classification set; choose one of {CLASSIFICATION_DATA} "
+                             "or give a CSV / TSV / JSON / JSONL / Parquet file")
+        self.label_names = self.splits["train"].features[label_col].names
         self.model, self.params, self.tokenizer = bert.load_pretrained(
-            num_labels=len(self.label_names), scan_layers=self.scan_layers, seed=self.seed)
-        self.arrays = jdata.tokenize_classification(self.splits, self.tokenizer, self.max_length)
+            self.model_path, num_labels=len(self.label_names), scan_layers=self.scan_layers, seed=self.seed)
+        self.arrays = jdata.tokenize_classification(self.splits, self.tokenizer, self.max_length,
+                                                    text_column=text_col, label_column=label_col)
         self.targets = dict(bert.DEFAULT_TARGETS)
         self.exclude = {"all-linear": bert.ALL_LINEAR_EXCLUDE}
         self.head = r".*/classifier/(kernel|bias)"
@@ -97,12 +166,12 @@ class ClassificationTask:
         return {"accuracy": correct / n, "loss": total_loss / n, "examples": n}
 
 
-def make_task(model: str, data: str, **kw):
-    """The task for a model name and a data name (see the module docstring)."""
-    if model == "minilm":
-        return ClassificationTask(data=data, **kw)
-    if model == "smollm2":
-        from jlora.tasks_lm import InstructionTask  # noqa: WPS433 (heavy: GGUF)
+def make_task(model: str, data: str, *, options: dict | None = None, **kw):
+    """The task for a model (a bundled name or a local checkpoint) and data (a bundled name or a
+    file); ``options`` are :data:`DATA_OPTIONS` (see the module docstring)."""
+    family, path = resolve_model(model)
+    if family == "bert":
+        return ClassificationTask(data=data, model_path=path, options=options, **kw)
+    from jlora.tasks_lm import InstructionTask  # noqa: WPS433 (heavy: GGUF)
 
-        return InstructionTask(data=data, **kw)
-    raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
+    return InstructionTask(data=data, model_path=path, options=options, **kw)

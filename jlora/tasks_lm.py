@@ -1,5 +1,5 @@
-"""Instruction tuning of a causal LM (SmolLM2-135M-Instruct by default) on real instruction
-data, for the CLI (``--model smollm2``) and ``examples/instruct_smollm2.py``."""
+"""Fine-tuning a causal LM (SmolLM2-135M-Instruct by default, or any local Llama / Mistral / Qwen2
+checkpoint) on instruction, chat or plain-text data, for the CLI and ``examples/instruct_smollm2.py``."""
 
 from __future__ import annotations
 
@@ -33,34 +33,145 @@ def masked_lm_loss(logits, labels):
     return -(picked * valid).sum() / n, valid.sum()
 
 
+#: prompt / response column pairs recognised in a data file, in order of preference
+_PAIRS = (("prompt", "response"), ("prompt", "completion"), ("instruction", "response"), ("instruction", "output"),
+          ("question", "answer"), ("input", "output"))
+#: ChatML as a Jinja chat template (the bundled SmolLM2's format)
+CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _prompt(instruction: str, input: str = "") -> str:
+    """An instruction and its optional input as one user prompt (blank line between)."""
+    return instruction if not (input or "").strip() else f"{instruction}\n\n{input}"
+
+
+def _pair_columns(cols, opts) -> tuple[str, str | None, str] | None:
+    """(prompt column, input column or None, response column) named by the flags or found in ``cols``."""
+    if opts["prompt_column"] or opts["response_column"]:
+        return (opts["prompt_column"] or "prompt", None, opts["response_column"] or "response")
+    for p, r in _PAIRS:
+        if p in cols and r in cols:
+            extra = "input" if p == "instruction" and "input" in cols else None
+            return p, extra, r
+    return None
+
+
+def _text_format(model_path):
+    """The chat template and special tokens of a checkpoint (a directory or a GGUF file)."""
+    import pathlib
+
+    from jlora.data.chat import TextFormat
+
+    if model_path in (None, "smollm2"):
+        from jlora import assets
+        from jlora.models.llama import SMOLLM2_GGUF
+
+        model_path = str(assets.ensure("smollm2") / SMOLLM2_GGUF)
+    if str(model_path).endswith(".gguf"):
+        import gguf
+
+        from jlora.models.llama import tokenizer_from_gguf
+
+        reader = gguf.GGUFReader(str(model_path))
+        return TextFormat.from_gguf(reader, tokenizer_from_gguf(reader))
+    return TextFormat.from_directory(pathlib.Path(model_path))
+
+
 @dataclasses.dataclass
 class InstructionTask:
-    """SmolLM2 (Llama) + ChatML-formatted instruction pairs with the loss on response tokens."""
+    """A Llama-family decoder + data with the loss on response (assistant) tokens, or on every token
+    for plain text.
+
+    The bundled pair (SmolLM2 + ChatterBot / natural_instructions) uses ChatML prompts. A local
+    checkpoint (``model_path``) renders its data with its own chat template when it has one
+    (:mod:`jlora.data.chat`); a data file (``data`` a path, ``options`` the CLI's data flags) holds a
+    ``messages`` column (chat), prompt / response columns, or a ``text`` column."""
 
     data: str = "chatterbot"
     max_length: int = 96
     seed: int = 0
     scan_layers: bool = False
     loaded: tuple | None = None   # (model, params, tokenizer) to reuse, e.g. a tiny model in tests
+    model_path: str | None = "smollm2"   # "smollm2", a .gguf file or a Hugging Face directory
+    options: dict | None = None          # jlora.tasks.DATA_OPTIONS for a data file
 
     kind = "instruction"
-    model_name = "smollm2"
+    family = "llama"
     peft_task_type = "CAUSAL_LM"
 
     def __post_init__(self):
         from jlora import data as jdata
+        from jlora.data import files
         from jlora.models import llama
 
-        self.splits = jdata.instruction_data(self.data, seed=self.seed)
         if self.loaded is None:
-            self.loaded = llama.load_pretrained("smollm2", scan_layers=self.scan_layers)
+            self.loaded = llama.load_pretrained(self.model_path or "smollm2", scan_layers=self.scan_layers)
         self.model, self.params, self.tokenizer = self.loaded
-        self.arrays = {name: jdata.tokenize_instructions(ds, self.tokenizer, self.max_length, chat=True)
-                       for name, ds in self.splits.items()}
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.model_path} has no tokenizer.json; the task needs one to read text")
+        self.text_format = _text_format(self.model_path)
+        self.bundled_chatml = self.model_path in (None, "smollm2")
         self.targets = dict(llama.DEFAULT_TARGETS)
         self.exclude = {}
         self.head = None
         self.naming = lambda path, layer=None: llama.hf_module_name(path, layer, prefix="")
+        if not files.looks_like_file(self.data):
+            self.splits = jdata.instruction_data(self.data, seed=self.seed)
+            if self.bundled_chatml:
+                self.arrays = {name: jdata.tokenize_instructions(ds, self.tokenizer, self.max_length, chat=True)
+                               for name, ds in self.splits.items()}
+            else:
+                self.arrays = {name: self._pairs([_prompt(i, x) for i, x in zip(ds["instruction"], ds["input"])],
+                                                 ds["response"]) for name, ds in self.splits.items()}
+            return
+        from jlora.tasks import DATA_OPTIONS
+
+        opts = {**DATA_OPTIONS, **(self.options or {})}
+        self.splits = files.local_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed)
+        self.arrays = {name: self._file_arrays(ds, opts) for name, ds in self.splits.items()}
+
+    def _pairs(self, prompts, responses):
+        from jlora.data import chat
+
+        return chat.tokenize_pairs(prompts, responses, self.tokenizer, self.text_format, self.max_length)
+
+    def _file_arrays(self, ds, opts):
+        """Arrays for one split of a data file, by the columns it has (see the class docstring)."""
+        from jlora.data import chat, files
+
+        where, cols = f"data file {self.data}", ds.column_names
+        flags = ("--messages-column", "--prompt-column", "--response-column", "--text-column")
+        if opts["messages_column"] or ("messages" in cols and not (opts["prompt_column"] or opts["text_column"])):
+            col = opts["messages_column"] or "messages"
+            files.require_columns(ds, [col], where, flags)
+            try:
+                return chat.tokenize_conversations(list(ds[col]), self.tokenizer, self._chat_format(), self.max_length)
+            except ValueError as e:
+                raise files.DataFileError(f"{where}: {e}") from None
+        pair = _pair_columns(cols, opts)
+        if pair is not None:
+            files.require_columns(ds, [c for c in pair if c], where, flags)
+            p_col, in_col, r_col = pair
+            inputs = ds[in_col] if in_col else [""] * len(ds)
+            return self._pairs([_prompt(str(p), str(x or "")) for p, x in zip(ds[p_col], inputs)],
+                               [str(r) for r in ds[r_col]])
+        if opts["text_column"] or "text" in cols:
+            col = opts["text_column"] or "text"
+            files.require_columns(ds, [col], where, flags)
+            return chat.tokenize_texts([str(t) for t in ds[col]], self.tokenizer, self.text_format, self.max_length,
+                                       packing=bool(opts["packing"]))
+        raise files.DataFileError(
+            f"{where}: found no columns to train a language model on; the columns are {cols}. Expected 'messages' "
+            f"(chat), a prompt / response pair ({', '.join('+'.join(p) for p in _PAIRS)}) or 'text'; or name "
+            f"them with {', '.join(flags)}")
+
+    def _chat_format(self):
+        from jlora.data.chat import TextFormat
+
+        if self.text_format.chat_template is None and self.bundled_chatml:
+            return TextFormat(CHATML_JINJA, eos_token="<|im_end|>")
+        return self.text_format
 
     def example(self):
         a = self.arrays["train"]
@@ -104,11 +215,19 @@ class InstructionTask:
         return {"loss": loss, "perplexity": float(np.exp(loss)), "examples": n, "response_tokens": tokens}
 
     def generate(self, lifted: Callable, params, instruction: str, max_new_tokens: int = 40) -> str:
+        from jlora.data.chat import _special_prefix, generation_prompt
         from jlora.data.instruct import chat_prompt
         from jlora.models import llama
 
-        ids = self.tokenizer.encode(chat_prompt(instruction), add_special_tokens=False).ids
-        eos = self.tokenizer.token_to_id("<|im_end|>")
+        if self.bundled_chatml:
+            ids = self.tokenizer.encode(chat_prompt(instruction), add_special_tokens=False).ids
+            eos = self.tokenizer.token_to_id("<|im_end|>")
+        else:
+            fmt = self.text_format
+            ids = self.tokenizer.encode(generation_prompt(fmt, instruction), add_special_tokens=False).ids
+            if fmt.chat_template is None:
+                ids = _special_prefix(self.tokenizer) + ids
+            eos = self.tokenizer.token_to_id(fmt.eos_token) if fmt.eos_token else None
         out = llama.generate(self.model, params, np.asarray([ids], np.int32), max_new_tokens, eos_id=eos,
                              apply_fn=lifted, **prompt_kwargs(params, 1))
         out = np.asarray(out)[0].tolist()

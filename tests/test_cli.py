@@ -16,9 +16,9 @@ def test_config_precedence_and_validation(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"rnak": 3}))
     with pytest.raises(SystemExit, match="unknown keys.*rnak"):
         cli.load_config({"config": str(tmp_path / "bad.json")})
-    with pytest.raises(SystemExit, match="rank must be a positive integer, got 0"):
+    with pytest.raises(SystemExit, match="--rank must be a positive integer, got 0"):
         cli.load_config({"rank": 0})
-    with pytest.raises(SystemExit, match="not divisible by accum_steps 3"):
+    with pytest.raises(SystemExit, match="not divisible by --accum-steps 3"):
         cli.load_config({"batch": 8, "accum_steps": 3})
     with pytest.raises(SystemExit, match="does not exist"):
         cli.load_config({"config": str(tmp_path / "missing.yaml")})
@@ -59,7 +59,7 @@ def test_train_eval_export_inspect(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "attention/self/query/kernel" in table and "classifier/kernel" in table and "full" in table
 
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(SystemExit, match="already holds a finished run"):
         cli.main(["train", "--steps", "1", "--out", str(run), "--no-progress"])
 
 
@@ -131,7 +131,7 @@ def test_prompt_and_ptuning_flags_build_their_specs():
 
     import jlora
 
-    with pytest.raises(SystemExit, match="virtual_tokens must be a positive integer, got 0"):
+    with pytest.raises(SystemExit, match="--virtual-tokens must be a positive integer, got 0"):
         cli.load_config({"method": "prompt", "virtual_tokens": 0})
     task, adapted, spec = cli.build(cli.load_config({"method": "prompt", "virtual_tokens": 5, "prompt_init": "text",
                                                      "prompt_init_text": "positive or negative?"}))
@@ -177,9 +177,9 @@ def test_tcur_method_train_eval_export_inspect(tmp_path, capsys):
     assert cli.main(["inspect", "--run", str(run)]) == 0
     out = capsys.readouterr().out
     assert "attention: 24 kernels stacked, n3=24" in out and "selection=fisher" in out
-    with pytest.raises(SystemExit, match="tcur_scale must be a positive number, got 0"):
+    with pytest.raises(SystemExit, match="--tcur-scale must be a positive number, got 0"):
         cli.load_config({"method": "tcur", "tcur_scale": 0})
-    with pytest.raises(SystemExit, match="budget must be a positive integer"):
+    with pytest.raises(SystemExit, match="--budget must be a positive integer"):
         cli.load_config({"method": "tcur", "budget": -3})
 
 

@@ -26,7 +26,7 @@ def test_dora_ia3_adalora_build_their_specs():
     node = adapted["params"]["encoder"]["layer_0"]["attention"]["self"]["value"]["kernel"]
     assert type(spec).__name__ == "AdaLoRA" and (spec.init_r, spec.target_r, spec.total_steps) == (6, 2, 20)
     assert node.extra["default"]["e"].shape == (6,)
-    with pytest.raises(SystemExit, match="init_r"):
+    with pytest.raises(SystemExit, match="--init-r"):
         cli.load_config({"method": "adalora", "init_r": 0})
 
 

@@ -209,13 +209,16 @@ def tokenize_classification(dataset_dict: Mapping[str, datasets.Dataset], tokeni
 
 
 def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0, epochs: int | None = 1,
-            shuffle: bool = True, drop_remainder: bool = True) -> Iterator[dict[str, np.ndarray]]:
+            shuffle: bool = True, drop_remainder: bool = True, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Iterates ``{name: array[idx]}`` batches over the leading axis, deterministically.
 
     Epoch ``e`` uses the permutation ``numpy.random.default_rng([seed, e])``, so a given
     ``(seed, epoch)`` always yields the same batches, and each row appears at most once per epoch.
     ``epochs=None`` repeats forever. With ``drop_remainder`` the last partial batch of each epoch
     is dropped (fixed shapes for ``jit``); otherwise it is yielded smaller.
+
+    ``start`` skips that many batches without building them (the data position of a resumed run:
+    ``batches(..., start=k)`` yields exactly what ``batches(...)`` yields after its first ``k``).
     """
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     if not arrays:
@@ -228,16 +231,22 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0, ep
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if epochs is not None and epochs < 0:
         raise ValueError(f"epochs must be >= 0 or None, got {epochs}")
+    if not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be a non-negative int (batches to skip), got {start!r}")
     stop = n - n % batch_size if drop_remainder else n
     if epochs is None and stop == 0:
         raise ValueError(f"{n} rows give no batch of {batch_size} (drop_remainder={drop_remainder}); "
                          "epochs=None would loop forever")
 
+    per_epoch = len(range(0, stop, batch_size))
+    first_epoch, skip = divmod(int(start), per_epoch) if per_epoch else (0, 0)
+
     def gen():
-        epoch = 0
+        epoch = first_epoch
         while epochs is None or epoch < epochs:
             order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-            for s in range(0, stop, batch_size):
+            offset = skip * batch_size if epoch == first_epoch else 0
+            for s in range(offset, stop, batch_size):
                 idx = order[s:s + batch_size]
                 yield {k: v[idx] for k, v in arrays.items()}
             epoch += 1

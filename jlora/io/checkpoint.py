@@ -582,7 +582,8 @@ def save_state(manager: ocp.CheckpointManager, step: int, trainable, opt_state, 
         data = {k: (jax.random.key_data(v) if _is_key(v) else v if hasattr(v, "dtype") else np.asarray(v))
                 for k, v in flat.items()}
         check_finite(data, f"save_state step {step} {item}")
-        for k, digest in _digests(data).items():
+        data = {k: v for k, v in data.items() if np.size(v) > 0}   # Orbax refuses zero-size arrays;
+        for k, digest in _digests(data).items():                       # they restore from their shape
             description[item][k]["sha256"] = digest
         if data:  # Orbax refuses empty items
             args[item] = ocp.args.StandardSave(data)
@@ -672,6 +673,8 @@ def _restore_step(manager, step: int, trainable_template, opt_state_template, rn
                                 f"template has shape {tuple(want['shape'])} {want['dtype']}")
                 continue
             leaf = flat[k]
+            if 0 in want["shape"]:   # zero-size: not in the files (see save_state)
+                continue
             sharding = getattr(leaf, "sharding", None)
             if not isinstance(sharding, jax.sharding.Sharding) or want.get("prng_key"):
                 sharding = _default_sharding()
@@ -696,7 +699,7 @@ def _restore_step(manager, step: int, trainable_template, opt_state_template, rn
         values = restored[item] if item in args else {}
         leaves = []
         for k in keys:
-            v = values[k]
+            v = values[k] if k in values else jnp.zeros(meta["items"][item][k]["shape"], meta["items"][item][k]["dtype"])
             if _is_key(flat[k]):
                 v = jax.random.wrap_key_data(v, impl=jax.random.key_impl(flat[k])) if isinstance(flat[k], jax.Array) \
                     else jax.random.wrap_key_data(v, impl=flat[k].dtype._impl)

@@ -398,8 +398,22 @@ def _adalora_tensors(leaf, leaf_path, adapter, stack, n_in, n_out, embedding):
     return out, r, masks
 
 
+def _provenance(base_model_name_or_path, revision) -> dict:
+    """PEFT's ``base_model_name_or_path`` / ``revision`` config fields, checked: each is None or a
+    non-empty str (PEFT hands them to ``from_pretrained`` as the base model's repo id or local
+    directory, and its git revision)."""
+    out = {}
+    for name, value in (("base_model_name_or_path", base_model_name_or_path), ("revision", revision)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            what = ("a Hub repo id or a local directory (str(path))" if name == "base_model_name_or_path"
+                    else "a branch, tag or commit of the base model")
+            raise ValueError(f"save_peft: {name} must be None or a non-empty str ({what}), got {value!r}")
+        out[name] = value
+    return out
+
+
 def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_model_name_or_path: str | None = None,
-              task_type: str | None = None, overwrite: bool = False, spec=None) -> str:
+              revision: str | None = None, task_type: str | None = None, overwrite: bool = False, spec=None) -> str:
     """Writes adapter ``adapter`` of ``adapted`` as a PEFT LoRA / DoRA / IA3 adapter directory at ``path``
     (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
     ``peft.PeftModel.from_pretrained(torch_model, path)``. Returns the absolute path.
@@ -418,15 +432,31 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     an IA3 file (``ia3_l``, ``feedforward_modules``). Mixing DoRA with plain LoRA modules, or IA3
     with either, in one adapter raises ``ValueError`` (a PEFT file holds one kind).
 
+    ``base_model_name_or_path`` (a Hub repo id, or a local directory as a ``str``) and
+    ``revision`` (the base model's branch, tag or commit) are written to ``adapter_config.json``
+    under PEFT's field names; ``peft.AutoPeftModel*.from_pretrained(path)`` loads the base model
+    from them (``from_pretrained(base_model_name_or_path, revision=revision)``). Left at None they
+    are written as ``null`` and the base model must be given by hand
+    (``peft.PeftModel.from_pretrained(base, path)``). A value that is not None must be a non-empty
+    ``str``, else ``ValueError``.
+
     The write is atomic; an existing ``path`` is only replaced with ``overwrite=True``.
+
+    Example::
+
+        naming = functools.partial(jlora.models.bert.hf_module_name, prefix="")   # a bare BertModel
+        jlora.io.save_peft("out/peft", adapted, naming, task_type="FEATURE_EXTRACTION",
+                           base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2", revision="main")
+        model = peft.AutoPeftModelForFeatureExtraction.from_pretrained("out/peft")   # base fetched by name
     """
+    provenance = _provenance(base_model_name_or_path, revision)
     if not callable(naming):
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
     if isinstance(adapted, collections.abc.Mapping) and "jlora_prompt" in adapted:   # prompt / prefix / P-tuning
         from jlora.io.peft_prompt import save_peft_prompt
 
         return save_peft_prompt(path, adapted, naming, base_model_name_or_path=base_model_name_or_path,
-                                task_type=task_type, overwrite=overwrite)
+                                revision=revision, task_type=task_type, overwrite=overwrite)
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, tuple] = {}  # module -> (rank, scale, dropout, jlora path, kind, feedforward)
@@ -525,12 +555,12 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
 
     if "adalora" in kinds:
         config = _make_adalora_config(modules, patterns, sorted(set(save_modules)), flat, naming, spec,
-                                      base_model_name_or_path, task_type)
+                                      provenance, task_type)
     elif "ia3" in kinds:
-        config = _make_ia3_config(modules, sorted(set(save_modules)), flat, naming, base_model_name_or_path, task_type)
+        config = _make_ia3_config(modules, sorted(set(save_modules)), flat, naming, provenance, task_type)
     else:
         config = _make_config(modules, sorted(set(save_modules)), flat, naming, spec,
-                              base_model_name_or_path, task_type, use_dora="dora" in kinds)
+                              provenance, task_type, use_dora="dora" in kinds)
     return _write_adapter_dir(path, overwrite, tensors, config)
 
 
@@ -585,8 +615,7 @@ def _modules_to_save_tensors(flat, naming, tensors, prefix, adapted_modules=()):
     return save_modules
 
 
-def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_or_path, task_type,
-                 use_dora=False):
+def _make_config(modules, modules_to_save, flat, naming, spec, provenance, task_type, use_dora=False):
     rslora = bool(getattr(spec, "rslora", False)) if spec is not None else False
     names = list(modules)
     ranks = {m: modules[m][0] for m in names}
@@ -606,7 +635,7 @@ def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_o
     return {
         "alpha_pattern": alpha_pattern,
         "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path,
+        **provenance,                                    # base_model_name_or_path, revision
         "bias": "none",
         "exclude_modules": None,
         "fan_in_fan_out": False,
@@ -625,7 +654,6 @@ def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_o
         "peft_type": "LORA",
         "r": r,
         "rank_pattern": rank_pattern,
-        "revision": None,
         "target_modules": target_modules,
         "task_type": task_type,
         "use_dora": bool(use_dora),
@@ -633,7 +661,7 @@ def _make_config(modules, modules_to_save, flat, naming, spec, base_model_name_o
     }
 
 
-def _make_adalora_config(modules, patterns, modules_to_save, flat, naming, spec, base_model_name_or_path, task_type):
+def _make_adalora_config(modules, patterns, modules_to_save, flat, naming, spec, provenance, task_type):
     """``AdaLoraConfig``: PEFT scales by ``lora_alpha / (ranknum + 1e-5)`` with ``ranknum = init_r``
     (kept when a rank-pattern-truncated adapter is loaded), so ``init_r`` is the spec's (else the
     largest node rank) and ``lora_alpha = scale * (init_r + 1e-5)``. ``rank_pattern`` (``<module>.lora_E``
@@ -654,14 +682,14 @@ def _make_adalora_config(modules, patterns, modules_to_save, flat, naming, spec,
     rank_pattern = {f"{m}.lora_E": list(patterns[m]) + [False] * (init_r - len(patterns[m])) for m in names}
     total = int(ada.total_steps) if ada is not None and ada.total_steps else 1
     return {
-        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
+        "alpha_pattern": {}, "auto_mapping": None, **provenance,
         "beta1": float(ada.beta1) if ada else 0.85, "beta2": float(ada.beta2) if ada else 0.85, "bias": "none",
         "deltaT": int(ada.delta_t) if ada else 1, "exclude_modules": None, "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "init_r": init_r, "layers_pattern": None,
         "layers_to_transform": None, "lora_alpha": scale * (init_r + 1e-5), "lora_dropout": _most_common(
             [modules[m][2] for m in names]), "modules_to_save": modules_to_save or None,
         "orth_reg_weight": float(ada.orth_reg_weight) if ada else 0.5, "peft_type": "ADALORA", "r": 8,
-        "rank_pattern": rank_pattern, "revision": None, "target_modules": _target_modules(names, modules_to_save, flat, naming),
+        "rank_pattern": rank_pattern, "target_modules": _target_modules(names, modules_to_save, flat, naming),
         "target_r": int(ada.target_r) if ada else min(init_r, 8), "task_type": task_type,
         "tfinal": int(ada.tfinal) if ada else 0, "tinit": int(ada.tinit) if ada else 0, "total_step": total,
         "use_dora": False, "use_rslora": False,
@@ -698,7 +726,7 @@ def _ia3_feedforward_match(feedforward_modules, module: str) -> bool:
     return any(module.endswith(f) for f in feedforward_modules)
 
 
-def _make_ia3_config(modules, modules_to_save, flat, naming, base_model_name_or_path, task_type):
+def _make_ia3_config(modules, modules_to_save, flat, naming, provenance, task_type):
     names = list(modules)
     target_modules = _target_modules(names, modules_to_save, flat, naming)
     ff = sorted(m for m in names if modules[m][5])
@@ -710,7 +738,7 @@ def _make_ia3_config(modules, modules_to_save, flat, naming, base_model_name_or_
         feedforward = "|".join(re.escape(m) for m in ff) if ff else []
     return {
         "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path,
+        **provenance,                                    # base_model_name_or_path, revision
         "exclude_modules": None,
         "fan_in_fan_out": False,
         "feedforward_modules": feedforward,
@@ -718,7 +746,6 @@ def _make_ia3_config(modules, modules_to_save, flat, naming, base_model_name_or_
         "init_ia3_weights": True,
         "modules_to_save": modules_to_save or None,
         "peft_type": "IA3",
-        "revision": None,
         "target_modules": target_modules,
         "task_type": task_type,
     }

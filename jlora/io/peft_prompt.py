@@ -42,10 +42,14 @@ EMBEDDINGS = "prompt_embeddings"
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
-def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, task_type=None, overwrite=False):
+def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, revision=None, task_type=None,
+                     overwrite=False):
     """Writes the prompt of ``adapted`` (and its ``Trainable`` head as ``modules_to_save``) as a
-    PEFT prompt-learning adapter directory. Returns the path."""
+    PEFT prompt-learning adapter directory. Returns the path. ``base_model_name_or_path`` and
+    ``revision`` go to ``adapter_config.json`` as in :func:`jlora.io.save_peft`."""
     from jlora.methods.prompt import PROMPT_KEY, export_prompt, prompt_params
+
+    provenance = _peft._provenance(base_model_name_or_path, revision)
 
     if not callable(naming):
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
@@ -83,10 +87,9 @@ def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, tas
         raise ValueError(f"save_peft: cannot write the prompt kind {kind!r}")
     tensors = {EMBEDDINGS: np.ascontiguousarray(emb)}
     save_modules = _peft._modules_to_save_tensors(flat, naming, tensors, PREFIX)
-    config.update({"auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+    config.update({"auto_mapping": None, **provenance, "inference_mode": True,
                    "modules_to_save": sorted(set(save_modules)) or None, "num_transformer_submodules": 1,
-                   "num_virtual_tokens": int(n_virtual), "revision": None, "task_type": task_type,
-                   "token_dim": int(token_dim)})
+                   "num_virtual_tokens": int(n_virtual), "task_type": task_type, "token_dim": int(token_dim)})
     return _peft._write_adapter_dir(path, overwrite, tensors, config)
 
 

@@ -4,7 +4,8 @@
 same way: normalise the tensor names, check every expected tensor's presence and shape,
 re-lay out and cast what fits, then report what the model did not use; they also validate
 their configs and read ``config.json`` alike. :mod:`jlora.models.llama` shares the dtype check,
-path parsing and the flat <-> nested tree helpers. The model modules keep their own names,
+path parsing and the flat <-> nested tree helpers. Both use the host-side input checks behind
+their ``check_inputs`` (token ids in range, 0/1 masks). The model modules keep their own names,
 layouts and error messages (passed in here where they differ); what is here is only what was
 the same.
 """
@@ -276,3 +277,67 @@ def report_unused(path, original: Mapping, used: set, model: str, *, strict: boo
         if strict:
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=stacklevel)
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side input checks (the models' check_inputs)
+
+def host_array(value, name: str, owner: str) -> np.ndarray:
+    """``value`` (a numpy / jax array or nested lists) as a numpy array on the host. A jax tracer
+    raises ``TypeError`` (these checks read the values, so they run before ``jit``); ragged lists
+    raise ``ValueError``."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{owner}: {name} is a jax tracer ({type(value).__name__}); this is a host-side check on "
+                        f"concrete arrays: call it before jax.jit / vmap / grad, on the batch you are about to "
+                        f"pass in, not inside the traced function")
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        raise TypeError(f"{owner}: {name} holds jax tracers; this is a host-side check on concrete arrays: call "
+                        f"it before jax.jit / vmap / grad, not inside the traced function") from None
+    except ValueError as e:
+        raise ValueError(f"{owner}: {name} is not a rectangular array (rows of different lengths? pad them): "
+                         f"{e}") from None
+
+
+def check_int_matrix(value, name: str, owner: str, shape: tuple | None = None) -> np.ndarray:
+    """``value`` as a 2-D integer numpy array (``TypeError`` for another dtype, ``ValueError`` for
+    another rank, or a shape other than ``shape`` when given)."""
+    x = host_array(value, name, owner)
+    if x.ndim != 2:
+        raise ValueError(f"{owner}: {name} must be 2-D (batch, seq), got shape {x.shape}")
+    if shape is not None and x.shape != tuple(shape):
+        raise ValueError(f"{owner}: {name} has shape {x.shape}, input_ids {tuple(shape)}; they must be equal")
+    if x.size and not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"{owner}: {name} must hold integers, got dtype {x.dtype}")
+    return x
+
+
+def check_ids_in_range(ids: np.ndarray, name: str, size: int, size_name: str, owner: str) -> None:
+    """``ValueError`` naming the first id of the 2-D int array ``ids`` outside ``[0, size)``, its
+    (row, column) and how many there are. Costs a min and a max when all are in range."""
+    if not ids.size or (ids.min() >= 0 and ids.max() < size):
+        return
+    bad = (ids < 0) | (ids >= size)
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    n = int(bad.sum())
+    more = f" ({n} out-of-range ids in all)" if n > 1 else ""
+    raise ValueError(f"{owner}: {name}[{row}, {col}] = {int(ids[row, col])} is out of range: valid ids are "
+                     f"[0, {size_name}) = [0, {size}){more}")
+
+
+def check_attention_mask(mask, shape: tuple, owner: str) -> None:
+    """``attention_mask`` must have ``shape`` and hold only 0 and 1 (bools, ints or floats);
+    ``ValueError`` naming the first other value and its (row, column)."""
+    m = host_array(mask, "attention_mask", owner)
+    if m.shape != tuple(shape):
+        raise ValueError(f"{owner}: attention_mask has shape {m.shape}, input_ids {tuple(shape)}; they must be equal")
+    if m.dtype == bool or not m.size:
+        return
+    if not (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
+        raise TypeError(f"{owner}: attention_mask must hold 0/1 (bool, int or float), got dtype {m.dtype}")
+    bad = (m != 0) & (m != 1)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{owner}: attention_mask[{row}, {col}] = {m[row, col].item()!r} is not 0 or 1; the "
+                         f"mask holds 1 for tokens and 0 for padding")

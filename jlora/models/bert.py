@@ -51,7 +51,7 @@ from jlora.models import _hf
 __all__ = [
     "BertConfig", "BertModel", "BertForSequenceClassification", "BertEmbeddings", "BertLayer",
     "BertEncoder", "BertPooler", "load_hf_params", "load_pretrained", "stack_layers", "unstack_layers",
-    "hf_module_name", "encode", "mean_pool", "DEFAULT_TARGETS", "ALL_LINEAR_EXCLUDE", "ACTIVATIONS",
+    "hf_module_name", "encode", "check_inputs", "mean_pool", "DEFAULT_TARGETS", "ALL_LINEAR_EXCLUDE", "ACTIVATIONS",
 ]
 
 #: LoRA target regexes over jlora paths. ``"default"`` is PEFT's BERT default (query and value);
@@ -640,6 +640,45 @@ def encode(tokenizer, texts, max_length: int | None = None, padding: str = "long
         out["attention_mask"][i, :n] = 1
         out["token_type_ids"][i, :n] = e.type_ids
     return out
+
+
+def check_inputs(config: BertConfig, input_ids, attention_mask=None, token_type_ids=None) -> None:
+    """Host-side check of a batch before it goes into the (jitted) model: out-of-range ids raise
+    here, naming the id and where it is, instead of giving NaN outputs (ids >= the table size: the
+    embedding lookup fills NaN) or silently wrong ones (negative ids wrap around).
+
+    ``input_ids`` must be a 2-D ``(batch, seq)`` integer array (numpy, jax or nested lists) with
+    every id in ``[0, config.vocab_size)`` and ``seq <= config.max_position_embeddings``;
+    ``token_type_ids``, when given, the same shape with ids in ``[0, config.type_vocab_size)``;
+    ``attention_mask``, when given, the same shape holding only 0 and 1. The values are read on
+    the host (a min and a max per array when all is well), so call it before ``jax.jit``: a jax
+    tracer raises ``TypeError``. :func:`encode` gives ids in range for the tokenizer's own model
+    (the length aside: pass ``max_length``); this is for ids from elsewhere (another tokenizer, a
+    data file, a user).
+
+    Raises:
+      ValueError: an id out of range (message: the id, its ``[row, column]``, the valid range),
+        a too-long sequence, a wrong rank or shape, a mask value other than 0 / 1.
+      TypeError: a non-integer id dtype, or a jax tracer.
+
+    Example::
+
+        bert.check_inputs(model.config, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        seq, pooled = jax.jit(model.apply)(params, batch["input_ids"], batch["attention_mask"],
+                                           batch["token_type_ids"])
+    """
+    owner = "bert.check_inputs"
+    ids = _hf.check_int_matrix(input_ids, "input_ids", owner)
+    if ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"{owner}: sequence length {ids.shape[1]} (input_ids shape {ids.shape}) exceeds "
+                         f"max_position_embeddings={config.max_position_embeddings}; truncate the inputs "
+                         f"(e.g. encode(..., max_length={config.max_position_embeddings}))")
+    _hf.check_ids_in_range(ids, "input_ids", config.vocab_size, "vocab_size", owner)
+    if token_type_ids is not None:
+        types = _hf.check_int_matrix(token_type_ids, "token_type_ids", owner, shape=ids.shape)
+        _hf.check_ids_in_range(types, "token_type_ids", config.type_vocab_size, "type_vocab_size", owner)
+    if attention_mask is not None:
+        _hf.check_attention_mask(attention_mask, ids.shape, owner)
 
 
 def mean_pool(sequence_output, attention_mask):

@@ -43,9 +43,9 @@ from jlora.models import _hf
 
 __all__ = [
     "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "RMSNorm",
-    "init_cache", "generate", "load_hf_params", "params_from_hf_tensors", "load_gguf", "load_pretrained",
-    "tokenizer_from_gguf", "chat_prompt", "gguf_permute", "gguf_unpermute", "stack_layers", "unstack_layers",
-    "hf_module_name", "hf_param_name", "DEFAULT_TARGETS", "CheckpointError",
+    "init_cache", "generate", "check_inputs", "load_hf_params", "params_from_hf_tensors", "load_gguf",
+    "load_pretrained", "tokenizer_from_gguf", "chat_prompt", "gguf_permute", "gguf_unpermute", "stack_layers",
+    "unstack_layers", "hf_module_name", "hf_param_name", "DEFAULT_TARGETS", "CheckpointError",
 ]
 
 DEFAULT_TARGETS = {
@@ -595,6 +595,37 @@ def _generation_fns(apply_fn, max_new_tokens, greedy, top_k, top_p):
     return prefill, decode
 
 
+def check_inputs(config: LlamaConfig, input_ids, attention_mask=None) -> None:
+    """Host-side check of a batch before it goes into the (jitted) model: out-of-range token ids
+    raise here, naming the id and where it is, instead of giving NaN logits (ids >= vocab_size:
+    the embedding lookup fills NaN) or silently wrong ones (negative ids wrap around).
+
+    ``input_ids`` must be a 2-D ``(batch, seq)`` integer array (numpy, jax or nested lists) with
+    every id in ``[0, config.vocab_size)``; ``attention_mask``, when given, must have the same
+    shape and hold only 0 and 1. The values are read on the host (a min and a max when all is
+    well), so call it before ``jax.jit``: a jax tracer raises ``TypeError``. :func:`generate`
+    runs it on its prompt.
+
+    Raises:
+      ValueError: an id out of range (message: the id, its ``[row, column]``, the valid range),
+        a wrong rank or shape, a mask value other than 0 / 1.
+      TypeError: a non-integer ``input_ids`` dtype, or a jax tracer.
+
+    Example::
+
+        llama.check_inputs(model.config, batch["input_ids"], batch["attention_mask"])
+        logits = jax.jit(model.apply)(params, batch["input_ids"], batch["attention_mask"])
+    """
+    _check_inputs(config, input_ids, attention_mask, "llama.check_inputs")
+
+
+def _check_inputs(config, input_ids, attention_mask, owner):
+    ids = _hf.check_int_matrix(input_ids, "input_ids", owner)
+    _hf.check_ids_in_range(ids, "input_ids", config.vocab_size, "vocab_size", owner)
+    if attention_mask is not None:
+        _hf.check_attention_mask(attention_mask, ids.shape, owner)
+
+
 def generate(model, params, input_ids, max_new_tokens: int, eos_id=None, *, attention_mask=None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              pad_id: int | None = None, cache_dtype=None, apply_fn=None, pad_to: int = 16,
@@ -608,7 +639,8 @@ def generate(model, params, input_ids, max_new_tokens: int, eos_id=None, *, atte
       model: a :class:`LlamaForCausalLM`.
       params: its variables (``{"params": ...}``).
       input_ids: (B, T) ints, or a list of equal-length lists; pad on the LEFT and pass
-        ``attention_mask`` (1 = token, 0 = padding) for ragged batches.
+        ``attention_mask`` (1 = token, 0 = padding) for ragged batches. Checked with
+        :func:`check_inputs` first: an id outside ``[0, vocab_size)`` raises ``ValueError``.
       temperature / top_k / top_p / seed: sampling controls; ``temperature=0`` is greedy.
       pad_id: fills the slots after a row's eos (default: the first eos id, else 0).
       apply_fn: replaces ``model.apply`` (e.g. ``jlora.lift(model.apply)`` for adapted params).
@@ -622,11 +654,13 @@ def generate(model, params, input_ids, max_new_tokens: int, eos_id=None, *, atte
       numpy int32 array (B, max_new_tokens) of new tokens (the eos included).
     """
     config = model.config
-    ids = np.asarray(input_ids, np.int32)
+    ids = _hf.host_array(input_ids, "input_ids", "llama.generate")
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, length>0), got shape {ids.shape}")
+    _check_inputs(config, ids, attention_mask, "llama.generate")   # ids in [0, vocab_size), a 0/1 mask
+    ids = ids.astype(np.int32)
     B, T = ids.shape
     mask = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if mask.shape != (B, T):

@@ -17,7 +17,10 @@ import numpy as np
 def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_steps: int, key, *,
         tokens_per_batch: int | None = None, log_path: str | None = None, eval_fn: Callable | None = None,
         eval_every: int | None = None, log_every: int = 10, progress: bool = True, desc: str = "train",
-        max_consecutive_skips: int = 5, diverge_factor: float | None = None):
+        max_consecutive_skips: int = 5, diverge_factor: float | None = None, start_step: int = 0,
+        checkpoint: Callable | None = None, checkpoint_every: int | None = None,
+        should_stop: Callable[[], str | None] | None = None, reference_loss: float | None = None,
+        on_record: Callable[[dict], None] | None = None):
     """Runs ``num_steps`` of ``step`` over ``batches``.
 
     Returns ``(trainable, opt_state, history)`` where ``history`` is the list of records also
@@ -42,6 +45,15 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
     the loss at step 1 (the untrained model's) raises :class:`FloatingPointError` too; a run whose
     loss is still finite but ten times where it started has diverged (the CLI uses 10).
 
+    Checkpoints and resuming: ``checkpoint(step, trainable, opt_state, key)`` is called every
+    ``checkpoint_every`` steps, after the last step, and when ``should_stop()`` (asked after every
+    step) returns a reason (e.g. a SIGTERM, or early stopping); ``key`` is the PRNG key the next step
+    would split, so saving it with the step, the parameters and the optimizer state is everything
+    a bit-for-bit resume needs. To resume, pass ``start_step`` (the restored step), the restored
+    state and key, ``batches`` positioned after ``start_step`` batches, and ``reference_loss`` (the
+    step-1 loss, for ``diverge_factor``). A stopped run returns early; its last record has
+    ``"stopped"`` (the reason). ``on_record(record)`` sees each record before it is logged (and may add fields).
+
     Example::
 
         trainable, opt_state, history = fit(step, trainable, frozen, opt_state, batches, 300,
@@ -55,19 +67,23 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
     if diverge_factor is not None and not (isinstance(diverge_factor, (int, float)) and diverge_factor > 1):
         raise ValueError(f"diverge_factor must be a number > 1 (or None), got {diverge_factor!r}")
+    if not isinstance(start_step, int) or not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be an int in [0, num_steps={num_steps}), got {start_step!r}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive int (or None), got {checkpoint_every!r}")
     from tqdm.auto import tqdm
 
     log = open(log_path, "a") if log_path else None
     history = []
-    bar = tqdm(total=num_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=num_steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
     start = last_t = time.perf_counter()
-    last_step = 0
+    last_step = start_step
     # device-side counters (no host sync per step): skips so far, the current run of consecutive
     # skips, the longest run and the step it ended at, and the finite-loss sum / count of the window
     acc = _fresh_counters()
-    first_loss = None
+    first_loss = reference_loss
     try:
-        for i in range(1, num_steps + 1):
+        for i in range(start_step + 1, num_steps + 1):
             try:
                 batch = next(batches)
             except StopIteration:
@@ -76,8 +92,9 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
             trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, sub)
             skipping = "skipped" in metrics
             acc = _accumulate(acc, metrics["loss"], metrics.get("skipped", 0), i)
+            stop = should_stop() if should_stop is not None else None
             do_eval = eval_fn is not None and ((eval_every and i % eval_every == 0) or i == num_steps)
-            if i % log_every == 0 or i == num_steps or i == 1 or do_eval:
+            if i % log_every == 0 or i == num_steps or i == 1 or do_eval or stop:
                 loss = float(metrics["loss"])  # synchronises
                 skips, _, worst, end, win_sum, win_n = jax.device_get(acc)
                 acc = acc[:4] + _fresh_counters()[4:]  # a new loss window
@@ -116,7 +133,12 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
                 if do_eval:
                     record.update({f"eval_{k}": float(v) for k, v in eval_fn(trainable).items()})
                     now = time.perf_counter()
+                    stop = stop or (should_stop() if should_stop is not None else None)
+                if stop:
+                    record["stopped"] = str(stop)
                 last_t, last_step = now, i
+                if on_record is not None:   # may add fields (the CLI's learning rate)
+                    on_record(record)
                 history.append(record)
                 if log:
                     log.write(json.dumps(record) + "\n")
@@ -126,6 +148,10 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
                     postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
                 bar.set_postfix(postfix)
             bar.update(1)
+            if checkpoint is not None and (stop or i == num_steps or (checkpoint_every and i % checkpoint_every == 0)):
+                checkpoint(i, trainable, opt_state, key)
+            if stop:
+                break
     finally:
         bar.close()
         if log:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import PurePosixPath
 
 import flax.linen as nn
 import jax
@@ -514,3 +515,76 @@ def test_minilm_bert_parity_both_ways(tmp_path):
                                                            init_lora_weights=False)).eval()
     made.save_pretrained(str(tmp_path / "made"))
     np.testing.assert_allclose(ours(load_peft(tmp_path / "made", params, naming)), theirs(made), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance: base_model_name_or_path / revision in adapter_config.json
+
+def test_base_model_and_revision_written_for_every_file_kind(tmp_path):
+    params, lora = _mlp_adapted(jlora.LoRA(rank=2, targets=["fc1"]))
+    ia3 = jlora.apply(params, jlora.IA3(targets=["fc1"], feedforward=["fc1"]))
+    ada = jlora.apply(params, jlora.AdaLoRA(init_r=2, target_r=1, total_steps=5, targets=["fc1"]), key=KEY)
+    prompt = jlora.apply_prompt(params, jlora.PromptTuning(3), KEY,
+                                config={"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2})
+    for name, tree, kw in [("lora", lora, {}), ("ia3", ia3, {}), ("adalora", ada, {}),
+                           ("prompt", prompt, {"task_type": "FEATURE_EXTRACTION"})]:
+        out = save_peft(tmp_path / name, tree, default_naming, base_model_name_or_path="org/tiny-mlp",
+                        revision="v1.0", **kw)
+        config = _json(out)
+        assert (config["base_model_name_or_path"], config["revision"]) == ("org/tiny-mlp", "v1.0"), name
+        assert config["peft_type"] == {"lora": "LORA", "ia3": "IA3", "adalora": "ADALORA",
+                                       "prompt": "PROMPT_TUNING"}[name]
+    # the default stays null (PEFT's own default) and the file still loads
+    config = _json(save_peft(tmp_path / "default", lora, default_naming))
+    assert config["base_model_name_or_path"] is None and config["revision"] is None
+    _assert_same_nodes(lora, load_peft(tmp_path / "default", params, default_naming))
+
+
+@pytest.mark.parametrize("argument,value", [
+    ("base_model_name_or_path", ""), ("base_model_name_or_path", "  "), ("base_model_name_or_path", 3),
+    ("base_model_name_or_path", PurePosixPath("/m")), ("revision", ""), ("revision", b"main")])
+def test_bad_base_model_or_revision_raises_before_writing(tmp_path, argument, value):
+    _, adapted = _mlp_adapted(jlora.LoRA(rank=2, targets=["fc1"]))
+    with pytest.raises(ValueError, match=rf"save_peft: {argument} must be None or a non-empty str.*got "
+                                         rf"{re.escape(repr(value))}"):
+        save_peft(tmp_path / "bad", adapted, default_naming, **{argument: value})
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_export_of_transformers_written_bert_names_its_base(tmp_path, monkeypatch):
+    """A tiny BERT written by transformers, adapted in jlora and exported with its directory as
+    base_model_name_or_path: PeftConfig reads it back and AutoPeftModel loads base + adapter from
+    the export alone, with jlora's outputs."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import functools
+
+    from jlora.models import bert
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")     # AutoPeftModel probes the hub for a tokenizer otherwise
+    base_dir = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=32)).save_pretrained(str(base_dir))
+    cfg = bert.BertConfig.from_hf(base_dir)
+    params = bert.load_hf_params(base_dir, cfg)
+    adapted = _randomize(jlora.apply(params, jlora.LoRA(rank=2, alpha=4, targets=["query", "value"]), key=KEY))
+    naming = functools.partial(bert.hf_module_name, prefix="")      # a bare transformers BertModel
+    out = save_peft(tmp_path / "export", adapted, naming, task_type="FEATURE_EXTRACTION",
+                    base_model_name_or_path=str(base_dir), revision="main")
+
+    config = peft.PeftConfig.from_pretrained(out)
+    assert config.base_model_name_or_path == str(base_dir) and config.revision == "main"
+
+    loaded = peft.AutoPeftModelForFeatureExtraction.from_pretrained(out).eval()
+    ids = np.array([[2, 7, 9, 3], [4, 5, 1, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.int32)
+    with torch.no_grad():
+        theirs = loaded(input_ids=torch.from_numpy(ids).long(),
+                        attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
+    model = bert.BertModel(cfg)
+    ours = np.asarray(jlora.lift(model.apply)(adapted, ids, mask)[0])
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    assert np.abs(ours - np.asarray(model.apply(params, ids, mask)[0])).max() > 1e-2   # the adapter counts

@@ -353,3 +353,44 @@ def test_encode_and_mean_pool(minilm):
     assert tok.padding is None and tok.truncation is None                 # settings restored
     x = jnp.arange(12.0).reshape(1, 3, 4)
     np.testing.assert_allclose(bert.mean_pool(x, np.array([[1, 1, 0]])), x[:, :2].mean(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# check_inputs: out-of-range ids / too-long sequences raise on the host, naming what and where
+
+def test_check_inputs_names_out_of_range_ids_and_their_position():
+    bert.check_inputs(TINY, TINY_IDS, TINY_MASK, TINY_TYPES)                    # vocab 99, 2 types, 64 positions
+    bert.check_inputs(TINY, TINY_IDS.tolist())
+    bert.check_inputs(TINY, jnp.asarray(TINY_IDS), jnp.asarray(TINY_MASK, bool), jnp.asarray(TINY_TYPES))
+
+    ids = TINY_IDS.copy()
+    ids[1, 5] = 99                                              # == vocab_size
+    with pytest.raises(ValueError, match=r"bert.check_inputs: input_ids\[1, 5\] = 99 is out of range: "
+                                         r"valid ids are \[0, vocab_size\) = \[0, 99\)"):
+        bert.check_inputs(TINY, ids, TINY_MASK, TINY_TYPES)
+    ids = TINY_IDS.copy()
+    ids[0, 3] = -1
+    with pytest.raises(ValueError, match=r"input_ids\[0, 3\] = -1 is out of range.*\[0, 99\)"):
+        bert.check_inputs(TINY, ids)
+    types = TINY_TYPES.copy()
+    types[1, 2] = 2                                             # == type_vocab_size
+    with pytest.raises(ValueError, match=r"token_type_ids\[1, 2\] = 2 is out of range: valid ids are "
+                                         r"\[0, type_vocab_size\) = \[0, 2\)"):
+        bert.check_inputs(TINY, TINY_IDS, TINY_MASK, types)
+    with pytest.raises(ValueError, match=r"token_type_ids has shape \(2, 6\), input_ids \(2, 7\)"):
+        bert.check_inputs(TINY, TINY_IDS, token_type_ids=TINY_TYPES[:, :6])
+    long_ids = np.ones((1, TINY.max_position_embeddings + 1), np.int32)
+    with pytest.raises(ValueError, match=r"sequence length 65 .* exceeds max_position_embeddings=64"):
+        bert.check_inputs(TINY, long_ids)
+    bert.check_inputs(TINY, long_ids[:, :64])
+
+    mask = TINY_MASK.astype(np.float32)
+    mask[0, 4] = 0.5
+    with pytest.raises(ValueError, match=r"attention_mask\[0, 4\] = 0.5 is not 0 or 1"):
+        bert.check_inputs(TINY, TINY_IDS, mask)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 7\), input_ids \(2, 7\)"):
+        bert.check_inputs(TINY, TINY_IDS, TINY_MASK[:1])
+    with pytest.raises(TypeError, match="input_ids must hold integers"):
+        bert.check_inputs(TINY, TINY_IDS.astype(np.float64))
+    with pytest.raises(TypeError, match="token_type_ids is a jax tracer.*host-side check"):
+        jax.jit(lambda t: bert.check_inputs(TINY, TINY_IDS, token_type_ids=t))(TINY_TYPES)

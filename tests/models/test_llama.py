@@ -411,3 +411,48 @@ def test_config_validation_and_from_hf():
         llama.LlamaConfig.from_hf({**hf, "num_attention_heads": 0})
     mistral = llama.LlamaConfig.from_hf({**hf, "model_type": "mistral", "sliding_window": 4})
     assert mistral.sliding_window == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# check_inputs: out-of-range token ids raise on the host instead of giving NaN / wrong logits
+
+def test_check_inputs_names_out_of_range_ids_and_their_position():
+    config = tiny()                                            # vocab_size 101
+    good = np.array([[0, 5, 100], [7, 8, 9]], np.int32)
+    mask = np.array([[0, 1, 1], [1, 1, 1]], np.int32)
+    llama.check_inputs(config, good)
+    llama.check_inputs(config, good, mask)
+    llama.check_inputs(config, good.tolist(), mask.astype(bool))   # nested lists, bool masks
+    llama.check_inputs(config, jnp.asarray(good), jnp.asarray(mask))  # concrete jax arrays
+
+    at_vocab = good.copy()
+    at_vocab[1, 2] = 101                                       # == vocab_size: NaN logits unchecked
+    with pytest.raises(ValueError, match=r"input_ids\[1, 2\] = 101 is out of range: valid ids are "
+                                         r"\[0, vocab_size\) = \[0, 101\)"):
+        llama.check_inputs(config, at_vocab, mask)
+    negative = good.copy()
+    negative[0, 1], negative[1, 0] = -3, 500                   # the first one (row-major) is named
+    with pytest.raises(ValueError, match=r"input_ids\[0, 1\] = -3 is out of range.*\[0, 101\) "
+                                         r"\(2 out-of-range ids in all\)"):
+        llama.check_inputs(config, negative)
+
+    with pytest.raises(ValueError, match=r"attention_mask\[1, 0\] = 2 is not 0 or 1"):
+        llama.check_inputs(config, good, np.array([[0, 1, 1], [2, 1, 1]]))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 2\), input_ids \(2, 3\)"):
+        llama.check_inputs(config, good, mask[:, 1:])
+    with pytest.raises(ValueError, match=r"input_ids must be 2-D \(batch, seq\), got shape \(3,\)"):
+        llama.check_inputs(config, good[0])
+    with pytest.raises(TypeError, match="input_ids must hold integers, got dtype float32"):
+        llama.check_inputs(config, good.astype(np.float32))
+    with pytest.raises(TypeError, match="jax tracer.*host-side check.*before jax.jit"):
+        jax.jit(lambda ids: llama.check_inputs(config, ids))(good)
+
+
+def test_generate_rejects_out_of_range_prompt_ids():
+    model, params, _ = tiny_model()                            # the check runs before anything compiles
+    for bad in (101, -1):
+        with pytest.raises(ValueError, match=rf"llama.generate: input_ids\[0, 2\] = {bad} is out of range"):
+            llama.generate(model, params, [[5, 17, bad, 8]], max_new_tokens=3)
+    ids = np.array([[0, 7, 3], [4, 5, 6]], np.int32)
+    with pytest.raises(ValueError, match=r"attention_mask\[0, 0\] = 3 is not 0 or 1"):
+        llama.generate(model, params, ids, max_new_tokens=3, attention_mask=np.array([[3, 1, 1], [1, 1, 1]]))

@@ -158,3 +158,57 @@ def test_fit_stops_a_diverging_run_and_logs_window_means():
     with pytest.raises(ValueError, match="diverge_factor must be a number > 1"):
         fit(wild, trainable, frozen, optax.sgd(5.0).init(trainable), batches, 2, jax.random.key(0),
             progress=False, diverge_factor=0.5)
+
+
+def test_fit_checkpoints_and_resumes_to_the_same_parameters(tmp_path):
+    """fit(checkpoint=..., start_step=...) with jlora.io save/restore and a positioned data stream:
+    8 steps in one go == 5 steps, a restore, and 3 more (dropout-like randomness included)."""
+    from jlora import io as jio
+    from jlora.data import batches
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    arrays = {"x": x, "y": x @ rng.standard_normal((6, 1)).astype(np.float32)}
+    def fresh():   # the step donates its inputs: every run starts from new arrays
+        return jlora.partition(jlora.mark_trainable({"params": {"w": {"kernel": jnp.zeros((6, 1))}}}, r".*kernel"))
+
+    trainable, frozen = fresh()
+
+    def loss_fn(p, batch, key):
+        noise = 1 + 0.1 * jax.random.normal(key, batch["y"].shape)   # uses the step key
+        return jnp.mean((batch["x"] @ jlora.merge(p)["params"]["w"]["kernel"] - batch["y"] * noise) ** 2)
+
+    opt = optax.adam(0.05)
+    step = make_step(loss_fn, opt)
+    full, _, _ = fit(step, trainable, frozen, opt.init(trainable), batches(arrays, 8, seed=3, epochs=None), 8,
+                     jax.random.key(1), progress=False)
+
+    manager = jio.checkpoint_manager(tmp_path / "ckpt")
+    saved = []
+
+    def checkpoint(i, t, o, k):
+        saved.append(i)
+        jio.save_state(manager, i, t, o, {"key": k, "data_position": np.int32(i)}, wait=True)
+
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return "test stop" if calls["n"] == 5 else None
+
+    trainable, frozen = fresh()
+    t, o, hist = fit(step, trainable, frozen, opt.init(trainable), batches(arrays, 8, seed=3, epochs=None), 8,
+                     jax.random.key(1), progress=False, checkpoint=checkpoint, checkpoint_every=2, should_stop=stop)
+    assert saved == [2, 4, 5] and hist[-1]["step"] == 5 and hist[-1]["stopped"] == "test stop"
+    trainable, frozen = fresh()
+    r = jio.restore_state(manager, trainable, opt.init(trainable), {"key": jax.random.key(0), "data_position": np.int32(0)})
+    assert r.step == 5 and int(r.rng["data_position"]) == 5
+    resumed, _, hist2 = fit(step, r.trainable, frozen, r.opt_state, batches(arrays, 8, seed=3, epochs=None, start=5), 8,
+                            r.rng["key"], progress=False, start_step=5, reference_loss=hist[0]["loss"],
+                            checkpoint=checkpoint)
+    assert hist2[0]["step"] == 8 and saved[-1] == 8
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    trainable, frozen = fresh()
+    with pytest.raises(ValueError, match="start_step must be an int in"):
+        fit(step, trainable, frozen, opt.init(trainable), iter([]), 8, jax.random.key(1), start_step=8)
