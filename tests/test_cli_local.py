@@ -303,3 +303,56 @@ def test_every_method_trains_evaluates_exports_and_inspects(files, tmp_path, cap
     capsys.readouterr()
     assert cli.main(["inspect", "--run", str(run)]) == 0
     assert "trainable" in capsys.readouterr().out
+
+
+def _scalars(logdir) -> dict:
+    """tag -> [(step, value)] from the TensorBoard event files in ``logdir`` (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for f in sorted(logdir.glob("events.out.tfevents.*")):
+        data = f.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_trainer_flags_optimizer_schedule_clipping_and_tensorboard(files, tmp_path):
+    opt, schedule = cli.make_optimizer(cli.load_config(dict(steps=10, lr=1.0, schedule="constant", warmup_steps=2)))
+    assert [float(schedule(i)) for i in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]
+    _, schedule = cli.make_optimizer(cli.load_config(dict(steps=10, lr=1.0, schedule="linear", warmup_ratio=0.0)))
+    assert float(schedule(0)) == 1.0 and float(schedule(5)) == pytest.approx(0.5) and float(schedule(10)) == 0.0
+    for name in cli.OPTIMIZERS:
+        cli.make_optimizer(cli.load_config(dict(optimizer=name, weight_decay=0.01, clip_norm=1.0)))
+    run, logdir = tmp_path / "run", tmp_path / "tb"
+    assert cli.main(["train", "--model", str(files / "my_bert"), "--data", str(files / "reviews.csv"), "--text-column",
+                     "review", "--label-column", "sentiment", "--optimizer", "lion", "--schedule", "linear",
+                     "--clip-norm", "0.5", "--steps", "6", "--batch", "8", "--max-length", "16", "--log-every", "2",
+                     "--eval-every", "3", "--logdir", str(logdir), "--out", str(run), "--no-progress"]) == 0
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4, 6]
+    assert lines[0]["lr"] == pytest.approx(2e-3) and 2e-3 > lines[-1]["lr"] > 0   # 0.1 x 6: no warm-up; linear decay
+    assert all(l["grad_norm"] >= 0 for l in lines)
+    scalars = _scalars(logdir)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4, 6]
+    assert scalars["train/loss"][-1][1] == pytest.approx(lines[-1]["loss"])
+    assert [s for s, _ in scalars["eval_loss"]] == [3, 6] and "train/lr" in scalars
+
+
+def test_best_metric_keeps_the_best_adapter_and_early_stopping_ends_the_run(files, tmp_path):
+    run = tmp_path / "run"
+    # lr so small that nothing moves: step 1 stays the best, the next evaluation does not improve on it
+    assert cli.main(["train", "--model", str(files / "my_bert"), "--data", str(files / "reviews.csv"), "--text-column",
+                     "review", "--label-column", "sentiment", "--steps", "20", "--batch", "8", "--max-length", "16",
+                     "--lr", "1e-30", "--eval-every", "1", "--best-metric", "loss", "--early-stopping", "2",
+                     "--out", str(run), "--no-progress"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps_done"] == 3 and results["stopped"].startswith("early stopping: 2 evaluations")
+    assert results["best"]["step"] == 1 and results["best"]["metric"] == "loss"
