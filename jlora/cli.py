@@ -359,8 +359,10 @@ def make_optimizer(cfg: dict):
 
     steps, lr = cfg["steps"], cfg["lr"]
     warm = cfg["warmup_steps"] if cfg["warmup_steps"] is not None else int(cfg["warmup_ratio"] * steps)
-    if cfg["schedule"] == "cosine":   # jlora's historical default: at least one warm-up step
-        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warm), steps)
+    if steps == 1:   # nothing to warm up or decay
+        schedule = optax.constant_schedule(lr)
+    elif cfg["schedule"] == "cosine":   # jlora's historical default: at least one warm-up step
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(max(1, warm), steps - 1), steps)
     else:
         decay = (optax.constant_schedule(lr) if cfg["schedule"] == "constant"
                  else optax.linear_schedule(lr, 0.0, max(1, steps - warm)))
@@ -691,10 +693,127 @@ def _load_run(run: str):
     return cfg, task, adapted
 
 
-def _export(fmt: str, out: str, cfg: dict, task, adapted) -> None:
+def _read_inputs(items: list, path: str | None, column: str, what: str) -> list[str]:
+    """Texts from repeated flags and a file: .txt (one a line) or any --data format (a column)."""
+    texts = [str(t) for t in items]
+    if path:
+        from jlora.data import files
+
+        if path.endswith(".txt"):
+            if not os.path.isfile(path):
+                raise SystemExit(f"jlora: {what} file {path} does not exist")
+            texts += [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+        else:
+            try:
+                ds = files.read_table(path)
+                files.require_columns(ds, [column], f"{what} file {path}", (f"--{column.split('_')[0]}-column",))
+            except files.DataFileError as e:
+                raise SystemExit(f"jlora: {e}") from None
+            texts += [str(t) for t in ds[column]]
+    return texts
+
+
+def _infer(args) -> None:
+    """``jlora generate`` / ``jlora predict``: JSON lines, one per input, to stdout or ``--out``."""
+    import jlora
+
+    for name in ("batch", "max_new_tokens"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise SystemExit(f"jlora: --{name.replace('_', '-')} must be a positive integer, got {value}")
+    cfg, task, adapted = _load_run(args.run)
+    lifted = jlora.lift(task.model.apply)
+    generating = args.command == "generate"
+    if generating != (task.kind == "instruction"):
+        raise SystemExit(f"jlora: {args.run} is a run of a {task.kind} task; use jlora "
+                         f"{'predict' if task.kind == 'classification' else 'generate'}")
+    sink = open(args.out, "w") if args.out else sys.stdout
+
+    def emit(records):
+        for r in records:
+            sink.write(json.dumps(r, ensure_ascii=False) + "\n")
+        sink.flush()
+
+    try:
+        if generating:
+            if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+                raise SystemExit(f"jlora: --temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, "
+                                 f"{args.top_p}")
+
+            def reply(prompts):
+                return [{"prompt": p, "completion": c} for p, c in zip(prompts, task.generate_batch(
+                    lifted, adapted, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed))]
+
+            prompts = _read_inputs(args.prompt, args.prompts_file, args.prompt_column, "prompts")
+            if not prompts and not args.interactive:
+                raise SystemExit("jlora: generate needs --prompt, --prompts-file or --interactive")
+            for s in range(0, len(prompts), args.batch):
+                emit(reply(prompts[s:s + args.batch]))
+            if args.interactive:
+                for line in sys.stdin:
+                    if line.strip():
+                        emit(reply([line.rstrip("\n")]))
+        else:
+            texts = _read_inputs(args.text, args.file, args.text_column, "texts")
+            if not texts:
+                raise SystemExit("jlora: predict needs --text or --file")
+            probs = task.predict(lifted, adapted, texts, batch_size=args.batch)
+            names = list(task.label_names)
+            emit({"text": t, "label": names[int(p.argmax())],
+                  "probabilities": {n: round(float(q), 6) for n, q in zip(names, p)}} for t, p in zip(texts, probs))
+    finally:
+        if args.out:
+            sink.close()
+
+
+def _hf_files(cfg: dict, task) -> tuple[dict, dict]:
+    """(config.json contents, {file name: source}) for ``export --format hf``: the source
+    directory's config and tokenizer files, or, for a GGUF model, ones written from its metadata."""
+    from jlora.io.hf import llama_config_json
+
+    if task.family == "bert":
+        from jlora import assets
+
+        src = pathlib.Path(cfg["model"]) if cfg["model"] != "minilm" else assets.path("minilm", "model")
+    else:
+        src = None if cfg["model"] == "smollm2" or str(cfg["model"]).endswith(".gguf") else pathlib.Path(cfg["model"])
+    if src is not None:
+        config = json.loads((src / "config.json").read_text())
+        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "chat_template.jinja",
+                 "generation_config.json", "tokenizer.model")
+        files = {n: src / n for n in names if (src / n).is_file()}
+    else:
+        mc = task.model.config
+        config = llama_config_json(mc, "qwen2" if mc.attention_bias and mc.attention_out_bias is False else "llama")
+        fmt = task.text_format
+        files = {"tokenizer.json": task.tokenizer.to_str(),
+                 "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                      "chat_template": fmt.chat_template, "bos_token": fmt.bos_token,
+                                                      "eos_token": fmt.eos_token, "pad_token": fmt.pad_token}, indent=2)}
+    if task.family == "bert":
+        config["architectures"] = ["BertForSequenceClassification"]
+        config["id2label"] = {str(i): str(n) for i, n in enumerate(task.label_names)}
+        config["label2id"] = {str(n): i for i, n in enumerate(task.label_names)}
+        config.pop("num_labels", None)
+    return config, files
+
+
+def _export(fmt: str, out: str, cfg: dict, task, adapted, *, dtype=None, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
     from jlora import io as jio
 
-    if fmt == "merged":
+    if fmt == "hf":
+        import jlora
+        from jlora.io.hf import hf_tensors, save_hf_directory
+
+        if cfg["method"] in PROMPT_METHODS:
+            raise ValueError(f"a {cfg['method']} run has no merged weights (its prompt is an input, not a weight); "
+                             "export it with --format peft or adapter")
+        dtype = dtype or ("bfloat16" if cfg["method"] == "qlora" else cfg["param_dtype"])
+        tensors = hf_tensors(jlora.merge(adapted), task.family, task.model.config, dtype=dtype)
+        config, files = _hf_files(cfg, task)
+        save_hf_directory(out, tensors, config, files=files, max_shard_bytes=max_shard_bytes)
+    elif fmt == "merged":
         jio.save_merged(out, adapted)
     elif fmt == "adapter":
         jio.save_adapter(out, adapted)
@@ -717,8 +836,33 @@ def main(argv=None) -> int:
     p_eval.add_argument("--limit", type=int)
     p_exp = sub.add_parser("export", help="write merged weights, the adapter, or HF PEFT files")
     p_exp.add_argument("--run", required=True)
-    p_exp.add_argument("--format", required=True, choices=("merged", "adapter", "peft"))
+    p_exp.add_argument("--format", required=True, choices=("merged", "adapter", "peft", "hf"),
+                       help="merged: jlora Orbax params; adapter: jlora adapter; peft: HF PEFT adapter files; hf: the "
+                            "merged model as a Hugging Face directory (config.json, safetensors, tokenizer)")
+    p_exp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="hf: tensor dtype (default: the run's --param-dtype; bfloat16 for qlora)")
+    p_exp.add_argument("--max-shard-gb", type=float, default=5.0, help="hf: largest safetensors shard (default 5)")
     p_exp.add_argument("--out", required=True)
+    p_gen = sub.add_parser("generate", help="replies of a language-model run (base + adapter) to prompts")
+    p_gen.add_argument("--run", required=True)
+    p_gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p_gen.add_argument("--prompts-file", help="prompts: a .txt file (one a line) or a data file with --prompt-column")
+    p_gen.add_argument("--prompt-column", default="prompt", help="the column of --prompts-file (default prompt)")
+    p_gen.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line, until EOF")
+    p_gen.add_argument("--max-new-tokens", type=int, default=64)
+    p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p_gen.add_argument("--top-k", type=int)
+    p_gen.add_argument("--top-p", type=float)
+    p_gen.add_argument("--seed", type=int, default=0)
+    p_gen.add_argument("--batch", type=int, default=8, help="prompts decoded together")
+    p_gen.add_argument("--out", help="write JSON lines here instead of stdout")
+    p_pred = sub.add_parser("predict", help="class probabilities of a classification run for texts")
+    p_pred.add_argument("--run", required=True)
+    p_pred.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    p_pred.add_argument("--file", help="texts: a .txt file (one a line) or a data file with --text-column")
+    p_pred.add_argument("--text-column", default="text")
+    p_pred.add_argument("--batch", type=int, default=64)
+    p_pred.add_argument("--out", help="write JSON lines here instead of stdout")
     p_ins = sub.add_parser("inspect", help="print the adapter summary table for a run or a spec")
     p_ins.add_argument("--run")
     _add_train_args(p_ins)
@@ -737,10 +881,13 @@ def main(argv=None) -> int:
     elif args.command == "export":
         cfg, task, adapted = _load_run(args.run)
         try:
-            _export(args.format, args.out, cfg, task, adapted)
+            _export(args.format, args.out, cfg, task, adapted, dtype=args.dtype,
+                    max_shard_bytes=max(1, int(args.max_shard_gb * 1024 ** 3)))
         except ValueError as e:   # what a format cannot hold (PiSSA residuals in PEFT, a head-only run ...)
             raise SystemExit(f"jlora: cannot export {args.run} as {args.format}: {e}") from None
         print(f"wrote {args.format} to {args.out}")
+    elif args.command in ("generate", "predict"):
+        _infer(args)
     elif args.command == "inspect":
         if args.run:
             _, _, adapted = _load_run(args.run)

@@ -165,6 +165,26 @@ class ClassificationTask:
             total_loss += float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum())
         return {"accuracy": correct / n, "loss": total_loss / n, "examples": n}
 
+    def predict(self, lifted: Callable, params, texts, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities ``(len(texts), num_labels)`` for raw texts, tokenised as in training
+        (truncated / padded to ``max_length``); columns follow :attr:`label_names`."""
+        from jlora.data import tokenize_classification
+
+        texts = [str(t) for t in texts]
+        if not texts:
+            raise ValueError("predict needs at least one text")
+        arrays = tokenize_classification({"x": {"text": texts, "label": [0] * len(texts)}}, self.tokenizer,
+                                         self.max_length)["x"]
+        fn = jax.jit(lambda p, b: jax.nn.softmax(self.forward(lifted, p, b).astype(jnp.float32), -1))
+        out = []
+        for s in range(0, len(texts), batch_size):
+            b = {k: v[s:s + batch_size] for k, v in arrays.items()}
+            real = len(b["labels"])
+            if real < min(batch_size, len(texts)):   # pad to one shape: one compile
+                b = {k: np.concatenate([v, np.repeat(v[-1:], min(batch_size, len(texts)) - real, 0)]) for k, v in b.items()}
+            out.append(np.asarray(fn(params, b))[:real])
+        return np.concatenate(out)
+
 
 def make_task(model: str, data: str, *, options: dict | None = None, **kw):
     """The task for a model (a bundled name or a local checkpoint) and data (a bundled name or a

@@ -214,23 +214,46 @@ class InstructionTask:
         loss = total / max(tokens, 1)
         return {"loss": loss, "perplexity": float(np.exp(loss)), "examples": n, "response_tokens": tokens}
 
-    def generate(self, lifted: Callable, params, instruction: str, max_new_tokens: int = 40) -> str:
+    def generate(self, lifted: Callable, params, instruction: str, max_new_tokens: int = 40, **sampling) -> str:
+        """The model's reply to one prompt (see :meth:`generate_batch`)."""
+        return self.generate_batch(lifted, params, [instruction], max_new_tokens, **sampling)[0]
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
         from jlora.data.chat import _special_prefix, generation_prompt
         from jlora.data.instruct import chat_prompt
-        from jlora.models import llama
 
         if self.bundled_chatml:
-            ids = self.tokenizer.encode(chat_prompt(instruction), add_special_tokens=False).ids
-            eos = self.tokenizer.token_to_id("<|im_end|>")
-        else:
-            fmt = self.text_format
-            ids = self.tokenizer.encode(generation_prompt(fmt, instruction), add_special_tokens=False).ids
-            if fmt.chat_template is None:
-                ids = _special_prefix(self.tokenizer) + ids
-            eos = self.tokenizer.token_to_id(fmt.eos_token) if fmt.eos_token else None
-        out = llama.generate(self.model, params, np.asarray([ids], np.int32), max_new_tokens, eos_id=eos,
-                             apply_fn=lifted, **prompt_kwargs(params, 1))
-        out = np.asarray(out)[0].tolist()
-        if eos in out:
-            out = out[:out.index(eos)]
-        return self.tokenizer.decode(out)
+            return self.tokenizer.encode(chat_prompt(prompt), add_special_tokens=False).ids
+        ids = self.tokenizer.encode(generation_prompt(self.text_format, prompt), add_special_tokens=False).ids
+        return (_special_prefix(self.tokenizer) + ids) if self.text_format.chat_template is None else ids
+
+    def eos_ids(self) -> list[int]:
+        """The ids that end a reply: the checkpoint's EOS (``<|im_end|>`` for the bundled ChatML)."""
+        token = "<|im_end|>" if self.bundled_chatml else self.text_format.eos_token
+        i = self.tokenizer.token_to_id(token) if token else None
+        return [] if i is None else [int(i)]
+
+    def generate_batch(self, lifted: Callable, params, prompts, max_new_tokens: int = 40, *, temperature: float = 0.0,
+                       top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[str]:
+        """Replies to ``prompts`` in one batched KV-cache decode: each prompt is rendered as the data
+        was (the checkpoint's chat template, or ChatML for the bundled SmolLM2), left-padded, and
+        decoded greedily (``temperature=0``) or sampled until EOS or ``max_new_tokens``."""
+        from jlora.models import llama
+
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.60}")
+        rows = [self._prompt_ids(str(p)) for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):   # left padding
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        eos = self.eos_ids()
+        out = llama.generate(self.model, params, ids, max_new_tokens, eos_id=eos or None, attention_mask=mask,
+                             apply_fn=lifted, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             **prompt_kwargs(params, len(rows)))
+        texts = []
+        for row in np.asarray(out).tolist():
+            cut = min((row.index(e) for e in eos if e in row), default=len(row))
+            texts.append(self.tokenizer.decode(row[:cut]))
+        return texts

@@ -356,3 +356,110 @@ def test_best_metric_keeps_the_best_adapter_and_early_stopping_ends_the_run(file
     results = json.loads((run / "results.json").read_text())
     assert results["steps_done"] == 3 and results["stopped"].startswith("early stopping: 2 evaluations")
     assert results["best"]["step"] == 1 and results["best"]["metric"] == "loss"
+
+
+def test_generate_and_predict_on_runs(files, tmp_path, capsys):
+    lm, clf = tmp_path / "lm", tmp_path / "clf"
+    assert cli.main(["train", "--model", str(files / "my_llama"), "--data", str(files / "chat.jsonl"), "--steps", "4",
+                     "--batch", "4", "--lr", "1e-2", "--max-length", "32", "--out", str(lm), "--no-progress"]) == 0
+    prompts = ["What comes after 7?", "Count on from forty-one, please, and stop at forty-three?"]
+    capsys.readouterr()
+    assert cli.main(["generate", "--run", str(lm), "--prompt", prompts[0], "--prompt", prompts[1],
+                     "--max-new-tokens", "6"]) == 0
+    together = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in together] == prompts
+    (tmp_path / "p.txt").write_text(prompts[1] + "\n")
+    assert cli.main(["generate", "--run", str(lm), "--prompts-file", str(tmp_path / "p.txt"), "--max-new-tokens", "6",
+                     "--out", str(tmp_path / "g.jsonl")]) == 0
+    alone = json.loads((tmp_path / "g.jsonl").read_text())
+    assert alone == together[1]                     # left padding in a batch changes nothing
+    _, task, adapted = cli._load_run(str(lm))
+    import jlora
+    assert task.generate(jlora.lift(task.model.apply), adapted, prompts[0], 6) == together[0]["completion"]
+    with pytest.raises(SystemExit, match="is a run of a instruction task; use jlora generate"):
+        cli.main(["predict", "--run", str(lm), "--text", "x"])
+
+    assert cli.main(["train", "--model", str(files / "my_bert"), "--data", str(files / "reviews.csv"), "--text-column",
+                     "review", "--label-column", "sentiment", "--steps", "6", "--batch", "8", "--lr", "1e-2",
+                     "--max-length", "16", "--out", str(clf), "--no-progress"]) == 0
+    results = json.loads((clf / "results.json").read_text())
+    _, task, _ = cli._load_run(str(clf))
+    test = task.splits["test"]
+    test.to_csv(str(tmp_path / "test.csv"))
+    capsys.readouterr()
+    assert cli.main(["predict", "--run", str(clf), "--file", str(tmp_path / "test.csv"), "--text-column", "review"]) == 0
+    preds = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert len(preds) == len(test) and all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+    names = task.label_names
+    accuracy = np.mean([p["label"] == names[y] for p, y in zip(preds, test["sentiment"])])
+    assert accuracy == pytest.approx(results["test"]["accuracy"])      # the same model as the run's evaluation
+    with pytest.raises(SystemExit, match="is a run of a classification task; use jlora predict"):
+        cli.main(["generate", "--run", str(clf), "--prompt", "x"])
+
+
+def _torch_logits(directory, kind, batch):
+    import torch
+    import transformers
+
+    cls = transformers.AutoModelForCausalLM if kind == "lm" else transformers.AutoModelForSequenceClassification
+    model = cls.from_pretrained(str(directory), dtype=torch.float32).eval()
+    with torch.no_grad():
+        args = {k: torch.tensor(np.asarray(v), dtype=torch.long) for k, v in batch.items()}
+        return model(**args).logits.numpy(), model
+
+
+@pytest.mark.parametrize("kind,method", [("lm", "lora"), ("lm", "qlora"), ("clf", "dora")])
+def test_export_hf_loads_in_transformers_with_the_same_logits(files, tmp_path, kind, method):
+    import jlora
+
+    run = tmp_path / "run"
+    data = ["--model", str(files / "my_llama"), "--data", str(files / "chat.jsonl")] if kind == "lm" else \
+        ["--model", str(files / "my_bert"), "--data", str(files / "reviews.csv"), "--text-column", "review",
+         "--label-column", "sentiment"]
+    assert cli.main(["train", *data, "--method", method, "--steps", "3", "--batch", "4", "--lr", "5e-2",
+                     "--max-length", "24", "--out", str(run), "--no-progress"]) == 0
+    assert cli.main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf"),
+                     "--max-shard-gb", str(2e-4)]) == 0                                 # ~215 KB shards
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1                                     # sharded, with its index
+    _, task, adapted = cli._load_run(str(run))
+    arrays = task.arrays["validation"]
+    if kind == "lm":
+        batch = {"input_ids": arrays["input_ids"][:3], "attention_mask": arrays["attention_mask"][:3]}
+    else:
+        batch = {k: arrays[k][:3] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    ours = np.asarray(task.forward(jlora.lift(task.model.apply), adapted, batch), np.float32)
+    theirs, model = _torch_logits(tmp_path / "hf", kind, batch)
+    if method == "qlora":   # merged to bf16 by default: the NF4 base + the update, rounded to bf16
+        assert config["dtype"] == "bfloat16"
+        m = batch["attention_mask"].astype(bool)
+        assert np.abs(theirs - ours)[m].max() < 0.05 * np.abs(ours).max()
+    else:
+        mask = batch["attention_mask"].astype(bool) if kind == "lm" else np.ones(len(ours), bool)
+        np.testing.assert_allclose(theirs[mask], ours[mask], atol=2e-4, rtol=2e-4)
+    if kind == "clf":
+        assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_export_hf_of_the_bundled_gguf_model_matches_in_transformers(files, tmp_path):
+    """SmolLM2 comes as a Q4_1 GGUF: config.json and the tokenizer files are written from its metadata,
+    and the q/k rows (un-permuted when read) must come out in the layout transformers expects."""
+    import jlora
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "smollm2", "--data", str(files / "chat.jsonl"), "--steps", "1", "--batch", "2",
+                     "--lr", "1e-3", "--max-length", "24", "--out", str(run), "--no-progress"]) == 0
+    assert cli.main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    tok_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tok_config["eos_token"] == "<|im_end|>" and "<|im_start|>" in tok_config["chat_template"]
+    _, task, adapted = cli._load_run(str(run))
+    batch = {k: task.arrays["validation"][k][:2] for k in ("input_ids", "attention_mask")}
+    ours = np.asarray(task.forward(jlora.lift(task.model.apply), adapted, batch), np.float32)
+    theirs, _ = _torch_logits(tmp_path / "hf", "lm", batch)
+    m = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(theirs[m], ours[m], atol=5e-3, rtol=1e-3)
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == task.text_format.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
