@@ -232,7 +232,8 @@ def make_task(cfg: dict):
 
     try:
         return _make(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
-                     scan_layers=cfg["scan_layers"], options={k: cfg[k] for k in DATA_KEYS})
+                     scan_layers=cfg["scan_layers"], options={k: cfg[k] for k in DATA_KEYS},
+                     param_dtype=cfg["param_dtype"])
     except (ValueError, FileNotFoundError, DataFileError) as e:
         raise SystemExit(f"jlora: {e}") from None
 

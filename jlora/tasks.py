@@ -115,6 +115,11 @@ class ClassificationTask:
             self.model_path, num_labels=len(self.label_names), scan_layers=self.scan_layers, seed=self.seed)
         self.arrays = jdata.tokenize_classification(self.splits, self.tokenizer, self.max_length,
                                                     text_column=text_col, label_column=label_col)
+        for name, a in self.arrays.items():   # a tokenizer that does not fit the checkpoint: say so, not NaN
+            try:
+                bert.check_inputs(self.model.config, a["input_ids"], a["attention_mask"], a["token_type_ids"])
+            except ValueError as e:
+                raise ValueError(f"{name} split: the tokenizer's ids do not fit the model: {e}") from None
         self.targets = dict(bert.DEFAULT_TARGETS)
         self.exclude = {"all-linear": bert.ALL_LINEAR_EXCLUDE}
         self.head = r".*/classifier/(kernel|bias)"
@@ -186,12 +191,14 @@ class ClassificationTask:
         return np.concatenate(out)
 
 
-def make_task(model: str, data: str, *, options: dict | None = None, **kw):
+def make_task(model: str, data: str, *, options: dict | None = None, param_dtype=None, **kw):
     """The task for a model (a bundled name or a local checkpoint) and data (a bundled name or a
-    file); ``options`` are :data:`DATA_OPTIONS` (see the module docstring)."""
+    file); ``options`` are :data:`DATA_OPTIONS` (see the module docstring). ``param_dtype``: a
+    decoder's weights are read in this dtype, tensor by tensor (an encoder loads in float32: its new
+    head must stay float32; cast the rest afterwards)."""
     family, path = resolve_model(model)
     if family == "bert":
         return ClassificationTask(data=data, model_path=path, options=options, **kw)
     from jlora.tasks_lm import InstructionTask  # noqa: WPS433 (heavy: GGUF)
 
-    return InstructionTask(data=data, model_path=path, options=options, **kw)
+    return InstructionTask(data=data, model_path=path, options=options, param_dtype=param_dtype, **kw)

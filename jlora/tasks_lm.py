@@ -95,6 +95,7 @@ class InstructionTask:
     loaded: tuple | None = None   # (model, params, tokenizer) to reuse, e.g. a tiny model in tests
     model_path: str | None = "smollm2"   # "smollm2", a .gguf file or a Hugging Face directory
     options: dict | None = None          # jlora.tasks.DATA_OPTIONS for a data file
+    param_dtype: str | None = None       # read the weights in this dtype (e.g. "bfloat16"); None: float32
 
     kind = "instruction"
     family = "llama"
@@ -106,7 +107,8 @@ class InstructionTask:
         from jlora.models import llama
 
         if self.loaded is None:
-            self.loaded = llama.load_pretrained(self.model_path or "smollm2", scan_layers=self.scan_layers)
+            self.loaded = llama.load_pretrained(self.model_path or "smollm2", scan_layers=self.scan_layers,
+                                                param_dtype=jnp.dtype(self.param_dtype or "float32"))
         self.model, self.params, self.tokenizer = self.loaded
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_path} has no tokenizer.json; the task needs one to read text")
@@ -130,6 +132,11 @@ class InstructionTask:
         opts = {**DATA_OPTIONS, **(self.options or {})}
         self.splits = files.local_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed)
         self.arrays = {name: self._file_arrays(ds, opts) for name, ds in self.splits.items()}
+        for name, a in self.arrays.items():   # a tokenizer larger than the embedding would give NaN logits
+            try:
+                llama.check_inputs(self.model.config, a["input_ids"], a["attention_mask"])
+            except ValueError as e:
+                raise ValueError(f"{name} split: the tokenizer's ids do not fit the model: {e}") from None
 
     def _pairs(self, prompts, responses):
         from jlora.data import chat

@@ -447,13 +447,13 @@ def test_export_hf_of_the_bundled_gguf_model_matches_in_transformers(files, tmp_
     and the q/k rows (un-permuted when read) must come out in the layout transformers expects."""
     import jlora
 
-    run = tmp_path / "run"
-    assert cli.main(["train", "--model", "smollm2", "--data", str(files / "chat.jsonl"), "--steps", "1", "--batch", "2",
-                     "--lr", "1e-3", "--max-length", "24", "--out", str(run), "--no-progress"]) == 0
-    assert cli.main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    cfg = cli.load_config(dict(model="smollm2", data=str(files / "chat.jsonl"), steps=1, batch=2, lr=1e-3,
+                               max_length=24, progress=False, out=str(tmp_path / "run")))
+    task = cli.make_task(cfg)          # one GGUF read (dequantising 135M weights) serves train and export
+    adapted = cli.train(cfg, task=task)["_adapted"]
+    cli._export("hf", str(tmp_path / "hf"), cli._portable(cfg), task, adapted)
     tok_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert tok_config["eos_token"] == "<|im_end|>" and "<|im_start|>" in tok_config["chat_template"]
-    _, task, adapted = cli._load_run(str(run))
     batch = {k: task.arrays["validation"][k][:2] for k in ("input_ids", "attention_mask")}
     ours = np.asarray(task.forward(jlora.lift(task.model.apply), adapted, batch), np.float32)
     theirs, _ = _torch_logits(tmp_path / "hf", "lm", batch)

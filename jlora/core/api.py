@@ -396,6 +396,10 @@ def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linea
       ``dW = sum w_i dW_i`` exactly; rank = sum of ranks.
     - ``"svd"``: ``sum w_i dW_i`` truncated to ``rank`` (default max rank) by SVD.
     The new adapter is added (not activated); use :func:`activate`.
+
+    rsLoRA sources: PEFT gives the combined adapter ``lora_alpha = r_new`` and the first source's
+    ``use_rslora``, so its scaling is ``sqrt(r_new)``, not 1, and its delta is ``sqrt(r_new)`` times
+    the one here (the same factors); jlora keeps scale 1, the weighted combination itself.
     """
     if method not in ("linear", "cat", "svd"):
         raise ValueError(f"method must be 'linear', 'cat' or 'svd', got {method!r}")

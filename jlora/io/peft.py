@@ -545,7 +545,9 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
                       f"which have a bias; PEFT's IA3 also scales the bias (y = (x W + b) * l), jlora does not "
                       f"(y = (x W) * l + b), so the PEFT model's outputs differ by b * (l - 1)", stacklevel=2)
 
-    save_modules = _modules_to_save_tensors(flat, naming, tensors, PREFIX, adapted_modules=modules)
+    lora_biases: list[str] = []
+    save_modules = _modules_to_save_tensors(flat, naming, tensors, PREFIX, adapted_modules=modules,
+                                            lora_biases=lora_biases)
 
     if not modules:
         hint = f" (nodes carry other adapters: {others_with_adapter[:4]})" if others_with_adapter else ""
@@ -561,6 +563,10 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     else:
         config = _make_config(modules, sorted(set(save_modules)), flat, naming, spec,
                               provenance, task_type, use_dora="dora" in kinds)
+    if lora_biases:
+        if "ia3" in kinds:
+            raise ValueError(f"save_peft: IA3 files hold no trained biases; {lora_biases[:3]} train theirs")
+        config["bias"] = "lora_only"
     return _write_adapter_dir(path, overwrite, tensors, config)
 
 
@@ -579,9 +585,12 @@ def _write_adapter_dir(path, overwrite, tensors, config) -> str:
     return _atomic_write(path, overwrite, write)
 
 
-def _modules_to_save_tensors(flat, naming, tensors, prefix, adapted_modules=()):
+def _modules_to_save_tensors(flat, naming, tensors, prefix, adapted_modules=(), lora_biases=None):
     """``modules_to_save``: writes every parameter of each module holding a ``Trainable`` leaf into
-    ``tensors`` (keys ``prefix + <module>.<param>``, PyTorch layout); returns the module names."""
+    ``tensors`` (keys ``prefix + <module>.<param>``, PyTorch layout); returns the module names. A LoRA
+    module whose only Trainable leaf is its bias is written as PEFT's ``bias="lora_only"`` does
+    (``<module>.base_layer.bias``) and its name appended to ``lora_biases``."""
+    lora_biases = [] if lora_biases is None else lora_biases
     by_parent = collections.defaultdict(list)
     for leaf_path, leaf in flat:
         by_parent[leaf_path.rsplit("/", 1)[0] if "/" in leaf_path else ""].append((leaf_path, leaf))
@@ -594,8 +603,18 @@ def _modules_to_save_tensors(flat, naming, tensors, prefix, adapted_modules=()):
         if module is None:
             module = _call_naming(naming, first, None)  # raises the naming function's own error
         if module in adapted_modules:
+            trained = [p for p, leaf in leaves if isinstance(leaf, Trainable)]
+            if trained == [f"{parent}/bias" if parent else "bias"]:   # LoRA + its bias: PEFT's bias="lora_only"
+                value = leaves[[p for p, _ in leaves].index(trained[0])][1].value
+                if value is None:
+                    raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
+                                     f"{trained[0]!r} holds no value")
+                tensors[f"{prefix}{module}.base_layer.bias"] = np.asarray(value).reshape(-1)
+                lora_biases.append(module)
+                continue
             raise ValueError(f"module {module!r} both carries LoRA and is trained in full ({first!r}); PEFT "
-                             f"excludes modules_to_save from LoRA targeting")
+                             f"excludes modules_to_save from LoRA targeting (a trained bias alone is written as "
+                             f"bias='lora_only')")
         for leaf_path, leaf in leaves:
             if isinstance(leaf, LoRANode):
                 raise ValueError(f"{leaf_path!r} carries an adapter but its module {module!r} is trained in full "
@@ -795,7 +814,53 @@ def read_peft_config(path) -> dict:
     for field, what in _UNSUPPORTED.items():
         if config.get(field):
             raise PeftFormatError(f"{file}: {what} is not supported by jlora.io.load_peft ({field}={config[field]!r})")
+    _check_config_fields(config, file)
     return config
+
+
+def _check_config_fields(config: dict, file: str) -> None:
+    """The LoRA / AdaLoRA fields that set the adapter's maths, type-checked (an edited or hand-written
+    config must not load as something else): ``r`` a positive int, ``lora_alpha`` a finite number,
+    ``use_rslora`` / ``use_dora`` booleans, patterns mappings, ``target_modules`` a regex or names."""
+    def bad(field, expected):
+        raise PeftFormatError(f"{file}: {field} must be {expected}, got {config[field]!r}")
+
+    if "r" in config and (not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] < 1):
+        bad("r", "a positive integer")
+    if "lora_alpha" in config and (isinstance(config["lora_alpha"], bool) or not isinstance(config["lora_alpha"], (int, float))
+                                   or not math.isfinite(config["lora_alpha"])):
+        bad("lora_alpha", "a finite number")
+    for field in ("use_rslora", "use_dora"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            bad(field, "true or false")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field) is not None and not isinstance(config[field], dict):
+            bad(field, "a mapping of module patterns")
+    tm = config.get("target_modules")
+    if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        bad("target_modules", "a regex string or a list of module names")
+    ltt = config.get("layers_to_transform")
+    if ltt is not None and not isinstance(ltt, int) and not (isinstance(ltt, list) and all(isinstance(i, int) for i in ltt)):
+        bad("layers_to_transform", "a layer index or a list of them")
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def _peft_targets(config: dict, module: str) -> bool:
+    """Whether PEFT would put an adapter on ``module`` given the config's ``target_modules`` (a regex
+    matched in full, else names matched exactly or as dotted suffixes; ``"all-linear"`` is every
+    linear layer) and ``layers_to_transform``."""
+    tm = config.get("target_modules")
+    if tm is not None and tm != "all-linear" and not _target_match(tm, module):
+        return False
+    ltt = config.get("layers_to_transform")
+    if ltt is not None and isinstance(tm, list):   # PEFT applies the layer filter to name lists only
+        m = _LAYER_INDEX.search("." + module + ".")
+        layers = [ltt] if isinstance(ltt, int) else ltt
+        if m is None or int(m.group(1)) not in layers:
+            return False
+    return True
 
 
 def _split_layout(rest, n_in, n_out, path):
@@ -911,6 +976,15 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
         if use_dora and parts.get("embedding"):
             raise PeftFormatError(f"{weights_file}: module {module!r}: DoRA on an embedding (lora_embedding_A/B) is not "
                                   f"supported by jlora.io.load_peft")
+
+    outside = sorted(m for m in lora if not _peft_targets(config, m))
+    if outside:   # PEFT would not create these modules, so it would load a different model than the file says
+        ltt = config.get("layers_to_transform")
+        where = f"target_modules={config.get('target_modules')!r}" + ("" if ltt is None else f" / layers_to_transform={ltt!r}")
+        raise PeftFormatError(
+            f"{weights_file}: the config's {where} leave out {len(outside)} module(s) that have weights in the file: "
+            f"{outside[:4]}{' ...' if len(outside) > 4 else ''}; PEFT would skip them, so the config and the weights "
+            f"disagree")
 
     r_default = int(config.get("r", 8))
     alpha_default = config.get("lora_alpha", 8)

@@ -32,6 +32,7 @@ import json
 import os
 import pathlib
 import re
+from collections.abc import Mapping as _AbcMapping
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -824,9 +825,9 @@ def params_from_hf_tensors(tensors: Mapping[str, Any], config: LlamaConfig):
 
     Raises :class:`CheckpointError` naming every missing, unexpected or mis-shaped tensor.
     """
-    names = dict(tensors)
+    names = tensors   # read each tensor once, when it is placed (a lazy mapping stays lazy)
     if not any(k.startswith("model.") for k in names) and "embed_tokens.weight" in names:
-        names = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in names.items()}
+        names = _Renamed(tensors, {("lm_head.weight" if k == "lm_head.weight" else "model." + k): k for k in tensors})
     expected = _expected_shapes(config)
     flat, missing, bad, used = {}, [], [], set()
     for path, shape in expected.items():
@@ -842,8 +843,8 @@ def params_from_hf_tensors(tensors: Mapping[str, Any], config: LlamaConfig):
         if got != want:
             bad.append(f"{name}: checkpoint {_shape_str(got)} != expected {_shape_str(want)}")
             continue
-        arr = jnp.asarray(arr)
-        flat[path] = (arr.T if transpose else arr).astype(config.param_dtype)
+        arr = jnp.asarray(arr).astype(config.param_dtype)   # cast first: no full-precision copy
+        flat[path] = arr.T if transpose else arr
     ignored = {k for k in names if k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings and "lm_head.weight" in names:
         got = tuple(np.shape(names["lm_head.weight"]))
@@ -886,17 +887,82 @@ def _safetensors_files(path) -> list[pathlib.Path]:
     return files
 
 
+class _Renamed(_AbcMapping):
+    """``tensors`` under other names (``{new: old}``), read through on access."""
+
+    def __init__(self, tensors, names):
+        self._tensors, self._names = tensors, names
+
+    def __getitem__(self, key):
+        return self._tensors[self._names[key]]
+
+    def __contains__(self, key):   # without reading the tensor
+        return key in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+class _Lazy(_AbcMapping):
+    """``{name: read(name)}`` computed on access, over the keys of ``sources``."""
+
+    def __init__(self, sources, read):
+        self._sources, self._read = sources, read
+
+    def __getitem__(self, key):
+        if key not in self._sources:
+            raise KeyError(key)
+        return self._read(key)
+
+    def __contains__(self, key):
+        return key in self._sources
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self):
+        return len(self._sources)
+
+
+class LazySafetensors(_AbcMapping):
+    """The tensors of safetensors files as a read-on-access mapping (names from the headers only), so a
+    loader holds one source tensor at a time instead of the whole checkpoint. ``reads`` counts
+    :meth:`__getitem__` calls."""
+
+    def __init__(self, files):
+        from safetensors import safe_open
+
+        self._where, self.reads = {}, 0
+        for f in files:
+            with safe_open(str(f), framework="flax") as fh:
+                for name in fh.keys():
+                    self._where[name] = str(f)
+
+    def __getitem__(self, name):
+        from safetensors import safe_open
+
+        self.reads += 1
+        with safe_open(self._where[name], framework="flax") as fh:   # "flax": handles bfloat16
+            return fh.get_tensor(name)
+
+    def __contains__(self, name):   # without reading the tensor
+        return name in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
 def load_hf_params(path, config: LlamaConfig):
     """Reads an HF safetensors checkpoint (a file, or a directory with ``model.safetensors`` or a
-    sharded index) into ``{"params": ...}`` for ``LlamaForCausalLM(config)``."""
-    from safetensors import safe_open
-
-    tensors = {}
-    for f in _safetensors_files(path):
-        with safe_open(str(f), framework="flax") as fh:   # "flax": handles bfloat16
-            for name in fh.keys():
-                tensors[name] = fh.get_tensor(name)
-    return params_from_hf_tensors(tensors, config)
+    sharded index) into ``{"params": ...}`` for ``LlamaForCausalLM(config)``, one tensor at a time,
+    each cast to ``config.param_dtype`` as it is read (a bf16 7B loads as bf16, with no fp32 copy)."""
+    return params_from_hf_tensors(LazySafetensors(_safetensors_files(path)), config)
 
 
 # -- GGUF -------------------------------------------------------------------------------------
@@ -995,20 +1061,25 @@ def load_gguf(path, *, scan_layers: bool = False, remat: bool = False, dtype=jnp
     config = LlamaConfig.from_gguf_metadata(reader, scan_layers=scan_layers, remat=remat, dtype=dtype,
                                             param_dtype=param_dtype)
     permuted = _gguf_field(reader, "general.architecture") == "llama"
-    tensors, unknown = {}, []
+    sources, unknown = {}, []
     for t in reader.tensors:
         name = gguf_to_hf_name(t.name)
         if name is None:
             unknown.append(t.name)
-            continue
+        else:
+            sources[name] = t
+
+    def read(name):   # one tensor, dequantized on demand (the loader never holds the whole model in f32)
+        t = sources[name]
         w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-        w = w.reshape(shape)
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))  # GGUF lists dims innermost first
         if permuted and ".self_attn.q_proj." in name:
             w = gguf_unpermute(w, config.num_attention_heads)
         elif permuted and ".self_attn.k_proj." in name:
             w = gguf_unpermute(w, config.num_key_value_heads)
-        tensors[name] = w
+        return w
+
+    tensors = _Lazy(sources, read)
     if unknown:
         raise CheckpointError(f"GGUF tensors with no Llama mapping: {unknown[:12]}")
     params = params_from_hf_tensors(tensors, config)

@@ -588,3 +588,94 @@ def test_export_of_transformers_written_bert_names_its_base(tmp_path, monkeypatc
     ours = np.asarray(jlora.lift(model.apply)(adapted, ids, mask)[0])
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
     assert np.abs(ours - np.asarray(model.apply(params, ids, mask)[0])).max() > 1e-2   # the adapter counts
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"target_modules": ["fc1"]}, r"target_modules=\['fc1'\] leave out 1 module\(s\) that have weights in the file: \['fc2'\]"),
+    ({"target_modules": "fc1"}, r"leave out 1 module\(s\).*\['fc2'\]"),
+    ({"r": "4"}, r"r must be a positive integer, got '4'"),
+    ({"r": 0}, r"r must be a positive integer, got 0"),
+    ({"lora_alpha": "8"}, r"lora_alpha must be a finite number, got '8'"),
+    ({"lora_alpha": float("nan")}, r"lora_alpha must be a finite number"),
+    ({"use_rslora": "true"}, r"use_rslora must be true or false, got 'true'"),
+    ({"rank_pattern": ["fc2"]}, r"rank_pattern must be a mapping"),
+    ({"r": 3}, r"module 'fc1' has rank 4 in the weights but the config says r=3"),
+])
+def test_an_edited_config_that_disagrees_with_the_weights_is_refused(tmp_path, edit, match):
+    params, adapted = _mlp_adapted(jlora.LoRA(rank=4, alpha=8, targets=["fc1", "fc2"]))
+    out = save_peft(tmp_path / "ad", adapted, default_naming)
+    config = _json(out)
+    config.update(edit)
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(PeftFormatError, match=match):
+        load_peft(out, params, default_naming)
+    config.update({"target_modules": "all-linear", "r": 4, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {}})
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    load_peft(out, params, default_naming)        # all-linear covers every module: loads
+
+
+def test_layers_to_transform_must_cover_the_weights(tmp_path):
+    params = Stack().init(KEY, X)
+    spec = jlora.LoRA(rank=2, targets=r".*/fc/kernel", axes={r".*/fc/kernel": jlora.Axes(stack=1, inputs=1)})
+    adapted = _randomize(jlora.apply(params, spec, key=KEY))
+    naming = lambda path, layer: f"layers.{layer}.fc"  # noqa: E731
+    out = save_peft(tmp_path / "ad", adapted, naming)
+    config = _json(out)
+    config.update({"target_modules": ["fc"], "layers_to_transform": [0, 1]})
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(PeftFormatError, match=r"layers_to_transform=\[0, 1\] leave out 1 module\(s\).*layers.2.fc"):
+        load_peft(out, params, naming)
+    config["layers_to_transform"] = [0, 1, 2]
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    load_peft(out, params, naming)
+
+
+def test_lora_with_a_trained_bias_is_written_as_bias_lora_only(tmp_path):
+    """A LoRA module whose bias trains too: PEFT's bias="lora_only" layout (<module>.base_layer.bias),
+    loaded by PEFT with the same outputs and by load_peft as a Trainable bias."""
+    peft = pytest.importorskip("peft")
+    spec = jlora.LoRA(rank=4, alpha=8, targets=["fc1", "fc2"], train_also=r".*/fc1/bias")
+    params, adapted = _mlp_adapted(spec)
+    out = save_peft(tmp_path / "ad", adapted, default_naming, spec=spec)
+    config = _json(out)
+    assert config["bias"] == "lora_only" and config["modules_to_save"] is None
+    from safetensors.numpy import load_file
+    tensors = load_file(os.path.join(out, "adapter_model.safetensors"))
+    np.testing.assert_array_equal(tensors["base_model.model.fc1.base_layer.bias"],
+                                  np.asarray(_flat(adapted)["params/fc1/bias"].value))
+    expected = np.asarray(jlora.lift(MLP().apply)(adapted, X))
+    model = peft.PeftModel.from_pretrained(_torch_mlp(params), out).eval()
+    np.testing.assert_allclose(_torch_out(model, X), expected, atol=1e-5, rtol=0)
+    restored = load_peft(out, params, default_naming)
+    assert isinstance(_flat(restored)["params/fc1/bias"], jlora.Trainable)
+    np.testing.assert_allclose(np.asarray(jlora.lift(MLP().apply)(restored, X)), expected, atol=1e-6)
+
+
+def test_combined_rslora_adapters_differ_from_peft_by_exactly_sqrt_of_the_new_rank(tmp_path):
+    """PEFT's add_weighted_adapter gives the new adapter lora_alpha = r_new and inherits use_rslora
+    from the first source, so a combination of rsLoRA adapters is scaled by r_new / sqrt(r_new) =
+    sqrt(r_new) instead of 1. jlora.combine_adapters keeps the weighted sum itself (scale 1); the
+    README states the factor. Same factors, so the deltas differ by exactly sqrt(r_new)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    params = MLP().init(KEY, X)
+    spec = jlora.LoRA(rank=4, alpha=8, targets=["fc1", "fc2"], rslora=True)
+    adapted = _randomize(jlora.apply(params, spec, key=jax.random.key(2), name="a"), seed=1)
+    adapted = _randomize(jlora.apply(adapted, spec, key=jax.random.key(3), name="b"), seed=2)
+    for n in ("a", "b"):
+        save_peft(tmp_path / n, adapted, default_naming, adapter=n, spec=spec)
+    model = peft.PeftModel.from_pretrained(_torch_mlp(params), tmp_path / "a", adapter_name="a")
+    model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [0.7, 0.3], "mix", combination_type="cat")
+    ours = jlora.combine_adapters(adapted, {"a": 0.7, "b": 0.3}, method="cat", name="mix")
+    node = _flat(ours)["params/fc1/kernel"]
+    expected = 0.7 * np.asarray(node.delta(["a"])) + 0.3 * np.asarray(node.delta(["b"]))
+    np.testing.assert_allclose(np.asarray(node.delta(["mix"])), expected, atol=1e-6)        # jlora: the weighted sum
+    with torch.no_grad():
+        theirs = model.base_model.model.fc1.get_delta_weight("mix").numpy().T
+    assert model.peft_config["mix"].use_rslora and model.peft_config["mix"].r == 8
+    np.testing.assert_allclose(theirs, np.sqrt(8) * expected, rtol=1e-5, atol=1e-6)       # PEFT: x sqrt(r_new)

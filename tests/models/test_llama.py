@@ -456,3 +456,32 @@ def test_generate_rejects_out_of_range_prompt_ids():
     ids = np.array([[0, 7, 3], [4, 5, 6]], np.int32)
     with pytest.raises(ValueError, match=r"attention_mask\[0, 0\] = 3 is not 0 or 1"):
         llama.generate(model, params, ids, max_new_tokens=3, attention_mask=np.array([[3, 1, 1], [1, 1, 1]]))
+
+
+def test_hf_checkpoints_load_tensor_by_tensor_in_the_dtype_asked_for(tmp_path):
+    """A sharded bf16 directory loads into bf16 params reading each tensor once (LazySafetensors),
+    with the same values as an eager float32 load cast afterwards."""
+    from safetensors.numpy import save_file
+
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    params = llama.LlamaForCausalLM(cfg).init_params(jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    tensors = {}
+    for path, leaf in flat:
+        p = "/".join(str(getattr(k, "key", k)) for k in path)
+        arr = np.asarray(leaf).astype(jnp.bfloat16)
+        tensors[llama.hf_param_name(p)] = arr.T.copy() if p.endswith("kernel") else arr
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[: len(names) // 2]}, str(tmp_path / "a.safetensors"))
+    save_file({k: tensors[k] for k in names[len(names) // 2:]}, str(tmp_path / "b.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: ("a" if i < len(names) // 2 else "b") + ".safetensors" for i, k in enumerate(names)}}))
+    lazy = llama.LazySafetensors(llama._safetensors_files(tmp_path))
+    loaded = llama.params_from_hf_tensors(lazy, cfg.replace(param_dtype=jnp.bfloat16))
+    assert lazy.reads == len(names)                                   # each tensor read exactly once
+    leaves = jax.tree_util.tree_leaves(loaded)
+    assert {str(x.dtype) for x in leaves} == {"bfloat16"}
+    eager = llama.params_from_hf_tensors({k: np.asarray(v, np.float32) for k, v in tensors.items()}, cfg)
+    for a, b in zip(leaves, jax.tree_util.tree_leaves(eager)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32))
