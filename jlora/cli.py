@@ -581,8 +581,9 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
 
     def checkpoint(i, t, o, k):
         extras = {"key": k, "data_position": np.int32(i), **best}
-        jio.save_state(manager, i, {"trainable": t, "best": best_tree if best_metric else None}, o, extras,
-                       wait=stop.reason is not None or i == cfg["steps"])
+        # waits until the step is on disk: a kill right after loses nothing before it (an async save two
+        # steps old was lost to SIGKILL in tools/robustness.py); for an adapter's state this takes milliseconds
+        jio.save_state(manager, i, {"trainable": t, "best": best_tree if best_metric else None}, o, extras, wait=True)
 
     def count_step(fn):   # the eval callback needs the step it is evaluating
         def wrapped(*a):

@@ -123,6 +123,16 @@ def _largest(d: pathlib.Path, pattern: str = "*") -> pathlib.Path:
     return max((p for p in d.rglob(pattern) if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+def _data_files(d: pathlib.Path) -> list[pathlib.Path]:
+    """The array data files of an Orbax (OCDBT) directory: everything under a ``d/`` folder."""
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def _each(d: pathlib.Path, fn) -> None:
+    for p in _data_files(d):
+        fn(p)
+
+
 def corruptions(d: pathlib.Path) -> dict:
     import numpy as np
 
@@ -164,18 +174,18 @@ def corruptions(d: pathlib.Path) -> dict:
         return run / "checkpoints" / str(max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()))
 
     cases = {
-        "adapter: 64 flipped bytes in the largest array file": ("adapter", lambda r: _flip(_largest(r / "adapter" / "arrays"))),
-        "adapter: largest array file truncated to half": ("adapter", lambda r: _largest(r / "adapter" / "arrays").write_bytes(
-            _largest(r / "adapter" / "arrays").read_bytes()[: _largest(r / "adapter" / "arrays").stat().st_size // 2])),
-        "adapter: an array file deleted": ("adapter", lambda r: _largest(r / "adapter" / "arrays").unlink()),
+        "adapter: 64 flipped bytes in every array data file": ("adapter", lambda r: _each(r / "adapter" / "arrays", _flip)),
+        "adapter: every array data file truncated to half": ("adapter", lambda r: _each(
+            r / "adapter" / "arrays", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))),
+        "adapter: the array data files deleted": ("adapter", lambda r: _each(r / "adapter" / "arrays", pathlib.Path.unlink)),
         "adapter: jlora_adapter.json scale edited": ("adapter", adapter_edit("scale", 5.0)),
         "adapter: jlora_adapter.json active emptied": ("adapter", adapter_edit("active", [])),
         "adapter: jlora_adapter.json dtype edited": ("adapter", adapter_edit("dtype", "float16")),
         "adapter: jlora_adapter.json truncated": ("adapter", lambda r: (r / "adapter" / "jlora_adapter.json").write_text(
             (r / "adapter" / "jlora_adapter.json").read_text()[:200])),
-        "checkpoint: newest step, 64 flipped bytes": ("resume", lambda r: _flip(_largest(newest_ckpt(r))))
-        ,
-        "checkpoint: newest step truncated": ("resume", lambda r: _largest(newest_ckpt(r)).write_bytes(b"")),
+        "checkpoint: newest step, 64 flipped bytes in its data files": ("resume", lambda r: _each(newest_ckpt(r), _flip)),
+        "checkpoint: newest step's data files emptied": ("resume", lambda r: _each(newest_ckpt(r),
+                                                                                   lambda p: p.write_bytes(b""))),
         "checkpoint: newest step's metadata deleted": ("resume", lambda r: [p.unlink() for p in newest_ckpt(r).rglob(
             "*") if p.is_file() and "jlora" in str(p.relative_to(newest_ckpt(r)))]),
         "peft: r edited": ("peft", peft_edit("r", 4)),

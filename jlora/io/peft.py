@@ -187,7 +187,54 @@ def _write_safetensors(file, tensors: dict, metadata: dict | None = None):
             f.write(data)
 
 
-def _read_safetensors(file) -> dict:
+#: adapter_config.json fields that do not change the adapter (edit them freely: e.g. point
+#: base_model_name_or_path at the base model's new home); every other field is covered by the
+#: record jlora writes into the safetensors metadata
+_FREE_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "task_type")
+
+
+def _config_record(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in _FREE_FIELDS}, sort_keys=True, separators=(",", ":"))
+
+
+def _integrity_metadata(tensors: dict, config: dict) -> dict:
+    """safetensors ``__metadata__`` jlora adds to the PEFT file it writes: a sha256 per tensor and the
+    config fields that set the maths, so :func:`load_peft` can tell a damaged or edited file (PEFT
+    and transformers ignore these entries)."""
+    from jlora.io.checkpoint import _digests
+
+    return {"jlora_sha256": json.dumps(_digests({k: np.ascontiguousarray(v) for k, v in tensors.items()}),
+                                       sort_keys=True),
+            "jlora_config": _config_record(config)}
+
+
+def _verify_integrity(weights_file: str, raw: dict, metadata: dict, config: dict) -> None:
+    """Checks a file jlora wrote against its own record (files from PEFT have none: nothing to check)."""
+    from jlora.io.checkpoint import _digests
+
+    if "jlora_sha256" in metadata:
+        try:
+            recorded = json.loads(metadata["jlora_sha256"])
+        except ValueError:
+            raise PeftFormatError(f"{weights_file}: its jlora_sha256 record is damaged") from None
+        keys = sorted(set(recorded) | set(raw))
+        bad = [k for k in keys if k not in raw or k not in recorded]
+        bad += [k for k, d in _digests({k: raw[k] for k in keys if k not in bad}).items() if d != recorded[k]]
+        if bad:
+            raise PeftFormatError(f"{weights_file}: {len(bad)} tensor(s) differ from the sha256 recorded when jlora "
+                                  f"wrote the file, it is damaged: {sorted(bad)[:4]}")
+    if "jlora_config" in metadata:
+        saved, now = json.loads(metadata["jlora_config"]), json.loads(_config_record(config))
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
+        if diff:
+            raise PeftFormatError(
+                f"{os.path.join(os.path.dirname(weights_file), CONFIG_NAME)} was edited after jlora wrote it: "
+                + ", ".join(f"{k} {saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in diff[:5])
+                + f"; these fields set the adapter's maths (only {', '.join(_FREE_FIELDS)} may change)")
+
+
+def _read_safetensors(file, metadata: dict | None = None) -> dict:
+    """The tensors of a safetensors file; its ``__metadata__`` goes into ``metadata`` when given."""
     with open(file, "rb") as f:
         raw = f.read()
     try:
@@ -196,6 +243,8 @@ def _read_safetensors(file) -> dict:
     except (struct.error, ValueError) as e:
         raise PeftFormatError(f"{file} is not a safetensors file ({e})") from None
     dtypes, body, out = _st_dtypes(), 8 + n, {}
+    if metadata is not None and isinstance(header.get("__metadata__"), dict):
+        metadata.update(header["__metadata__"])
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -578,7 +627,8 @@ def _write_adapter_dir(path, overwrite, tensors, config) -> str:
 
     def write(target):
         os.makedirs(target)
-        _write_safetensors(os.path.join(target, WEIGHTS_NAME), tensors, {"format": "pt"})
+        _write_safetensors(os.path.join(target, WEIGHTS_NAME), tensors,
+                           {"format": "pt", **_integrity_metadata(tensors, config)})
         with open(os.path.join(target, CONFIG_NAME), "w") as f:
             f.write(text)
 
@@ -912,7 +962,9 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
         hint = " (adapter_model.bin pickles are not read; convert with safetensors)" if os.path.isfile(
             os.path.join(path, "adapter_model.bin")) else ""
         raise FileNotFoundError(f"no PEFT adapter weights at {weights_file}{hint}")
-    raw = _read_safetensors(weights_file)
+    metadata: dict = {}
+    raw = _read_safetensors(weights_file, metadata)
+    _verify_integrity(weights_file, raw, metadata, config)
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
 
     # -- sort the file's keys --------------------------------------------------------------

@@ -107,7 +107,9 @@ def load_peft_prompt(path, params, naming, config: dict):
     weights_file = os.path.join(path, _peft.WEIGHTS_NAME)
     if not os.path.isfile(weights_file):
         raise FileNotFoundError(f"no PEFT adapter weights at {weights_file}")
-    raw = _peft._read_safetensors(weights_file)
+    metadata: dict = {}
+    raw = _peft._read_safetensors(weights_file, metadata)
+    _peft._verify_integrity(weights_file, raw, metadata, config)
     peft_type = str(config["peft_type"]).upper()
     subs = config.get("num_transformer_submodules") or 1
     if subs != 1:

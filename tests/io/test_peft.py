@@ -144,7 +144,8 @@ def test_bf16_factors_and_second_adapter(tmp_path):
         raw = f.read()
     header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
     assert header["base_model.model.fc1.lora_A.weight"]["dtype"] == "BF16"
-    assert header["__metadata__"] == {"format": "pt"}
+    assert header["__metadata__"]["format"] == "pt"                      # + jlora's integrity record
+    assert set(json.loads(header["__metadata__"]["jlora_sha256"])) == {k for k in header if k != "__metadata__"}
     restored = load_peft(out, params, default_naming)
     _assert_same_nodes(adapted, restored)
     # onto an already adapted tree: a second named adapter on the same node
@@ -602,12 +603,21 @@ def test_export_of_transformers_written_bert_names_its_base(tmp_path, monkeypatc
     ({"r": 3}, r"module 'fc1' has rank 4 in the weights but the config says r=3"),
 ])
 def test_an_edited_config_that_disagrees_with_the_weights_is_refused(tmp_path, edit, match):
+    """Config checks as they apply to any PEFT file (here with jlora's integrity record removed, as in
+    a file PEFT wrote); a file jlora wrote also refuses any edit of these fields by its record."""
+    from safetensors.numpy import load_file, save_file
+
     params, adapted = _mlp_adapted(jlora.LoRA(rank=4, alpha=8, targets=["fc1", "fc2"]))
     out = save_peft(tmp_path / "ad", adapted, default_naming)
     config = _json(out)
     config.update(edit)
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump(config, f)
+    if "r must" not in match and "must be" not in match:
+        with pytest.raises(PeftFormatError, match="was edited after jlora wrote it"):
+            load_peft(out, params, default_naming)
+    weights = os.path.join(out, "adapter_model.safetensors")
+    save_file(load_file(weights), weights, metadata={"format": "pt"})      # no jlora record: a PEFT-made file
     with pytest.raises(PeftFormatError, match=match):
         load_peft(out, params, default_naming)
     config.update({"target_modules": "all-linear", "r": 4, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {}})
@@ -622,6 +632,9 @@ def test_layers_to_transform_must_cover_the_weights(tmp_path):
     adapted = _randomize(jlora.apply(params, spec, key=KEY))
     naming = lambda path, layer: f"layers.{layer}.fc"  # noqa: E731
     out = save_peft(tmp_path / "ad", adapted, naming)
+    from safetensors.numpy import load_file, save_file
+    weights = os.path.join(out, "adapter_model.safetensors")
+    save_file(load_file(weights), weights, metadata={"format": "pt"})      # no jlora record: a PEFT-made file
     config = _json(out)
     config.update({"target_modules": ["fc"], "layers_to_transform": [0, 1]})
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
@@ -631,6 +644,9 @@ def test_layers_to_transform_must_cover_the_weights(tmp_path):
     config["layers_to_transform"] = [0, 1, 2]
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump(config, f)
+    from safetensors.numpy import load_file, save_file
+    weights = os.path.join(out, "adapter_model.safetensors")
+    save_file(load_file(weights), weights, metadata={"format": "pt"})      # no jlora record: a PEFT-made file
     load_peft(out, params, naming)
 
 
@@ -679,3 +695,31 @@ def test_combined_rslora_adapters_differ_from_peft_by_exactly_sqrt_of_the_new_ra
         theirs = model.base_model.model.fc1.get_delta_weight("mix").numpy().T
     assert model.peft_config["mix"].use_rslora and model.peft_config["mix"].r == 8
     np.testing.assert_allclose(theirs, np.sqrt(8) * expected, rtol=1e-5, atol=1e-6)       # PEFT: x sqrt(r_new)
+
+
+def test_a_file_jlora_wrote_refuses_flipped_bytes_and_edited_maths_but_not_a_moved_base(tmp_path):
+    import struct
+
+    params, adapted = _mlp_adapted(jlora.LoRA(rank=4, alpha=8, targets=["fc1", "fc2"]))
+    out = save_peft(tmp_path / "ad", adapted, default_naming, base_model_name_or_path="/old/home")
+    weights = os.path.join(out, "adapter_model.safetensors")
+    good = open(weights, "rb").read()
+    config = _json(out)
+    config["base_model_name_or_path"] = "/new/home"                    # provenance may be edited
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    load_peft(out, params, default_naming)
+    config["lora_alpha"] = 16                                           # the maths may not
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(PeftFormatError, match=r"edited after jlora wrote it: lora_alpha 8 -> 16"):
+        load_peft(out, params, default_naming)
+    config["lora_alpha"] = 8
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    data = bytearray(good)
+    start = 8 + struct.unpack("<Q", good[:8])[0]
+    data[start + 5] ^= 0x01                                             # one bit of one factor
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(PeftFormatError, match=r"1 tensor\(s\) differ from the sha256 recorded"):
+        load_peft(out, params, default_naming)

@@ -450,9 +450,12 @@ def test_ia3_bias_warning_and_errors(tmp_path):
     with pytest.raises(PeftFormatError, match="unrecognised tensor.*lora_A.*IA3 adapter"):
         load_peft(write("lora", config, dict(tensors, **{"base_model.model.fc1.lora_A.weight": np.ones((2, 8))})),
                   params, default_naming)
-    with pytest.raises(PeftFormatError, match=r"module 'fc3'.*matches no kernel"):
+    with pytest.raises(PeftFormatError, match=r"target_modules=.* leave out 1 module\(s\) .*\['fc3'\]"):
         load_peft(write("name", config, dict(tensors, **{"base_model.model.fc3.ia3_l": np.ones((4, 1))})),
                   params, default_naming)
+    with pytest.raises(PeftFormatError, match=r"module 'fc3'.*matches no kernel"):   # covered, but not in params
+        load_peft(write("name2", dict(config, target_modules=["fc1", "fc2", "fc3"]),
+                        dict(tensors, **{"base_model.model.fc3.ia3_l": np.ones((4, 1))})), params, default_naming)
     # an IA3 file cannot go onto a kernel that already carries LoRA
     lora = jlora.apply(params, jlora.LoRA(rank=2, targets=["fc1"]), key=KEY)
     with pytest.raises(PeftFormatError, match="IA3 cannot be combined"):
@@ -596,6 +599,10 @@ def test_adalora_stacked_export_and_errors(tmp_path):
     bad["rank_pattern"]["layers.0.fc.lora_E"] = [True, True, True]
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump(bad, f)
+    with pytest.raises(PeftFormatError, match="edited after jlora wrote it: rank_pattern"):
+        load_peft(out, params, STACK_NAMING, model=Stack().apply, example=(X,))
+    weights = os.path.join(out, "adapter_model.safetensors")   # as a PEFT-made file (no jlora record):
+    jpeft._write_safetensors(weights, jpeft._read_safetensors(weights), {"format": "pt"})
     with pytest.raises(PeftFormatError, match="rank_pattern keeps 3 of 3 triplets, but the file holds 2"):
         load_peft(out, params, STACK_NAMING, model=Stack().apply, example=(X,))
     # one method per file; an untrained adapter (E all zero) is written whole

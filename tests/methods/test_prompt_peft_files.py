@@ -138,6 +138,11 @@ def test_prompt_file_errors(tmp_path):
     cfg_file = tmp_path / "pre" / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**cfg, "num_layers": 3}))
+    with pytest.raises(jlora.io.PeftFormatError, match=r"edited after jlora wrote it: num_layers 2 -> 3"):
+        jlora.io.load_peft(tmp_path / "pre", params, BERT_NAMING)
+    from jlora.io import peft as jpeft   # as a PEFT-made file (no jlora record): the shape check speaks
+    weights = str(tmp_path / "pre" / "adapter_model.safetensors")
+    jpeft._write_safetensors(weights, jpeft._read_safetensors(weights), {"format": "pt"})
     with pytest.raises(jlora.io.PeftFormatError, match=r"does not fit num_layers=3"):
         jlora.io.load_peft(tmp_path / "pre", params, BERT_NAMING)
     cfg_file.write_text(json.dumps({**cfg, "num_transformer_submodules": 2}))
