@@ -40,7 +40,7 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 selection="norm", tcur_scale=1.0, budget=None, calib_batches=4,
                 # your data (jlora.tasks.DATA_OPTIONS)
                 text_column=None, label_column="label", prompt_column=None, response_column=None,
-                messages_column=None, validation_file=None, test_file=None, packing=False,
+                messages_column=None, validation_file=None, test_file=None, packing=False, image_column=None,
                 # the trainer
                 optimizer="adamw", schedule="cosine", warmup_ratio=0.1, warmup_steps=None, clip_norm=0.0,
                 log_every=10, logdir=None, checkpoint_every=100, keep_checkpoints=2, best_metric=None,
@@ -50,14 +50,15 @@ RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit")
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
 DATA_KEYS = ("text_column", "label_column", "prompt_column", "response_column", "messages_column",
-             "validation_file", "test_file", "packing")
+             "validation_file", "test_file", "packing", "image_column")
 PROMPT_METHODS = ("prompt", "prefix", "ptuning")
 METHODS = ("lora", "qlora", "dora", "adalora", "ia3", "tcur", "head") + PROMPT_METHODS
 
 
 def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", help="YAML or JSON file with any of these settings")
-    p.add_argument("--model", help="minilm | smollm2 | a Hugging Face directory (BERT, Llama, Mistral, Qwen2) | a .gguf file")
+    p.add_argument("--model", help="minilm | smollm2 | a Hugging Face directory (BERT, Llama, Mistral, Qwen2, ViT) | "
+                                   "a .gguf file")
     p.add_argument("--data", help="rotten_tomatoes | bbc_news | chatterbot | natural_instructions:<subtask> | a CSV / "
                                   "TSV / JSON / JSONL / Parquet file")
     g = p.add_argument_group("your data (a --data file)")
@@ -67,6 +68,7 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--response-column", help="LM response (default: response / completion / output / answer)")
     g.add_argument("--messages-column", help="LM chat conversations, rendered with the model's chat template "
                                              "(default: messages)")
+    g.add_argument("--image-column", help="ViT: image file paths, relative to the data file (default: image)")
     g.add_argument("--validation-file", help="validation split (default: cut from --data, seeded)")
     g.add_argument("--test-file", help="test split (default: cut from --data, seeded)")
     g.add_argument("--packing", action="store_true", default=None,
@@ -207,6 +209,7 @@ def _validate(cfg: dict) -> None:
         if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] < 1):
             bad(key, cfg[key], "a positive integer")
     for key in ("text_column", "prompt_column", "response_column", "messages_column", "validation_file", "test_file",
+                "image_column",
                 "logdir", "label_column", "out"):
         if cfg[key] is not None and (not isinstance(cfg[key], str) or not cfg[key]):
             bad(key, cfg[key], "a non-empty string")
@@ -289,7 +292,10 @@ def _method_spec(cfg: dict, common: dict, task):
                               calibration=_calibration(cfg, task) if cfg["selection"] in ("gradient", "fisher") else None,
                               train_also=common["train_also"])
     if method == "ia3":
-        targets, feedforward = IA3_DEFAULTS[task.family]
+        if task.family not in IA3_DEFAULTS and cfg["targets"] == "default":
+            raise ValueError(f"IA3 has no default targets for a {task.family} model (PEFT's table covers "
+                             f"{sorted(IA3_DEFAULTS)}); name them with --targets")
+        targets, feedforward = IA3_DEFAULTS.get(task.family, (None, None))
         if cfg["targets"] != "default":
             targets = common["targets"]
         return jlora.IA3(targets=targets, feedforward=feedforward, exclude=common["exclude"],
@@ -757,12 +763,20 @@ def _infer(args) -> None:
                     if line.strip():
                         emit(reply([line.rstrip("\n")]))
         else:
-            texts = _read_inputs(args.text, args.file, args.text_column, "texts")
+            if task.family == "vit":
+                texts = _read_inputs(args.image, args.file, args.image_column, "images")
+                base = pathlib.Path(args.file).resolve().parent if args.file else pathlib.Path.cwd()
+                texts = [t if os.path.isabs(t) or t in args.image else str(base / t) for t in texts]
+            else:
+                texts = _read_inputs(args.text, args.file, args.text_column, "texts")
             if not texts:
-                raise SystemExit("jlora: predict needs --text or --file")
-            probs = task.predict(lifted, adapted, texts, batch_size=args.batch)
+                raise SystemExit("jlora: predict needs --text / --image or --file")
+            try:
+                probs = task.predict(lifted, adapted, texts, batch_size=args.batch)
+            except ValueError as e:
+                raise SystemExit(f"jlora: {e}") from None
             names = list(task.label_names)
-            emit({"text": t, "label": names[int(p.argmax())],
+            emit({("image" if task.family == "vit" else "text"): t, "label": names[int(p.argmax())],
                   "probabilities": {n: round(float(q), 6) for n, q in zip(names, p)}} for t, p in zip(texts, probs))
     finally:
         if args.out:
@@ -774,7 +788,7 @@ def _hf_files(cfg: dict, task) -> tuple[dict, dict]:
     directory's config and tokenizer files, or, for a GGUF model, ones written from its metadata."""
     from jlora.io.hf import llama_config_json
 
-    if task.family == "bert":
+    if task.family in ("bert", "vit"):
         from jlora import assets
 
         src = pathlib.Path(cfg["model"]) if cfg["model"] != "minilm" else assets.path("minilm", "model")
@@ -783,7 +797,7 @@ def _hf_files(cfg: dict, task) -> tuple[dict, dict]:
     if src is not None:
         config = json.loads((src / "config.json").read_text())
         names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "chat_template.jinja",
-                 "generation_config.json", "tokenizer.model")
+                 "generation_config.json", "tokenizer.model", "preprocessor_config.json")
         files = {n: src / n for n in names if (src / n).is_file()}
     else:
         mc = task.model.config
@@ -793,8 +807,9 @@ def _hf_files(cfg: dict, task) -> tuple[dict, dict]:
                  "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                       "chat_template": fmt.chat_template, "bos_token": fmt.bos_token,
                                                       "eos_token": fmt.eos_token, "pad_token": fmt.pad_token}, indent=2)}
-    if task.family == "bert":
-        config["architectures"] = ["BertForSequenceClassification"]
+    if task.family in ("bert", "vit"):
+        config["architectures"] = ["BertForSequenceClassification" if task.family == "bert" else
+                                   "ViTForImageClassification"]
         config["id2label"] = {str(i): str(n) for i, n in enumerate(task.label_names)}
         config["label2id"] = {str(n): i for i, n in enumerate(task.label_names)}
         config.pop("num_labels", None)
@@ -863,6 +878,8 @@ def main(argv=None) -> int:
     p_pred.add_argument("--text", action="append", default=[], help="a text (repeatable)")
     p_pred.add_argument("--file", help="texts: a .txt file (one a line) or a data file with --text-column")
     p_pred.add_argument("--text-column", default="text")
+    p_pred.add_argument("--image", action="append", default=[], help="ViT runs: an image file (repeatable)")
+    p_pred.add_argument("--image-column", default="image", help="ViT runs: the column of --file with image paths")
     p_pred.add_argument("--batch", type=int, default=64)
     p_pred.add_argument("--out", help="write JSON lines here instead of stdout")
     p_ins = sub.add_parser("inspect", help="print the adapter summary table for a run or a spec")

@@ -6,11 +6,13 @@ loss for :func:`jlora.train.make_step`, and an evaluation on a split.
 Models: the bundled ``minilm`` (BERT encoder, sequence classification) and ``smollm2`` (Llama
 decoder, instruction tuning), or a local checkpoint: a Hugging Face directory (``config.json`` +
 safetensors + ``tokenizer.json``) whose ``model_type`` is a BERT encoder (classification) or a
-Llama / Mistral / Qwen2 decoder (language modelling), or a Llama / Qwen2 ``.gguf`` file.
+Llama / Mistral / Qwen2 decoder (language modelling) or a ViT (image classification), or a Llama /
+Qwen2 ``.gguf`` file.
 
 Data: the bundled ``rotten_tomatoes``, ``bbc_news`` (classification), ``chatterbot``,
 ``natural_instructions:<subtask>`` (instructions), or a local CSV / TSV / JSON / JSONL / Parquet
-file (:mod:`jlora.data.files`): ``text`` + ``label`` columns for an encoder; ``messages`` (chat),
+file (:mod:`jlora.data.files`): ``text`` + ``label`` columns for an encoder, ``image`` (paths) +
+``label`` for a ViT; ``messages`` (chat),
 ``prompt`` + ``response`` (or ``instruction`` [+ ``input``] + ``output`` ...) or ``text`` for a decoder.
 """
 
@@ -30,7 +32,7 @@ MODELS = ("minilm", "smollm2")
 FAMILIES = {"bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama", "vit": "vit"}
 #: data options (CLI flags) and their defaults; None columns are detected from the file
 DATA_OPTIONS = dict(text_column=None, label_column="label", prompt_column=None, response_column=None,
-                    messages_column=None, validation_file=None, test_file=None, packing=False)
+                    messages_column=None, validation_file=None, test_file=None, packing=False, image_column=None)
 
 
 class ModelError(ValueError):
@@ -68,8 +70,7 @@ def resolve_model(name: str) -> tuple[str, str | None]:
         raise ModelError(f"{path / 'config.json'} has model_type={model_type!r} "
                          f"(architectures {config.get('architectures')}); jlora runs {sorted(FAMILIES)}")
     if FAMILIES[model_type] == "vit":
-        raise ModelError(f"{path} is a ViT image model; the jlora CLI trains on text. Fine-tune it from Python: "
-                         "jlora.models.vit.load_pretrained + jlora.apply + jlora.train.make_step")
+        return "vit", str(path)
     if not (path / "tokenizer.json").is_file():
         raise ModelError(f"{path} has no tokenizer.json (a fast tokenizer file); the CLI needs one to read text")
     return FAMILIES[model_type], str(path)
@@ -197,8 +198,114 @@ def make_task(model: str, data: str, *, options: dict | None = None, param_dtype
     decoder's weights are read in this dtype, tensor by tensor (an encoder loads in float32: its new
     head must stay float32; cast the rest afterwards)."""
     family, path = resolve_model(model)
+    if family == "vit":
+        return ImageClassificationTask(data=data, model_path=path, options=options, **kw)
     if family == "bert":
         return ClassificationTask(data=data, model_path=path, options=options, **kw)
     from jlora.tasks_lm import InstructionTask  # noqa: WPS433 (heavy: GGUF)
 
     return InstructionTask(data=data, model_path=path, options=options, param_dtype=param_dtype, **kw)
+
+
+def _resample(name_or_code) -> int:
+    from PIL import Image
+
+    codes = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR,
+             3: Image.Resampling.BICUBIC}
+    return codes.get(int(name_or_code) if isinstance(name_or_code, int) else 2, Image.Resampling.BILINEAR)
+
+
+@dataclasses.dataclass
+class ImageClassificationTask(ClassificationTask):
+    """A Hugging Face ViT directory + a new (or its own) classification head on a data file whose
+    ``image`` column holds image paths (relative to the file, or absolute) and ``label`` column the
+    classes (``--image-column`` / ``--label-column``). Images are read with Pillow, converted to RGB,
+    resized as the checkpoint's ``preprocessor_config.json`` says (default: the model's image size,
+    bilinear), kept as uint8 and normalised in the jitted forward (``image_mean`` / ``image_std``,
+    default 0.5 / 0.5, as transformers' ``ViTImageProcessor``)."""
+
+    family = "vit"
+    peft_task_type = None
+
+    def __post_init__(self):
+        import json
+        import pathlib
+
+        from jlora.data import files
+        from jlora.models import vit
+
+        opts = {**DATA_OPTIONS, **(self.options or {})}
+        image_col, label_col = opts["image_column"] or "image", opts["label_column"] or "label"
+        if not files.looks_like_file(self.data):
+            raise ValueError(f"a ViT model needs a data file with {image_col!r} (image paths) and {label_col!r} "
+                             f"columns; got data {self.data!r}")
+        splits = files.local_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed,
+                                    stratify=label_col)
+        files.require_columns(splits["train"], [image_col, label_col], f"data file {self.data}",
+                              ("--image-column", "--label-column"))
+        _, self.splits = files.encode_labels(splits, label_col)
+        self.label_names = self.splits["train"].features[label_col].names
+        self.model, self.params = vit.load_pretrained(self.model_path, num_labels=len(self.label_names),
+                                                      scan_layers=self.scan_layers, seed=self.seed)
+        self.tokenizer = None
+        cfg = self.model.config
+        pre = pathlib.Path(self.model_path) / "preprocessor_config.json"
+        pre = json.loads(pre.read_text()) if pre.is_file() else {}
+        size = pre.get("size") or {}
+        self.image_hw = (int(size.get("height", cfg.image_hw[0])), int(size.get("width", cfg.image_hw[1]))) \
+            if pre.get("do_resize", True) else cfg.image_hw
+        if self.image_hw != tuple(cfg.image_hw):
+            raise ValueError(f"{pre and 'preprocessor_config.json'} resizes to {self.image_hw}, the model takes "
+                             f"{tuple(cfg.image_hw)}")
+        norm = pre.get("do_normalize", True)
+        self.mean = np.asarray(pre.get("image_mean", [0.5] * 3) if norm else [0.0] * 3, np.float32)
+        self.std = np.asarray(pre.get("image_std", [0.5] * 3) if norm else [1.0] * 3, np.float32)
+        self.rescale = float(pre.get("rescale_factor", 1 / 255)) if pre.get("do_rescale", True) else 1.0
+        self.resample = _resample(pre.get("resample", 2))
+        base = pathlib.Path(self.data).resolve().parent
+        self.arrays = {name: {"pixels": self.read_images(ds[image_col], base),
+                              "labels": np.asarray(ds[label_col], np.int32)} for name, ds in self.splits.items()}
+        self.targets = dict(vit.DEFAULT_TARGETS)
+        self.exclude = {"all-linear": vit.ALL_LINEAR_EXCLUDE}
+        self.head = r".*/classifier/(kernel|bias)"
+        self.naming = lambda path, layer=None: vit.hf_module_name(path, layer, prefix="vit.")
+
+    def read_images(self, paths, base=None) -> np.ndarray:
+        """uint8 ``(n, height, width, 3)`` for image files (paths relative to ``base``)."""
+        import pathlib
+
+        from PIL import Image, UnidentifiedImageError
+
+        out = np.zeros((len(paths),) + tuple(self.image_hw) + (3,), np.uint8)
+        for i, p in enumerate(paths):
+            path = pathlib.Path(str(p))
+            path = path if path.is_absolute() or base is None else base / path
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB").resize((self.image_hw[1], self.image_hw[0]), self.resample)
+                    out[i] = np.asarray(im, np.uint8)
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"row {i}: image {path} cannot be read ({type(e).__name__}: {e})") from None
+        return out
+
+    def example(self):
+        return (self.normalise(self.arrays["train"]["pixels"][:2]),)
+
+    def normalise(self, pixels):
+        return (jnp.asarray(pixels, jnp.float32) * self.rescale - self.mean) / self.std
+
+    def forward(self, lifted: Callable, params, batch, train: bool = False, key=None):
+        kwargs = {}
+        if train and key is not None:
+            kwargs = dict(deterministic=False, rngs={"dropout": key}, jlora_rng=jax.random.fold_in(key, 1))
+        return lifted(params, self.normalise(batch["pixels"]), **kwargs)
+
+    def tokens_per_example(self) -> int:
+        return int(self.model.config.seq_len)
+
+    def predict(self, lifted: Callable, params, paths, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities for image files (columns follow :attr:`label_names`)."""
+        pixels = self.read_images(list(paths))
+        fn = jax.jit(lambda p, x: jax.nn.softmax(self.forward(lifted, p, {"pixels": x}).astype(jnp.float32), -1))
+        return np.concatenate([np.asarray(fn(params, pixels[s:s + batch_size]))
+                               for s in range(0, len(pixels), batch_size)])

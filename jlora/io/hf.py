@@ -35,8 +35,8 @@ def hf_tensors(params, family: str, config, *, dtype=None) -> dict[str, np.ndarr
     """``{hf_name: array}`` (PyTorch ``(out, in)`` layout) for plain ``params`` of a jlora model.
 
     ``family`` is ``"llama"`` (``LlamaForCausalLM`` names; a tied head writes no ``lm_head``) or
-    ``"bert"`` (``BertForSequenceClassification`` names under ``bert.`` plus ``classifier.*``, or a
-    bare ``BertModel`` without a classifier). Scanned (stacked) layers are unstacked. ``dtype``
+    ``"bert"`` / ``"vit"`` (``BertForSequenceClassification`` / ``ViTForImageClassification`` names
+    under ``bert.`` / ``vit.`` plus ``classifier.*``, or the bare encoder without a classifier). Scanned (stacked) layers are unstacked. ``dtype``
     casts every floating tensor. Raises ValueError for an unknown family or a leaf with no HF name.
     """
     from jlora.core.paths import flatten_with_paths
@@ -51,26 +51,33 @@ def hf_tensors(params, family: str, config, *, dtype=None) -> dict[str, np.ndarr
         for path, leaf in flatten_with_paths(host)[0]:
             name = llama.hf_param_name(path)
             out[name] = leaf.T if path.endswith("/kernel") else leaf
-    elif family == "bert":
-        if "layer" in host["params"].get("encoder", {}):
-            host = jax.tree_util.tree_map(np.asarray, bert.unstack_layers(host))
+    elif family in ("bert", "vit"):
+        from jlora.models import vit
+
+        module = bert if family == "bert" else vit
+        if "layer" in host["params"].get("encoder", {}) or "layers" in host["params"].get("encoder", {}):
+            host = jax.tree_util.tree_map(np.asarray, module.unstack_layers(host))
         inner = host["params"]
         with_classifier = "classifier" in inner
-        prefix = "bert." if with_classifier else ""
-        for hf, path, shape, transpose in bert._expected_tensors(config.replace(scan_layers=False)
-                                                                 if hasattr(config, "replace") else config,
-                                                                 with_classifier):
+        prefix = f"{family}." if with_classifier else ""
+        plain = config.replace(scan_layers=False) if hasattr(config, "replace") else config
+        for hf, path, shape, how in module._expected_tensors(plain, with_classifier):
             node = inner
             for part in path:
                 if part not in node:
                     raise ValueError(f"hf_tensors: params have no {'/'.join(path)} (for {hf})")
                 node = node[part]
-            value = node.T if transpose else node
+            if how is True:
+                value = node.T
+            elif how:   # the loader applied np.transpose(hf, how): undo it
+                value = np.transpose(node, np.argsort(how))
+            else:
+                value = node
             if tuple(value.shape) != tuple(shape):
                 raise ValueError(f"hf_tensors: {'/'.join(path)} has shape {value.shape}, {hf} needs {shape}")
             out[(hf if hf.startswith("classifier") else prefix + hf)] = value
     else:
-        raise ValueError(f"hf_tensors: family must be 'llama' or 'bert', got {family!r}")
+        raise ValueError(f"hf_tensors: family must be 'llama', 'bert' or 'vit', got {family!r}")
     for name, value in out.items():
         value = np.ascontiguousarray(value)
         if dtype is not None and jax.numpy.issubdtype(value.dtype, jax.numpy.floating):

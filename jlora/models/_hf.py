@@ -203,21 +203,35 @@ def encoder_layer_index(path: str, key: str, layer: int | None) -> int:
 
 def read_safetensors(source, normalise_name: Callable[[str], str],
                      duplicate_message: Callable[[pathlib.Path, str, str], str]):
-    """Reads ``source`` (a safetensors file, or a directory holding ``model.safetensors``) as
-    numpy arrays keyed by ``normalise_name(name)``.
+    """Reads ``source`` (a safetensors file, or a directory holding ``model.safetensors`` or the
+    shards a ``model.safetensors.index.json`` names) as numpy arrays keyed by ``normalise_name(name)``.
 
     Returns ``(tensors, original, path)``: ``original`` maps each key back to the name in the
     file. Two names that normalise to one key raise ``ValueError(duplicate_message(path,
     first_name, second_name))``.
     """
+    import json
+
     from safetensors.numpy import load_file
 
     p = pathlib.Path(source)
+    files = [p]
     if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"no safetensors checkpoint at {p}")
-    raw = load_file(str(p))
+        index = p / "model.safetensors.index.json"
+        if index.is_file():
+            files = [p / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            p = index
+        else:
+            p = files[0] = p / "model.safetensors"
+    for f in files:
+        if not f.is_file():
+            hint = ""
+            if f.name == "model.safetensors" and (f.parent / "pytorch_model.bin").is_file():
+                hint = " (pytorch_model.bin pickles are not read: save the model with safe_serialization=True)"
+            raise FileNotFoundError(f"no safetensors checkpoint at {f}{hint}")
+    raw = {}
+    for f in files:
+        raw.update(load_file(str(f)))
     tensors, original = {}, {}
     for name, value in raw.items():
         key = normalise_name(name)

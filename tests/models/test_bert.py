@@ -394,3 +394,22 @@ def test_check_inputs_names_out_of_range_ids_and_their_position():
         bert.check_inputs(TINY, TINY_IDS.astype(np.float64))
     with pytest.raises(TypeError, match="token_type_ids is a jax tracer.*host-side check"):
         jax.jit(lambda t: bert.check_inputs(TINY, TINY_IDS, token_type_ids=t))(TINY_TYPES)
+
+
+def test_a_sharded_transformers_directory_loads_like_a_single_file(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=32)
+    model = transformers.BertModel(config)
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "many", max_shard_size="20KB")
+    assert (tmp_path / "many" / "model.safetensors.index.json").is_file()
+    cfg = bert.BertConfig.from_hf(tmp_path / "one")
+    one, many = bert.load_hf_params(tmp_path / "one", cfg), bert.load_hf_params(tmp_path / "many", cfg)
+    for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (tmp_path / "one" / "model.safetensors").rename(tmp_path / "one" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickles are not read"):
+        bert.load_hf_params(tmp_path / "one", cfg)
