@@ -44,7 +44,7 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 # the trainer
                 optimizer="adamw", schedule="cosine", warmup_ratio=0.1, warmup_steps=None, clip_norm=0.0,
                 log_every=10, logdir=None, checkpoint_every=100, keep_checkpoints=2, best_metric=None,
-                early_stopping=0)
+                early_stopping=0, max_nonfinite=5)
 #: settings that may differ when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit")
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
@@ -87,6 +87,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     t.add_argument("--best-metric", help="with --eval-every: keep the adapter with the best validation metric "
                                          "(loss, accuracy, perplexity) instead of the last")
     t.add_argument("--early-stopping", type=int, help="with --best-metric: stop after N evaluations without improvement")
+    t.add_argument("--max-nonfinite", type=int, help="steps in a row whose loss or gradients are NaN / Inf are skipped; "
+                                                      "this many stop the run, checked at each log record (default 5; "
+                                                      "1 with --log-every 1: stop at the first)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to continue an interrupted run in --out (the default resumes it)")
@@ -187,7 +190,7 @@ def _validate(cfg: dict) -> None:
         if not isinstance(cfg[key], str) or not cfg[key]:
             bad(key, cfg[key], "a name or a path")
     for key in ("steps", "batch", "rank", "max_length", "accum_steps", "virtual_tokens", "init_r", "target_r",
-                "delta_t", "calib_batches", "log_every", "keep_checkpoints"):
+                "delta_t", "calib_batches", "log_every", "keep_checkpoints", "max_nonfinite"):
         if not _is_int(cfg[key]) or cfg[key] < 1:
             bad(key, cfg[key], "a positive integer")
     for key in ("eval_every", "checkpoint_every", "early_stopping", "seed", "tinit", "tfinal"):
@@ -610,6 +613,7 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
                     eval_fn=eval_fn, eval_every=cfg["eval_every"] or None, progress=cfg["progress"],
                     desc=f"{cfg['method']} {pathlib.Path(cfg['model']).name}/{pathlib.Path(cfg['data']).name}",
                     diverge_factor=10.0, log_every=cfg["log_every"], start_step=start, checkpoint=checkpoint,
+                    max_consecutive_skips=cfg["max_nonfinite"],
                     checkpoint_every=cfg["checkpoint_every"] or None, should_stop=stop, reference_loss=reference,
                     on_record=on_record)
     except FloatingPointError as e:  # a diverged run saves no adapter and exits non-zero

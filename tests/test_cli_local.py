@@ -215,6 +215,11 @@ def test_a_nan_batch_is_skipped_and_no_checkpoint_holds_a_non_finite_value(files
                 assert np.isfinite(np.asarray(leaf)).all(), s
     for leaf in jax.tree_util.tree_leaves(trainable):
         assert np.isfinite(np.asarray(leaf)).all()
+    # or stop at the first one, by flag: exit non-zero, no adapter
+    strict = cli.load_config({**cfg, "max_nonfinite": 1, "log_every": 1, "out": str(tmp_path / "strict")})
+    with pytest.raises(SystemExit, match="training stopped, no adapter saved: 1 consecutive steps"):
+        cli.train(strict, task=task)
+    assert not (tmp_path / "strict" / "adapter").exists()
 
 
 def test_a_run_directory_is_resumed_replaced_or_refused(files, tmp_path):
