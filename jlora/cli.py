@@ -91,8 +91,11 @@ def _add_train_args(p: argparse.ArgumentParser):
                                                       "this many stop the run, checked at each log record (default 5; "
                                                       "1 with --log-every 1: stop at the first)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="refuse to continue an interrupted run in --out (the default resumes it)")
+    p.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
+                   help="continue the interrupted run in --out (the default when there is one; with this flag, "
+                        "its absence is an error)")
+    p.add_argument("--no-resume", dest="resume", action="store_const", const=False,
+                   help="refuse to continue an interrupted run in --out")
     p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), dora, adalora, ia3, tcur (tCURLoRA), head (train "
                    "only the new head: baseline), prompt (prompt tuning), prefix (prefix tuning / P-tuning v2), "
                    "ptuning (P-tuning v1)")
@@ -413,8 +416,13 @@ def _portable(cfg: dict) -> dict:
     return out
 
 
-def _prepare_out(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool) -> bool:
-    """Creates ``out`` or checks it may be reused; True when an interrupted run is to be resumed."""
+def _prepare_out(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool | None) -> bool:
+    """Creates ``out`` or checks it may be reused; True when an interrupted run is to be resumed
+    (``resume=True`` demands one, ``False`` refuses one, ``None`` resumes one if there is one)."""
+    interrupted = (out / "config.json").is_file() and not (out / "results.json").is_file()
+    if resume and not overwrite and not interrupted:
+        raise SystemExit(f"jlora: --resume: {out} holds no interrupted run "
+                         f"({'it is finished' if (out / 'results.json').is_file() else 'no config.json'})")
     if out.exists() and not out.is_dir():
         raise SystemExit(f"jlora: --out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -426,7 +434,7 @@ def _prepare_out(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool) ->
         elif finished:
             raise SystemExit(f"jlora: {out} already holds a finished run; choose another --out, or pass --overwrite "
                              "to replace it")
-        elif not resume:
+        elif resume is False:
             raise SystemExit(f"jlora: {out} holds an interrupted run; run without --no-resume to continue it, or "
                              "pass --overwrite to start again")
         else:
@@ -498,12 +506,12 @@ def _read_history(path: pathlib.Path, upto: int) -> list[dict]:
     return read_jsonl(str(path))
 
 
-def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: bool = True) -> dict:
+def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: bool | None = None) -> dict:
     """Runs one training configuration end to end; returns the results dict.
 
     Into a directory that holds an interrupted run (``config.json`` but no ``results.json``) with the
-    same settings, it resumes from the newest good checkpoint (``resume=False`` refuses); a finished
-    run is replaced only with ``overwrite``. SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130.
+    same settings, it resumes from the newest good checkpoint (``resume=False`` refuses; ``True``
+    requires such a run); a finished run is replaced only with ``overwrite``. SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130.
     """
     import jax
     import numpy as np

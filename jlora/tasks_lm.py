@@ -41,6 +41,12 @@ CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def files_data(data: str) -> bool:
+    from jlora.data.files import looks_like_file
+
+    return looks_like_file(data)
+
+
 def _prompt(instruction: str, input: str = "") -> str:
     """An instruction and its optional input as one user prompt (blank line between)."""
     return instruction if not (input or "").strip() else f"{instruction}\n\n{input}"
@@ -114,13 +120,14 @@ class InstructionTask:
             raise ValueError(f"model {self.model_path} has no tokenizer.json; the task needs one to read text")
         self.text_format = _text_format(self.model_path)
         self.bundled_chatml = self.model_path in (None, "smollm2")
+        self.packing = bool((self.options or {}).get("packing", False))
         self.targets = dict(llama.DEFAULT_TARGETS)
         self.exclude = {}
         self.head = None
         self.naming = lambda path, layer=None: llama.hf_module_name(path, layer, prefix="")
         if not files.looks_like_file(self.data):
             self.splits = jdata.instruction_data(self.data, seed=self.seed)
-            if self.bundled_chatml:
+            if self.bundled_chatml and not self.packing:
                 self.arrays = {name: jdata.tokenize_instructions(ds, self.tokenizer, self.max_length, chat=True)
                                for name, ds in self.splits.items()}
             else:
@@ -141,7 +148,8 @@ class InstructionTask:
     def _pairs(self, prompts, responses):
         from jlora.data import chat
 
-        return chat.tokenize_pairs(prompts, responses, self.tokenizer, self.text_format, self.max_length)
+        fmt = self._chat_format() if self.bundled_chatml and not files_data(self.data) else self.text_format
+        return chat.tokenize_pairs(prompts, responses, self.tokenizer, fmt, self.max_length, packing=self.packing)
 
     def _file_arrays(self, ds, opts):
         """Arrays for one split of a data file, by the columns it has (see the class docstring)."""
@@ -153,7 +161,8 @@ class InstructionTask:
             col = opts["messages_column"] or "messages"
             files.require_columns(ds, [col], where, flags)
             try:
-                return chat.tokenize_conversations(list(ds[col]), self.tokenizer, self._chat_format(), self.max_length)
+                return chat.tokenize_conversations(list(ds[col]), self.tokenizer, self._chat_format(), self.max_length,
+                                                   packing=self.packing)
             except ValueError as e:
                 raise files.DataFileError(f"{where}: {e}") from None
         pair = _pair_columns(cols, opts)
@@ -167,7 +176,7 @@ class InstructionTask:
             col = opts["text_column"] or "text"
             files.require_columns(ds, [col], where, flags)
             return chat.tokenize_texts([str(t) for t in ds[col]], self.tokenizer, self.text_format, self.max_length,
-                                       packing=bool(opts["packing"]))
+                                       packing=self.packing)
         raise files.DataFileError(
             f"{where}: found no columns to train a language model on; the columns are {cols}. Expected 'messages' "
             f"(chat), a prompt / response pair ({', '.join('+'.join(p) for p in _PAIRS)}) or 'text'; or name "
@@ -176,7 +185,7 @@ class InstructionTask:
     def _chat_format(self):
         from jlora.data.chat import TextFormat
 
-        if self.text_format.chat_template is None and self.bundled_chatml:
+        if self.bundled_chatml and (self.text_format.chat_template is None or not files_data(self.data)):
             return TextFormat(CHATML_JINJA, eos_token="<|im_end|>")
         return self.text_format
 

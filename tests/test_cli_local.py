@@ -238,6 +238,9 @@ def test_a_run_directory_is_resumed_replaced_or_refused(files, tmp_path):
         cli.main(common + ["--out", str(run), "--seed", "1", "--lr", "1e-3"])
     with pytest.raises(SystemExit, match="interrupted run; run without --no-resume"):
         cli.main(common + ["--out", str(run), "--seed", "1", "--no-resume"])
+    with pytest.raises(SystemExit, match="--resume: .* holds no interrupted run"):
+        cli.main(common + ["--out", str(tmp_path / "fresh"), "--resume"])
+    assert cli.main(common + ["--out", str(run), "--seed", "1", "--resume"]) == 0   # explicit resume of it
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

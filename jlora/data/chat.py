@@ -189,6 +189,23 @@ def _rows_to_arrays(rows: Sequence[tuple[list[int], list[int]]], max_length: int
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _pack(rows: Sequence[tuple[list[int], list[int]]], max_length: int) -> dict[str, np.ndarray]:
+    """The rows' tokens and labels concatenated and cut into full rows of ``max_length`` (the short
+    tail dropped): no padding, attention across the joined examples (as ``run_clm.py`` and TRL's
+    constant-length packing do); labels keep their masks, so prompts stay unsupervised."""
+    toks = np.asarray([t for r, _ in rows for t in r], np.int32)
+    labs = np.asarray([t for _, r in rows for t in r], np.int32)
+    n = len(toks) // max_length
+    if n == 0:
+        raise ValueError(f"packing: the rows hold {len(toks)} tokens, fewer than one row of max_length={max_length}")
+    ids = toks[:n * max_length].reshape(n, max_length)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labs[:n * max_length].reshape(n, max_length)}
+
+
+def _finish(rows, max_length: int, pad: int, packing: bool) -> dict[str, np.ndarray]:
+    return _pack(rows, max_length) if packing else _rows_to_arrays(rows, max_length, pad)
+
+
 def _plain_tokenizer(tokenizer):
     from tokenizers import Tokenizer
 
@@ -199,11 +216,12 @@ def _plain_tokenizer(tokenizer):
 
 
 def tokenize_conversations(conversations: Sequence, tokenizer, fmt: TextFormat, max_length: int,
-                           pad_id: int | None = None) -> dict[str, np.ndarray]:
+                           pad_id: int | None = None, *, packing: bool = False) -> dict[str, np.ndarray]:
     """Conversations (lists of ``{role, content}``; JSON strings accepted) to int32
     ``input_ids`` / ``attention_mask`` / ``labels`` of shape ``(n, max_length)``, labels on the
     assistant turns only. Each segment is tokenised without added special tokens (the template
-    writes its own BOS when it has one). Longer rows keep their start."""
+    writes its own BOS when it has one). Longer rows keep their start; ``packing`` joins the rows
+    into full rows instead (:func:`_pack`)."""
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     tok = _plain_tokenizer(tokenizer)
@@ -216,17 +234,17 @@ def tokenize_conversations(conversations: Sequence, tokenizer, fmt: TextFormat, 
             toks += e.ids
             labs += e.ids if supervised else [IGNORE_INDEX] * len(e.ids)
         rows.append((toks, labs))
-    return _rows_to_arrays(rows, max_length, _pad(tokenizer, fmt, pad_id))
+    return _finish(rows, max_length, _pad(tokenizer, fmt, pad_id), packing)
 
 
 def tokenize_pairs(prompts: Sequence[str], responses: Sequence[str], tokenizer, fmt: TextFormat, max_length: int,
-                   pad_id: int | None = None) -> dict[str, np.ndarray]:
+                   pad_id: int | None = None, *, packing: bool = False) -> dict[str, np.ndarray]:
     """Prompt / response pairs. With a chat template each pair is a user turn and an assistant turn
     (:func:`tokenize_conversations`); without one the row is ``[bos] + prompt + response + [eos]``
     (BOS as the tokenizer's post-processor adds it, EOS from the checkpoint), loss on response + EOS."""
     if fmt.chat_template is not None:
         convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        return tokenize_conversations(convs, tokenizer, fmt, max_length, pad_id)
+        return tokenize_conversations(convs, tokenizer, fmt, max_length, pad_id, packing=packing)
     tok = _plain_tokenizer(tokenizer)
     head, eos = _special_prefix(tokenizer), _token_id(tok, fmt.eos_token)
     p_enc = tok.encode_batch([str(p) for p in prompts], add_special_tokens=False)
@@ -236,7 +254,7 @@ def tokenize_pairs(prompts: Sequence[str], responses: Sequence[str], tokenizer, 
         p = head + list(pe.ids)
         r = list(re_.ids) + ([eos] if eos is not None else [])
         rows.append((p + r, [IGNORE_INDEX] * len(p) + r))
-    return _rows_to_arrays(rows, max_length, _pad(tokenizer, fmt, pad_id))
+    return _finish(rows, max_length, _pad(tokenizer, fmt, pad_id), packing)
 
 
 def tokenize_texts(texts: Sequence[str], tokenizer, fmt: TextFormat, max_length: int, *, packing: bool = False,
@@ -250,14 +268,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer, fmt: TextFormat, max_length:
     head, eos = _special_prefix(tokenizer), _token_id(tok, fmt.eos_token)
     enc = tok.encode_batch([str(t) for t in texts], add_special_tokens=False)
     docs = [head + list(e.ids) + ([eos] if eos is not None else []) for e in enc]
-    if not packing:
-        return _rows_to_arrays([(d, d) for d in docs], max_length, _pad(tokenizer, fmt, pad_id))
-    stream = np.asarray([t for d in docs for t in d], np.int32)
-    n = len(stream) // max_length
-    if n == 0:
-        raise ValueError(f"packing: the texts hold {len(stream)} tokens, fewer than one row of max_length={max_length}")
-    ids = stream[:n * max_length].reshape(n, max_length)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+    return _finish([(d, d) for d in docs], max_length, _pad(tokenizer, fmt, pad_id), packing)
 
 
 def generation_prompt(fmt: TextFormat, prompt: str) -> str:

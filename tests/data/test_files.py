@@ -130,3 +130,16 @@ def test_batches_start_at_a_data_position():
         assert rest == full[k:]
     with pytest.raises(ValueError, match="start must be a non-negative int"):
         batches(arrays, 5, start=-1)
+
+
+def test_pairs_and_conversations_pack_with_their_masks():
+    tok = _WordTokenizer.make()
+    fmt = chat.TextFormat(eos_token="</s>")
+    packed = chat.tokenize_pairs(["a", "b a"], ["c", "d d"], tok, fmt, max_length=4, packing=True)
+    # stream: a c </s> | b a d d </s>  ->  rows [a c </s> b] [a d d </s>], prompts unsupervised
+    assert packed["input_ids"].tolist() == [[3, 5, 2, 4], [3, 6, 6, 2]]
+    assert packed["labels"].tolist() == [[-100, 5, 2, -100], [-100, 6, 6, 2]] and packed["attention_mask"].all()
+    fmt = chat.TextFormat("{% for m in messages %}{{ m['content'] }} {% endfor %}", eos_token="</s>")
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b c"}]
+    packed = chat.tokenize_conversations([conv, conv], tok, fmt, 3, packing=True)
+    assert packed["input_ids"].tolist() == [[3, 4, 5], [3, 4, 5]] and packed["labels"][:, 0].tolist() == [-100, -100]
