@@ -701,14 +701,15 @@ def _load_run(run: str):
         raise SystemExit(f"jlora: {run} has no adapter/ (the run has not finished; run its train command again "
                          "to resume it)")
     task = make_task(cfg)
-    if cfg["method"] in PROMPT_METHODS or cfg["method"] == "head":   # jlora.io.load_adapter + a saved prompt
-        adapted = load_adapter(str(run / "adapter"), _cast_frozen(task.params, cfg["param_dtype"], task.head))
-    else:   # the frozen base exactly as trained (bf16, NF4 ...), then the saved adapter on it
+    params = _cast_frozen(task.params, cfg["param_dtype"], task.head)   # the frozen weights as trained (bf16 ...)
+    if cfg["method"] != "qlora":   # jlora.io.load_adapter + a saved prompt
+        adapted = load_adapter(str(run / "adapter"), params)
+    else:   # the NF4 / int base rebuilt as in training (quantisation is deterministic), the adapter on it
         from jlora import io as jio
 
         _, template, _ = build(cfg, task)
         shared = {r["path"].split("/", 1)[0] for r in jio.read_adapter_metadata(str(run / "adapter")).get("shared", ())}
-        template = type(template)({k: v for k, v in template.items() if k not in shared})  # e.g. tCURLoRA's factors
+        template = type(template)({k: v for k, v in template.items() if k not in shared})
         adapted = jio.load_adapter(str(run / "adapter"), template)
     return cfg, task, adapted
 
