@@ -488,8 +488,6 @@ class _StopFlag:
 def _read_history(path: pathlib.Path, upto: int) -> list[dict]:
     """metrics.jsonl records up to step ``upto``; the file is rewritten without later ones (steps a
     killed run logged after its last checkpoint are recomputed, not duplicated)."""
-    from jlora.train.loop import read_jsonl
-
     if not path.is_file():
         return []
     kept = []
@@ -503,7 +501,7 @@ def _read_history(path: pathlib.Path, upto: int) -> list[dict]:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
-    return read_jsonl(str(path))
+    return kept
 
 
 def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: bool | None = None) -> dict:
@@ -708,8 +706,6 @@ def _load_run(run: str):
         from jlora import io as jio
 
         _, template, _ = build(cfg, task)
-        shared = {r["path"].split("/", 1)[0] for r in jio.read_adapter_metadata(str(run / "adapter")).get("shared", ())}
-        template = type(template)({k: v for k, v in template.items() if k not in shared})
         adapted = jio.load_adapter(str(run / "adapter"), template)
     return cfg, task, adapted
 
@@ -901,7 +897,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import jlora
-    from jlora import io as jio
 
     if args.command == "train":
         results = train(load_config(args), overwrite=args.overwrite, resume=args.resume)

@@ -103,11 +103,9 @@ class ClassificationTask:
             self.splits = loader(seed=self.seed)
             text_col, label_col = "text", "label"
         elif files.looks_like_file(self.data):
-            splits = files.local_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed,
-                                        stratify=label_col)
-            files.require_columns(splits["train"], [text_col, label_col], f"data file {self.data}",
-                                  ("--text-column", "--label-column"))
-            _, self.splits = files.encode_labels(splits, label_col)
+            self.splits = files.labelled_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed,
+                                                input_column=text_col, label_column=label_col,
+                                                flags=("--text-column", "--label-column"))
         else:
             raise ValueError(f"data {self.data!r} is not a classification set; choose one of {CLASSIFICATION_DATA} "
                              "or give a CSV / TSV / JSON / JSONL / Parquet file")
@@ -157,19 +155,29 @@ class ClassificationTask:
         """Accuracy and mean cross-entropy over a whole split (the last partial batch included)."""
         arrays = self.arrays[split]
         n = len(arrays["labels"]) if limit is None else min(limit, len(arrays["labels"]))
-        batch_size = min(batch_size, n)
-        fn = jax.jit(lambda p, b: self.forward(lifted, p, b))
         correct, total_loss = 0, 0.0
-        for s in range(0, n, batch_size):
-            b = {k: v[s:min(s + batch_size, n)] for k, v in arrays.items()}
-            real = len(b["labels"])
-            if real < batch_size:  # pad to one shape: one compile
-                b = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - real, 0)]) for k, v in b.items()}
-            logits = np.asarray(fn(params, b), np.float32)[:real]
-            labels = b["labels"][:real]
+        for s, logits in self._logits(lifted, params, arrays, n, batch_size):
+            labels = arrays["labels"][s:s + len(logits)]
             correct += int((logits.argmax(-1) == labels).sum())
             total_loss += float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum())
         return {"accuracy": correct / n, "loss": total_loss / n, "examples": n}
+
+    def _logits(self, lifted: Callable, params, arrays, n: int, batch_size: int):
+        """Yields ``(start, float32 logits)`` for the first ``n`` rows of ``arrays`` in batches padded
+        to one shape (one compile; the padding rows' logits are dropped)."""
+        batch_size = min(batch_size, n)
+        fn = jax.jit(lambda p, b: self.forward(lifted, p, b))
+        for s in range(0, n, batch_size):
+            b = {k: v[s:min(s + batch_size, n)] for k, v in arrays.items()}
+            real = min(batch_size, n - s)
+            if real < batch_size:
+                b = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - real, 0)]) for k, v in b.items()}
+            yield s, np.asarray(fn(params, b), np.float32)[:real]
+
+    def _probabilities(self, lifted: Callable, params, arrays, batch_size: int) -> np.ndarray:
+        n = len(next(iter(arrays.values())))
+        return np.concatenate([np.asarray(jax.nn.softmax(logits, -1))
+                               for _, logits in self._logits(lifted, params, arrays, n, batch_size)])
 
     def predict(self, lifted: Callable, params, texts, batch_size: int = 64) -> np.ndarray:
         """Class probabilities ``(len(texts), num_labels)`` for raw texts, tokenised as in training
@@ -181,15 +189,7 @@ class ClassificationTask:
             raise ValueError("predict needs at least one text")
         arrays = tokenize_classification({"x": {"text": texts, "label": [0] * len(texts)}}, self.tokenizer,
                                          self.max_length)["x"]
-        fn = jax.jit(lambda p, b: jax.nn.softmax(self.forward(lifted, p, b).astype(jnp.float32), -1))
-        out = []
-        for s in range(0, len(texts), batch_size):
-            b = {k: v[s:s + batch_size] for k, v in arrays.items()}
-            real = len(b["labels"])
-            if real < min(batch_size, len(texts)):   # pad to one shape: one compile
-                b = {k: np.concatenate([v, np.repeat(v[-1:], min(batch_size, len(texts)) - real, 0)]) for k, v in b.items()}
-            out.append(np.asarray(fn(params, b))[:real])
-        return np.concatenate(out)
+        return self._probabilities(lifted, params, arrays, batch_size)
 
 
 def make_task(model: str, data: str, *, options: dict | None = None, param_dtype=None, **kw):
@@ -239,11 +239,9 @@ class ImageClassificationTask(ClassificationTask):
         if not files.looks_like_file(self.data):
             raise ValueError(f"a ViT model needs a data file with {image_col!r} (image paths) and {label_col!r} "
                              f"columns; got data {self.data!r}")
-        splits = files.local_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed,
-                                    stratify=label_col)
-        files.require_columns(splits["train"], [image_col, label_col], f"data file {self.data}",
-                              ("--image-column", "--label-column"))
-        _, self.splits = files.encode_labels(splits, label_col)
+        self.splits = files.labelled_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed,
+                                            input_column=image_col, label_column=label_col,
+                                            flags=("--image-column", "--label-column"))
         self.label_names = self.splits["train"].features[label_col].names
         self.model, self.params = vit.load_pretrained(self.model_path, num_labels=len(self.label_names),
                                                       scan_layers=self.scan_layers, seed=self.seed)
@@ -305,7 +303,4 @@ class ImageClassificationTask(ClassificationTask):
 
     def predict(self, lifted: Callable, params, paths, batch_size: int = 64) -> np.ndarray:
         """Class probabilities for image files (columns follow :attr:`label_names`)."""
-        pixels = self.read_images(list(paths))
-        fn = jax.jit(lambda p, x: jax.nn.softmax(self.forward(lifted, p, {"pixels": x}).astype(jnp.float32), -1))
-        return np.concatenate([np.asarray(fn(params, pixels[s:s + batch_size]))
-                               for s in range(0, len(pixels), batch_size)])
+        return self._probabilities(lifted, params, {"pixels": self.read_images(list(paths))}, batch_size)

@@ -41,12 +41,6 @@ CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def files_data(data: str) -> bool:
-    from jlora.data.files import looks_like_file
-
-    return looks_like_file(data)
-
-
 def _prompt(instruction: str, input: str = "") -> str:
     """An instruction and its optional input as one user prompt (blank line between)."""
     return instruction if not (input or "").strip() else f"{instruction}\n\n{input}"
@@ -63,8 +57,9 @@ def _pair_columns(cols, opts) -> tuple[str, str | None, str] | None:
     return None
 
 
-def _text_format(model_path):
-    """The chat template and special tokens of a checkpoint (a directory or a GGUF file)."""
+def _text_format(model_path, tokenizer):
+    """The chat template and special tokens of a checkpoint (a directory, or a GGUF file whose
+    ``tokenizer`` has already been built by the loader)."""
     import pathlib
 
     from jlora.data.chat import TextFormat
@@ -77,10 +72,7 @@ def _text_format(model_path):
     if str(model_path).endswith(".gguf"):
         import gguf
 
-        from jlora.models.llama import tokenizer_from_gguf
-
-        reader = gguf.GGUFReader(str(model_path))
-        return TextFormat.from_gguf(reader, tokenizer_from_gguf(reader))
+        return TextFormat.from_gguf(gguf.GGUFReader(str(model_path)), tokenizer)
     return TextFormat.from_directory(pathlib.Path(model_path))
 
 
@@ -118,14 +110,15 @@ class InstructionTask:
         self.model, self.params, self.tokenizer = self.loaded
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_path} has no tokenizer.json; the task needs one to read text")
-        self.text_format = _text_format(self.model_path)
+        self.text_format = _text_format(self.model_path, self.tokenizer)
         self.bundled_chatml = self.model_path in (None, "smollm2")
         self.packing = bool((self.options or {}).get("packing", False))
+        self.from_file = files.looks_like_file(self.data)
         self.targets = dict(llama.DEFAULT_TARGETS)
         self.exclude = {}
         self.head = None
         self.naming = lambda path, layer=None: llama.hf_module_name(path, layer, prefix="")
-        if not files.looks_like_file(self.data):
+        if not self.from_file:
             self.splits = jdata.instruction_data(self.data, seed=self.seed)
             if self.bundled_chatml and not self.packing:
                 self.arrays = {name: jdata.tokenize_instructions(ds, self.tokenizer, self.max_length, chat=True)
@@ -148,7 +141,7 @@ class InstructionTask:
     def _pairs(self, prompts, responses):
         from jlora.data import chat
 
-        fmt = self._chat_format() if self.bundled_chatml and not files_data(self.data) else self.text_format
+        fmt = self._chat_format() if self.bundled_chatml and not self.from_file else self.text_format
         return chat.tokenize_pairs(prompts, responses, self.tokenizer, fmt, self.max_length, packing=self.packing)
 
     def _file_arrays(self, ds, opts):
@@ -185,7 +178,7 @@ class InstructionTask:
     def _chat_format(self):
         from jlora.data.chat import TextFormat
 
-        if self.bundled_chatml and (self.text_format.chat_template is None or not files_data(self.data)):
+        if self.bundled_chatml and (self.text_format.chat_template is None or not self.from_file):
             return TextFormat(CHATML_JINJA, eos_token="<|im_end|>")
         return self.text_format
 

@@ -175,3 +175,13 @@ def encode_labels(splits: datasets.DatasetDict, column: str) -> tuple[tuple[str,
         ds = ds.remove_columns(column).add_column(column, ids)
         out[name] = ds.cast_column(column, datasets.ClassLabel(names=list(names)))
     return names, datasets.DatasetDict(out)
+
+
+def labelled_splits(path, validation_file=None, test_file=None, *, seed: int = 0, input_column: str,
+                    label_column: str, flags: Sequence[str] = ()) -> datasets.DatasetDict:
+    """A classification file as splits: :func:`local_splits` stratified by ``label_column``, both
+    columns required (:func:`require_columns`, naming ``flags``), labels made class ids
+    (:func:`encode_labels`; the names are the ``ClassLabel`` feature's)."""
+    splits = local_splits(path, validation_file, test_file, seed=seed, stratify=label_column)
+    require_columns(splits["train"], [input_column, label_column], f"data file {path}", flags)
+    return encode_labels(splits, label_column)[1]

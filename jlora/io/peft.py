@@ -495,8 +495,8 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
 
         naming = functools.partial(jlora.models.bert.hf_module_name, prefix="")   # a bare BertModel
         jlora.io.save_peft("out/peft", adapted, naming, task_type="FEATURE_EXTRACTION",
-                           base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2", revision="main")
-        model = peft.AutoPeftModelForFeatureExtraction.from_pretrained("out/peft")   # base fetched by name
+                           base_model_name_or_path=str(base_dir))     # the local directory params came from
+        model = peft.AutoPeftModelForFeatureExtraction.from_pretrained("out/peft")   # base read from base_dir
     """
     provenance = _provenance(base_model_name_or_path, revision)
     if not callable(naming):

@@ -827,7 +827,8 @@ def params_from_hf_tensors(tensors: Mapping[str, Any], config: LlamaConfig):
     """
     names = tensors   # read each tensor once, when it is placed (a lazy mapping stays lazy)
     if not any(k.startswith("model.") for k in names) and "embed_tokens.weight" in names:
-        names = _Renamed(tensors, {("lm_head.weight" if k == "lm_head.weight" else "model." + k): k for k in tensors})
+        renamed = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): k for k in tensors}
+        names = _Lazy(renamed, lambda key: tensors[renamed[key]])
     expected = _expected_shapes(config)
     flat, missing, bad, used = {}, [], [], set()
     for path, shape in expected.items():
@@ -887,27 +888,9 @@ def _safetensors_files(path) -> list[pathlib.Path]:
     return files
 
 
-class _Renamed(_AbcMapping):
-    """``tensors`` under other names (``{new: old}``), read through on access."""
-
-    def __init__(self, tensors, names):
-        self._tensors, self._names = tensors, names
-
-    def __getitem__(self, key):
-        return self._tensors[self._names[key]]
-
-    def __contains__(self, key):   # without reading the tensor
-        return key in self._names
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self):
-        return len(self._names)
-
-
 class _Lazy(_AbcMapping):
-    """``{name: read(name)}`` computed on access, over the keys of ``sources``."""
+    """``{name: read(name)}`` computed on access, over the keys of ``sources`` (membership and
+    iteration never read a tensor), so a loader holds one source tensor at a time."""
 
     def __init__(self, sources, read):
         self._sources, self._read = sources, read
@@ -927,35 +910,27 @@ class _Lazy(_AbcMapping):
         return len(self._sources)
 
 
-class LazySafetensors(_AbcMapping):
-    """The tensors of safetensors files as a read-on-access mapping (names from the headers only), so a
-    loader holds one source tensor at a time instead of the whole checkpoint. ``reads`` counts
-    :meth:`__getitem__` calls."""
+class LazySafetensors(_Lazy):
+    """The tensors of safetensors files as a read-on-access mapping (names from the headers only).
+    ``reads`` counts the tensors read."""
 
     def __init__(self, files):
         from safetensors import safe_open
 
-        self._where, self.reads = {}, 0
+        where = {}
         for f in files:
             with safe_open(str(f), framework="flax") as fh:
                 for name in fh.keys():
-                    self._where[name] = str(f)
+                    where[name] = str(f)
+        super().__init__(where, self._get)
+        self.reads = 0
 
-    def __getitem__(self, name):
+    def _get(self, name):
         from safetensors import safe_open
 
         self.reads += 1
-        with safe_open(self._where[name], framework="flax") as fh:   # "flax": handles bfloat16
+        with safe_open(self._sources[name], framework="flax") as fh:   # "flax": handles bfloat16
             return fh.get_tensor(name)
-
-    def __contains__(self, name):   # without reading the tensor
-        return name in self._where
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self):
-        return len(self._where)
 
 
 def load_hf_params(path, config: LlamaConfig):
