@@ -4,12 +4,12 @@
               what DoRA adds on top of LoRA).
   dora        ``jlora.DoRA`` through ``jlora.lift``: ``g * (x @ W0) + g * s * ((x @ A) @ B)`` with
               ``g = m / ||W0 + s A B||`` and the norm in closed form
-              (``jlora.core.nodes.dora_norm``: one rank-r contraction with W0, no kernel-sized array).
+              (``jlora.methods.dora.dora_norm``: one rank-r contraction with W0, no kernel-sized array).
   dora_peft   the same lifted DoRA step, but with the norm computed the way PEFT's
               ``DoraLinearLayer`` does on every forward: ``lora_weight = A @ B`` and
               ``||W0 + s * lora_weight||`` (a kernel-sized intermediate per adapted kernel). Done by
-              replacing the module-level function ``jlora.core.nodes.dora_norm`` (which
-              ``LoRANode.dora_gain`` calls) with :func:`peft_dora_norm` while this variant's loss is
+              replacing the module-level function ``jlora.methods.dora.dora_norm`` (which
+              ``DoRAState.gain`` calls) with :func:`peft_dora_norm` while this variant's loss is
               traced, and restoring it afterwards; the number of calls is recorded and must be > 0.
               Everything else (factored matmul, detached norm) is jlora's, as it is PEFT's.
   dora_merge  ``model.apply(jlora.merge(params), x)`` inside the step: ``m * (W0 + s A B) / norm``
@@ -51,7 +51,7 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
 import lift_step as ls  # noqa: E402  (model, batch, timing and reporting helpers)
 
 import jlora  # noqa: E402
-import jlora.core.nodes  # noqa: E402
+import jlora.methods.dora  # noqa: E402
 import jlora.train  # noqa: E402
 
 VARIANTS = ("lora", "dora", "dora_peft", "dora_merge")
@@ -70,7 +70,7 @@ _PEFT_NORM_CALLS = [0]
 def peft_dora_norm(w0, a, b, scale, w0_sq, layout):
     """``||W0 + s A B||`` per output unit the way PEFT's ``DoraLinearLayer.get_weight_norm`` takes
     it: form ``lora_weight = A @ B`` (kernel-sized), add it to W0 (kernel-sized again), then the
-    norm over the input axes. Same signature as ``jlora.core.nodes.dora_norm``; ``w0_sq`` unused."""
+    norm over the input axes. Same signature as ``jlora.methods.dora.dora_norm``; ``w0_sq`` unused."""
     _PEFT_NORM_CALLS[0] += 1
     s, ni = layout.stack, layout.inputs
     a = a.astype(jnp.float32)
@@ -83,14 +83,14 @@ def peft_dora_norm(w0, a, b, scale, w0_sq, layout):
 
 @contextlib.contextmanager
 def peft_norm():
-    """Within the block, ``LoRANode.dora_gain`` (and so ``jlora.lift``) takes the norm with
+    """Within the block, ``DoRAState.gain`` (and so ``jlora.lift``) takes the norm with
     :func:`peft_dora_norm`. Only what is *traced* inside the block is affected."""
-    original = jlora.core.nodes.dora_norm
-    jlora.core.nodes.dora_norm = peft_dora_norm
+    original = jlora.methods.dora.dora_norm
+    jlora.methods.dora.dora_norm = peft_dora_norm
     try:
         yield
     finally:
-        jlora.core.nodes.dora_norm = original
+        jlora.methods.dora.dora_norm = original
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,8 +176,8 @@ def run(args, warm_up=True):
     state, results = ls.first_calls(setups, variants, batch, optimizer, args.warmup, tag=TAG)
     peft_calls = _PEFT_NORM_CALLS[0]
     if "dora_peft" in variants and peft_calls == 0:
-        raise AssertionError("dora_peft: the materialising norm was never called; jlora.core.nodes.dora_norm "
-                             "is no longer what LoRANode.dora_gain calls, so the patch did nothing")
+        raise AssertionError("dora_peft: the materialising norm was never called; jlora.methods.dora.dora_norm "
+                             "is no longer what DoRAState.gain calls, so the patch did nothing")
 
     # honesty check: the DoRA variants are one function of the same weights and batch
     doras = [v for v in DORA_VARIANTS if v in variants]
@@ -231,7 +231,7 @@ def run(args, warm_up=True):
         "machine": machine,
         "code": ls.code_info(),
         "config": config,
-        "dora_peft_norm": {"how": "jlora.core.nodes.dora_norm replaced by dora_step.peft_dora_norm "
+        "dora_peft_norm": {"how": "jlora.methods.dora.dora_norm replaced by dora_step.peft_dora_norm "
                                   "(A @ B and ||W0 + s A B|| formed) while dora_peft is traced",
                            "calls_while_tracing_phase1": peft_calls},
         "results": results,

@@ -4,7 +4,7 @@ from jlora.core.api import (activate, adapter_names, apply, combine, combine_ada
                             delete_adapter, mark_trainable, merge, merge_error, partition, summary,
                             unmerge)
 from jlora.core.lift import lift
-from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_node
+from jlora.core.nodes import AdaptedWeight, AdapterMeta, Layout, LoRANode, Trainable, is_node
 from jlora.core.spec import Axes
 from jlora.methods.lora import LoRA
 from jlora.methods.qlora import QLoRA
@@ -19,7 +19,7 @@ from jlora.methods.tcur import TCURLoRA
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRA", "QLoRA", "DoRA", "QDoRA", "IA3", "Axes", "Layout", "LoRANode", "Trainable", "AdapterMeta", "is_node",
+    "LoRA", "QLoRA", "DoRA", "QDoRA", "IA3", "Axes", "Layout", "AdaptedWeight", "LoRANode", "Trainable", "AdapterMeta", "is_node",
     "apply", "partition", "combine", "merge", "unmerge", "summary", "count", "lift",
     "activate", "adapter_names", "mark_trainable", "merge_error", "delete_adapter", "combine_adapters",
     "AdaLoRA", "adalora_allocator",

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core import axes as axes_mod
-from jlora.core.nodes import (LoRANode, Layout, Trainable, AdapterMeta, is_adapter_leaf, is_node, is_quantized,
-                              unwrap, _factor_product)
-from jlora.core.paths import flatten_with_paths, matches, near_misses
-from jlora.core.spec import resolve_hint
+from jlora.core.nodes import (AdaptedWeight, AdapterMeta, Layout, Trainable, factor_product, is_adapter_leaf, is_node,
+                              is_quantized, unwrap)
+from jlora.core.paths import flatten_with_paths, matches, near_misses, normalize_patterns
+from jlora.core.spec import AdapterSpec, resolve_hint
+from jlora.core.state import LoRAState
+from jlora.quant import dequantize, requantize_like
 
 DEFAULT_NAME = "default"
 
@@ -66,7 +68,10 @@ def _is_float(x) -> bool:
     return _is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _layout_for(spec, path, leaf, inferred, index):
+def layout_for(spec, path, leaf, inferred, index):
+    """The :class:`Layout` of ``leaf`` at ``path``: the spec's ``axes`` hint, else the layout traced
+    from the model (``inferred[index]``), else (in, out) for a 2-D kernel; otherwise an error that
+    names the hint to add."""
     for pattern, hint in spec.axes_hints():
         if matches(path, (pattern,)):
             return resolve_hint(hint, leaf.shape, path)
@@ -85,7 +90,7 @@ def _layout_for(spec, path, leaf, inferred, index):
 def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, example=None):
     """Adds the adapter described by ``spec`` to every leaf of ``params`` that it targets.
 
-    Returns a tree with the same structure where each matched kernel is a :class:`LoRANode`
+    Returns a tree with the same structure where each matched kernel is an :class:`AdaptedWeight`
     (frozen base + trainable factors) and each ``train_also`` leaf is a :class:`Trainable`.
     Works on Linen variable dicts (dict / FrozenDict) and NNX ``State``. Calling it again on an
     adapted tree with another ``name`` adds a second adapter to the same bases.
@@ -95,9 +100,7 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
         spec = jlora.LoRA(rank=4, alpha=8, targets=r".*/kernel")
         adapted = jlora.apply(params, spec, key=jax.random.key(0))
     """
-    if hasattr(spec, "apply_tree"):  # methods that adapt several leaves jointly (tCURLoRA)
-        return spec.apply_tree(params, key, name=name, model=model, example=example)
-    if not hasattr(spec, "init_factors"):
+    if not isinstance(spec, AdapterSpec):
         raise TypeError(f"spec must be a jlora method spec such as jlora.LoRA(...), got {spec!r}")
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"adapter name must be a non-empty string without '/', got {name!r}")
@@ -105,6 +108,8 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
         key = jax.random.key(0)
     if isinstance(key, int):
         key = jax.random.key(key)
+    if spec.shares_parameters:  # methods that adapt several leaves jointly (tCURLoRA)
+        return spec.apply_tree(params, key, name=name, model=model, example=example)
     flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
     paths = [p for p, _ in flat]
     inferred = {}
@@ -131,7 +136,7 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
             f">= 2 axes): {[(p, _shape_of(dict(flat)[p])) for p in bad][:8]}. Narrow the pattern, e.g. end it in '/kernel'; "
             f"adaptable paths include {[p for p in paths if _is_float(unwrap(dict(flat)[p])) and unwrap(dict(flat)[p]).ndim >= 2][:8]}")
 
-    frozen_q = getattr(spec, "frozen_patterns", lambda: ())()
+    frozen_q = spec.frozen_patterns()
     new_leaves = []
     for i, (path, leaf) in enumerate(flat):
         if i in targeted:
@@ -139,9 +144,9 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
         elif (frozen_q and matches(path, frozen_q, modules=False) and not matches(path, spec.exclude)
               and not (spec.train_also and matches(path, spec.train_also)) and _adaptable(leaf)):
             # QLoRA's quantize_frozen: a node with a quantised base and no adapter
-            layout = _layout_for(spec, path, leaf, inferred, i)
-            leaf = LoRANode(base=spec.quantize_base(leaf, layout), a={}, b={}, layout=layout,
-                            adapters=(), active=(), path=path)
+            layout = layout_for(spec, path, leaf, inferred, i)
+            leaf = AdaptedWeight(base=spec.quantize_base(leaf, layout), states={}, layout=layout,
+                                 adapters=(), active=(), path=path)
         elif spec.train_also and matches(path, spec.train_also) and not is_adapter_leaf(leaf):
             if not _is_float(leaf):
                 raise ValueError(f"train_also matched {path!r}, which is not a floating array ({leaf!r:.80})")
@@ -170,34 +175,18 @@ def _add_adapter(spec, key, path, leaf, name, inferred, index):
     if is_node(leaf):
         if name in leaf.names:
             raise ValueError(f"{path!r} already has an adapter named {name!r}; pass another name=")
-        a, b, new_base, meta = spec.init_factors(key, leaf.base, leaf.layout, path, embedding=_is_embedding(path, leaf.layout))
+        state, new_base, meta = spec.init_state(key, leaf.base, leaf.layout, path, embedding=_is_embedding(path))
         if new_base is not leaf.base:
             raise ValueError(f"init={meta.init!r} rewrites the base weight; it can only be the first adapter on {path!r}")
-        _check_mix(path, [m.method for _, m in leaf.adapters], meta.method)
-        node, layout = leaf, leaf.layout
+        node = leaf
     else:
-        layout = _layout_for(spec, path, leaf, inferred, index)
-        a, b, new_base, meta = spec.init_factors(key, leaf, layout, path, embedding=_is_embedding(path, layout))
-        node = LoRANode(base=new_base, a={}, b={}, layout=layout, adapters=(), active=(), path=path)
-    extra, cache = {}, {}
-    if hasattr(spec, "init_extra"):
-        extra, cache = spec.init_extra(jax.random.fold_in(key, 1), node.base, layout, path, a, b, meta)
-    return node.with_(a={**node.a, **({name: a} if a is not None else {})},
-                      b={**node.b, **({name: b} if b is not None else {})},
-                      extra={**node.extra, **({name: dict(extra)} if extra else {})},
-                      cache={**node.cache, **({name: dict(cache)} if cache else {})},
-                      adapters=node.adapters + ((name, meta),), active=node.active + (name,))
+        layout = layout_for(spec, path, leaf, inferred, index)
+        state, new_base, meta = spec.init_state(key, leaf, layout, path, embedding=_is_embedding(path))
+        node = AdaptedWeight(base=new_base, states={}, layout=layout, adapters=(), active=(), path=path)
+    return node.add_adapter(name, state, meta)
 
 
-def _check_mix(path, existing, method):
-    """IA3 rescales W0 itself; jlora (like PEFT) does not stack it with other methods on one kernel."""
-    kinds = {m == "ia3" for m in existing} | {method == "ia3"}
-    if len(kinds) > 1:
-        raise ValueError(f"{path!r} already carries {sorted(set(existing))} adapters; IA3 cannot be combined with "
-                         f"low-rank adapters on the same kernel (got a new {method!r} adapter)")
-
-
-def _is_embedding(path: str, layout: Layout) -> bool:
+def _is_embedding(path: str) -> bool:
     return path.rsplit("/", 1)[-1] == "embedding"
 
 
@@ -210,8 +199,6 @@ def mark_trainable(params, patterns):
         params = jlora.mark_trainable(params, r".*/classifier/(kernel|bias)")
         trainable, frozen = jlora.partition(params)
     """
-    from jlora.core.paths import normalize_patterns
-
     patterns = normalize_patterns(patterns, "patterns")
     if not patterns:
         raise ValueError("mark_trainable needs at least one path pattern")
@@ -233,18 +220,6 @@ def mark_trainable(params, patterns):
 # ------------------------------------------------------------------------------------------
 # partition / combine
 
-def _split_node(node: LoRANode, trainable: bool):
-    active = set(node.active)
-    pick = (lambda n: n in active) if trainable else (lambda n: n not in active)
-    return node.with_(
-        base=None if trainable else node.base,
-        a={n: (v if pick(n) else None) for n, v in node.a.items()},
-        b={n: (v if pick(n) else None) for n, v in node.b.items()},
-        extra={n: {k: (v if pick(n) else None) for k, v in d.items()} for n, d in node.extra.items()},
-        cache={n: {k: (None if trainable else v) for k, v in d.items()} for n, d in node.cache.items()},
-    )
-
-
 def partition(adapted):
     """Splits an adapted tree into ``(trainable, frozen)``: two trees of the same structure,
     each with ``None`` where the other holds the value. Only ``trainable`` should be given to
@@ -257,7 +232,7 @@ def partition(adapted):
     """
     def split(leaf, train):
         if is_node(leaf):
-            return _split_node(leaf, train)
+            return leaf.split(train)
         if isinstance(leaf, Trainable):
             return leaf if train else None
         return None if train else leaf
@@ -289,8 +264,6 @@ def merge(adapted, dtype=None, requantize: bool = False):
 
     def one(leaf):
         if is_node(leaf) and requantize and leaf.quantized:
-            from jlora.quant import requantize_like
-
             return requantize_like(leaf.materialize(jnp.float32), leaf.base)
         return unwrap(leaf, dtype) if is_adapter_leaf(leaf) else leaf
 
@@ -300,8 +273,6 @@ def merge(adapted, dtype=None, requantize: bool = False):
 def merge_error(adapted) -> dict:
     """For every quantised node: ``||requant(deq(W) + dW) - (deq(W) + dW)|| / ||dW||``, the
     relative error that ``merge(..., requantize=True)`` introduces (``{path: error}``)."""
-    from jlora.quant import dequantize, requantize_like
-
     out = {}
     for path, leaf in flatten_with_paths(adapted, is_leaf=is_adapter_leaf)[0]:
         if is_node(leaf) and leaf.quantized and leaf.active:
@@ -375,13 +346,7 @@ def delete_adapter(adapted, name: str):
     def drop(leaf):
         if not is_node(leaf) or name not in leaf.names:
             return leaf
-        if leaf.names == (name,):
-            return leaf.base
-        drop_name = lambda d: {k: v for k, v in d.items() if k != name}
-        return leaf.with_(a=drop_name(leaf.a), b=drop_name(leaf.b), extra=drop_name(leaf.extra),
-                          cache=drop_name(leaf.cache),
-                          adapters=tuple(p for p in leaf.adapters if p[0] != name),
-                          active=tuple(n for n in leaf.active if n != name))
+        return leaf.remove_adapter(name)
 
     return jax.tree_util.tree_map(drop, adapted, is_leaf=is_adapter_leaf)
 
@@ -421,26 +386,29 @@ def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linea
         if not present:
             return leaf
         meta = leaf.meta
-        odd = sorted({meta[n].method for n, _ in present} - {"lora", "qlora", "adalora"})
+        odd = sorted({meta[n].method for n, _ in present if not leaf.states[n].additive})
         if odd:
             raise ValueError(f"combine_adapters mixes low-rank deltas only; {leaf.path!r} has {odd} adapters among "
-                             f"{[n for n, _ in present]} (DoRA's magnitude and IA3's scaling are not additive)")
-        fa = {n: leaf.factors(n)[0] for n, _ in present}
+                             f"{[n for n, _ in present]}, whose deltas are not additive (a magnitude or a scaling "
+                             f"of W0, not s * A @ B)")
+        fa, fb = {}, {}
+        for n, _ in present:
+            fa[n], fb[n] = leaf.factors(n)
         s = leaf.layout.stack
         if method == "linear":
             ranks = {meta[n].rank for n, _ in present}
             if len(ranks) != 1:
                 raise ValueError(f"method='linear' needs equal ranks, got {ranks} at {leaf.path!r}; use 'cat' or 'svd'")
             a = sum(math.copysign(math.sqrt(abs(w) * meta[n].scale), w) * fa[n] for n, w in present)
-            b = sum(math.sqrt(abs(w) * meta[n].scale) * leaf.b[n] for n, w in present)
+            b = sum(math.sqrt(abs(w) * meta[n].scale) * fb[n] for n, w in present)
             r = ranks.pop()
         elif method == "cat":
             a = jnp.concatenate([w * meta[n].scale * fa[n] for n, w in present], axis=-1)
-            b = jnp.concatenate([leaf.b[n] for n, _ in present], axis=s)
+            b = jnp.concatenate([fb[n] for n, _ in present], axis=s)
             r = a.shape[-1]
         else:
             r = rank or max(meta[n].rank for n, _ in present)
-            delta = sum(w * meta[n].scale * _factor_product(fa[n], leaf.b[n], leaf.layout) for n, w in present)
+            delta = sum(w * meta[n].scale * factor_product(fa[n], fb[n], leaf.layout) for n, w in present)
             stack, ins, outs = leaf.layout.split(leaf.shape)
             mat = delta.reshape(stack + (math.prod(ins), math.prod(outs))).astype(jnp.float32)
             u, sv, vh = jnp.linalg.svd(mat, full_matrices=False)
@@ -448,7 +416,7 @@ def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linea
             a = (u[..., :, :r] * sv[..., None, :r]).reshape(stack + ins + (r,))
             b = vh[..., :r, :].reshape(stack + (r,) + outs)
         new_meta = AdapterMeta(method="lora", rank=int(r), scale=1.0, dropout=0.0, init=f"combined-{method}")
-        return leaf.with_(a={**leaf.a, name: a}, b={**leaf.b, name: b}, adapters=leaf.adapters + ((name, new_meta),))
+        return leaf.add_adapter(name, LoRAState(a, b), new_meta, active=False)
 
     return jax.tree_util.tree_map(mix, adapted, is_leaf=is_adapter_leaf)
 
@@ -484,8 +452,8 @@ def summary(adapted, print_fn=None) -> str:
             continue
         if is_node(leaf):
             meta = leaf.meta
-            own = [x for k in leaf.active for x in (leaf.a.get(k), leaf.b.get(k), *leaf.extra.get(k, {}).values())
-                   if x is not None]
+            own = [x for k in leaf.active for f, x in leaf.states[k].arrays().items()
+                   if x is not None and f not in leaf.states[k].frozen]
             n = sum(int(np.prod(x.shape)) for x in own)
             nbytes = sum(_nbytes(x) for x in own)
             methods = ",".join(sorted({meta[k].method for k in leaf.names}))

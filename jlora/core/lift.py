@@ -25,7 +25,8 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jlora.core import _compat as C
-from jlora.core.nodes import LoRANode, Trainable, dense, is_adapter_leaf, is_node
+from jlora.core.api import expand
+from jlora.core.nodes import AdaptedWeight, Trainable, dense, is_adapter_leaf, is_node
 
 
 class FactoringError(RuntimeError):
@@ -37,7 +38,7 @@ class FactoringError(RuntimeError):
 class _Live:
     """A node inside the interpreter, with the dtype it has been cast to (if any)."""
 
-    node: LoRANode
+    node: AdaptedWeight
     dtype: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
@@ -192,48 +193,61 @@ def _dot(eqn, invals, ctx):
         w = node.materialize(live.out_dtype)
         return C.bind(eqn, [x, w] if node_is_rhs else [w, x])
     w_dtype = jnp.dtype(live.out_dtype)
+    n_free = x.ndim - len(xc) - len(xb)
     out_gain = in_gain = None
-    dora = {}
-    if not node.plain:  # DoRA / IA3: gains on W0 along its output (or, IA3 feed-forward, input) axes
+    term_gains = {}
+    x_base = x
+    if node.scales_base:  # gains on W0 along its output (or input) axes: factored only when W is rhs-like
         if mode != "in":
             return None
-        has_dora = any(node.meta[n].method == "dora" for n in node.active)
-        out_gain, in_gain, dora = node.gains(live.base if has_dora else None, jnp.float32)
-        n_free = x.ndim - len(xc) - len(xb)
+        out_gain, in_gain, term_gains = node.gains(live.base if node.needs_base else None, jnp.float32)
         if in_gain is not None:
-            x = x * _align_to_x(in_gain, x.ndim, xb, xc, wc).astype(x.dtype)
-    base_out = _base_op(eqn, live, [x, None] if node_is_rhs else [None, x], 1 if node_is_rhs else 0)
+            x_base = x * _align_to_x(in_gain, x.ndim, xb, xc, wc).astype(x.dtype)
+    base_out = _base_op(eqn, live, [x_base, None] if node_is_rhs else [None, x_base], 1 if node_is_rhs else 0)
     if out_gain is not None:
         base_out = base_out * _align_to_result(out_gain, s, n_free, node_is_rhs).astype(base_out.dtype)
-    params = eqn.params
-    prec = params.get("precision")
-    pref = params.get("preferred_element_type")
-    S = tuple(range(s))
-    nb = len(S)
     total = base_out
     for name, a, b, meta in node.active_factors():
-        a, b = a.astype(w_dtype), b.astype(w_dtype)
-        if mode == "in":
-            f1, f2 = a, b
-            f1_pos = {d: d for d in range(s, s + ni)}          # A: S + I + r
-            f2_r = s                                         # B: S + r + O
-        else:
-            f1, f2 = b, a
-            f1_pos = {d: d - ni + 1 for d in range(s + ni, lay.ndim)}  # B: S + r + O
-            f2_r = a.ndim - 1                                 # A: S + I + r
-        f1c = tuple(f1_pos[d] for d in wc)
-        xin = _dropout(x, meta.dropout, ctx)
-        if node_is_rhs:
-            first = lax.dot_general(xin, f1, ((tuple(xc), f1c), (tuple(xb), S)), precision=prec, preferred_element_type=pref)
-            second = lax.dot_general(first, f2, (((first.ndim - 1,), (f2_r,)), (tuple(range(nb)), S)), precision=prec, preferred_element_type=pref)
-        else:
-            first = lax.dot_general(f1, xin, ((f1c, tuple(xc)), (S, tuple(xb))), precision=prec, preferred_element_type=pref)
-            second = lax.dot_general(f2, first, (((f2_r,), (nb,)), (S, tuple(range(nb)))), precision=prec, preferred_element_type=pref)
-        second = second * jnp.asarray(meta.scale, second.dtype)
-        if name in dora:
-            second = second * _align_to_result(dora[name], s, n_free, node_is_rhs).astype(second.dtype)
-        total = total + second.astype(total.dtype)
+        term = _low_rank_term(eqn, _dropout(x, meta.dropout, ctx), a.astype(w_dtype), b.astype(w_dtype),
+                              lay, mode, node_is_rhs, xc, xb, wc)
+        term = term * jnp.asarray(meta.scale, term.dtype)
+        if name in term_gains:
+            term = term * _align_to_result(term_gains[name], s, n_free, node_is_rhs).astype(term.dtype)
+        total = total + term.astype(total.dtype)
     return [total]
+
+
+def _low_rank_term(eqn, x, a, b, layout, mode, node_is_rhs, x_contract, x_batch, w_contract):
+    """``(x . A) . B`` (or its mirror) for a ``dot_general`` whose weight operand is a node, as two
+    rank-r contractions. Factor layouts: ``A: stack + inputs + r``, ``B: stack + r + outputs``.
+
+    ``mode == "in"``: the op contracts the kernel's input axes (``x @ W``), so ``x`` meets ``A``
+    first; ``"out"``: it contracts the output axes (``x @ W^T``, a tied head), so ``x`` meets ``B``
+    first. The stacked axes are batch dimensions of both contractions; ``node_is_rhs`` keeps the
+    result's axis order that of the original equation (batch, lhs free, rhs free)."""
+    stack_n, inputs_n = layout.stack, layout.inputs
+    stack = tuple(range(stack_n))
+    if mode == "in":
+        first_factor, second_factor = a, b
+        position = {d: d for d in range(stack_n, stack_n + inputs_n)}              # A's input axes
+        second_rank_axis = stack_n                                                  # B: S + r + O
+    else:
+        first_factor, second_factor = b, a
+        position = {d: d - inputs_n + 1 for d in range(stack_n + inputs_n, layout.ndim)}  # B's output axes
+        second_rank_axis = a.ndim - 1                                               # A: S + I + r
+    factor_contract = tuple(position[d] for d in w_contract)
+    precision = eqn.params.get("precision")
+    preferred = eqn.params.get("preferred_element_type")
+    batch = tuple(range(len(stack)))
+    if node_is_rhs:
+        first = lax.dot_general(x, first_factor, ((tuple(x_contract), factor_contract), (tuple(x_batch), stack)),
+                                precision=precision, preferred_element_type=preferred)
+        return lax.dot_general(first, second_factor, (((first.ndim - 1,), (second_rank_axis,)), (batch, stack)),
+                               precision=precision, preferred_element_type=preferred)
+    first = lax.dot_general(first_factor, x, ((factor_contract, tuple(x_contract)), (stack, tuple(x_batch))),
+                            precision=precision, preferred_element_type=preferred)
+    return lax.dot_general(second_factor, first, (((second_rank_axis,), (len(stack),)), (stack, batch)),
+                           precision=precision, preferred_element_type=preferred)
 
 
 def _denser_than_dense(node) -> bool:
@@ -283,7 +297,7 @@ def _gather(eqn, invals, ctx):
     if not _is_live(live) or _is_live(idx):
         return None
     node = live.node
-    if not node.plain:
+    if node.scales_base:
         return None
     lay = node.layout
     dn = eqn.params["dimension_numbers"]
@@ -315,7 +329,7 @@ def _conv(eqn, invals, ctx):
     if _is_live(x) or not _is_live(live):
         return None
     node, lay = live.node, live.node.layout
-    if not node.plain:
+    if node.scales_base:
         return None
     p = eqn.params
     rhs_spec = p["dimension_numbers"].rhs_spec
@@ -339,18 +353,19 @@ def _conv(eqn, invals, ctx):
 
 
 def _transpose(eqn, invals, ctx):
+    """``W^T`` (inputs and outputs swapped, a tied LM head): a node on the transposed base whose
+    adapters are transposed by their states (None from any state: not factored)."""
     live = invals[0]
     node, lay = live.node, live.node.layout
-    if not node.plain or node.extra:
-        return None
     perm = tuple(eqn.params["permutation"])
     s, ni = lay.stack, lay.inputs
     want = tuple(range(s)) + tuple(range(s + ni, lay.ndim)) + tuple(range(s, s + ni))
     if perm != want:
         return None
-    new_a = {n: jnp.moveaxis(v, s, -1) for n, v in node.b.items()}   # S+r+O -> S+O+r
-    new_b = {n: jnp.moveaxis(v, -1, s) for n, v in node.a.items()}   # S+I+r -> S+r+I
-    new = node.with_(base=jnp.transpose(dense(node.base), perm), a=new_a, b=new_b, layout=lay.transposed())
+    states = {n: st.transposed(lay) for n, st in node.states.items()}
+    if any(st is None for st in states.values()):
+        return None
+    new = node.with_(base=jnp.transpose(dense(node.base), perm), states=states, layout=lay.transposed())
     return [_Live(new, live.dtype)]
 
 
@@ -362,11 +377,10 @@ def _scalar_mul(eqn, invals, ctx):
     if np.ndim(c) != 0:
         return None
     node = live.node
-    if not node.plain or node.extra:
+    states = {n: st.scaled(c) for n, st in node.states.items()}
+    if any(st is None for st in states.values()):
         return None
-    new = node.with_(base=live.base * c, b={n: v * c.astype(v.dtype) if hasattr(c, "astype") else v * c
-                                            for n, v in node.b.items()})
-    return [_Live(new, live.dtype)]
+    return [_Live(node.with_(base=live.base * c, states=states), live.dtype)]
 
 
 def _inline(eqn, invals, ctx):
@@ -484,8 +498,7 @@ def lift(fn, strict: bool = False):
 
     @functools.wraps(fn)
     def lifted(*args, jlora_rng=None, **kwargs):
-        from jlora.core.api import expand  # methods with shared parameters (tCURLoRA) -> per-node factors
-
+        # methods with shared parameters (tCURLoRA) -> per-node factors
         args = tuple(expand(a) for a in args)
         kwargs = {k: expand(v) for k, v in kwargs.items()}
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_adapter_leaf)

@@ -1,9 +1,10 @@
-"""Adapter nodes: registered pytree dataclasses that replace a matched parameter leaf.
+"""Adapted weights: registered pytree dataclasses that replace a matched parameter leaf.
 
-A :class:`LoRANode` sits where the original kernel was. It holds the frozen ``base``
-(the original array) and, per named adapter, the low-rank factors ``a`` and ``b``.
-Everything that is not an array (rank, scale, which adapters are active, how the
-kernel's axes split into stacked / input / output groups) is static pytree aux data.
+An :class:`AdaptedWeight` sits where the original kernel was. It holds the frozen ``base`` (the
+original array, or a quantised one) and, per named adapter, that method's typed state
+(:mod:`jlora.core.state`: ``LoRAState(a, b)``, ``DoRAState``, ``IA3State``, ``SVDState``, ...).
+Everything that is not an array (rank, scale, which adapters are active, how the kernel's axes
+split into stacked / input / output groups) is static pytree aux data.
 
 Factor layout, for a base of shape ``stack + inputs + outputs``::
 
@@ -11,22 +12,10 @@ Factor layout, for a base of shape ``stack + inputs + outputs``::
     b: stack + (rank,) + outputs
     delta = scale * a @ b          (contracting the rank axis, batched over stack)
 
-Methods beyond plain LoRA keep their extra trainable arrays in ``extra[name]`` and frozen
-derived arrays in ``cache[name]`` (both dicts of arrays):
-
-    lora / qlora   W = W0 + s A B
-    adalora        W = W0 + s (A * E) B            extra: e (stack + (r,)), the singular values
-    dora           W = g * (W0 + s A B),           extra: m (stack + outputs), the magnitude
-                   g = m / ||W0 + s A B||          cache: w0_sq = ||W0||^2 per output unit
-                   (norm over the input axes, per output unit, treated as a constant in backward)
-    ia3            W = W0 * l                      extra: l (stack + outputs, or stack + inputs
-                   (outputs scaled; feedforward:   for feedforward layers); no A, B
-                   inputs scaled)
-
-With several active adapters on one kernel the forward is
-``out = (x*l_in) W0 * (1 + sum_dora (g-1)) * l_out + sum_lowrank g_k s (x A_k) B_k``
-(``g_k = 1`` for non-DoRA adapters), which is PEFT's DoRA forward for one adapter; IA3 is not
-mixed with other methods on one kernel.
+The node never asks which method an adapter is: each state says what it contributes (its
+low-rank factors and its :class:`jlora.core.state.Gain` on W0), and the node combines them as
+``W = (W0 * in) * out * (1 + sum shift) + sum_k term_k * s_k a_k b_k``. Each method's module
+states its own maths (``jlora.methods.dora``, ``.ia3``, ``.adalora``, ...).
 
 This is the Flax (in, out) convention; PyTorch/PEFT's ``lora_A`` (r, in) and ``lora_B``
 (out, r) are the transposes of ``a`` and ``b`` for a 2-D kernel.
@@ -35,12 +24,14 @@ This is the Flax (in, out) convention; PyTorch/PEFT's ``lora_A`` (r, in) and ``l
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jlora.core.state import state_type
+from jlora.quant.core import QuantizedArray, dequantize
 
 Array = Any
 
@@ -83,10 +74,6 @@ class Layout:
         return Layout(self.stack, self.outputs, self.inputs)
 
 
-LOWRANK_METHODS = ("lora", "qlora", "dora", "adalora", "tcur")
-SCALING_METHODS = ("ia3",)
-
-
 @dataclasses.dataclass(frozen=True)
 class AdapterMeta:
     """Static description of one named adapter on one leaf (``rank`` 0 for IA3;
@@ -110,29 +97,27 @@ class AdapterMeta:
     def __post_init__(self):  # JSON gives a list; static metadata must be hashable
         object.__setattr__(self, "slices", tuple(int(k) for k in self.slices))
 
-    @property
-    def lowrank(self) -> bool:
-        return self.method in LOWRANK_METHODS or self.method not in SCALING_METHODS
+
+_LEGACY = ("a", "b", "extra", "cache")
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoRANode:
-    """A kernel with one or more named low-rank adapters.
+class AdaptedWeight:
+    """A kernel with one or more named adapters.
 
-    ``base`` is frozen; ``a[name]`` / ``b[name]`` are trainable for the names in ``active``.
-    ``adapters`` is a tuple of ``(name, AdapterMeta)`` pairs (static, hashable).
+    ``base`` is the frozen weight (a dense array or a :class:`jlora.quant.QuantizedArray`);
+    ``states[name]`` is that adapter's typed state (:class:`jlora.core.state.AdapterState`:
+    ``LoRAState(a, b)``, ``DoRAState(a, b, m, w0_sq)``, ``IA3State(l)``, ``SVDState(a, e, b)``, ...).
+    ``adapters`` is a tuple of ``(name, AdapterMeta)`` pairs and ``active`` the names that run and
+    train (both static, hashable).
     """
 
     base: Array
-    a: dict
-    b: dict
+    states: dict
     layout: Layout = dataclasses.field(metadata=dict(static=True))
     adapters: tuple = dataclasses.field(metadata=dict(static=True))
     active: tuple = dataclasses.field(metadata=dict(static=True))
     path: str = dataclasses.field(default="", metadata=dict(static=True))
-    extra: dict = dataclasses.field(default_factory=dict)   # name -> {key: trainable array}
-    cache: dict = dataclasses.field(default_factory=dict)   # name -> {key: frozen array}
 
     # -- static helpers ---------------------------------------------------------------
     @property
@@ -157,74 +142,77 @@ class LoRANode:
         return tuple(n for n, _ in self.adapters)
 
     @property
-    def plain(self) -> bool:
-        """True when every active adapter is plain low-rank (LoRA / QLoRA / AdaLoRA): the
-        adapted op is ``x W0 + sum s (x A) B`` with no gain on W0."""
-        meta = self.meta
-        return all(meta[n].method not in ("dora", "ia3") for n in self.active)
+    def scales_base(self) -> bool:
+        """True when an active adapter acts on W0 itself (a :class:`Gain`), so the adapted op is not
+        just ``x W0 + sum s (x A) B``."""
+        return any(self.states[n].scales_base for n in self.active)
+
+    @property
+    def needs_base(self) -> bool:
+        """True when an active adapter's gain reads the dense base (DoRA's norm)."""
+        return any(self.states[n].needs_base for n in self.active)
 
     def factors(self, name):
-        """``(a, b)`` of a low-rank adapter, with AdaLoRA's singular values folded into ``a``."""
-        if name not in self.a:
+        """``(a, b)`` of adapter ``name``'s low-rank term (AdaLoRA's singular values folded into ``a``)."""
+        state = self.states[name]
+        found = state.factors(self.layout)
+        if found is None:
             meta = self.meta[name]
-            raise ValueError(
-                f"adapter {name!r} ({meta.method}) on {self.path!r} has no factors of its own: they are derived "
-                f"from the shared group {meta.group!r}. Pass the whole adapted tree (with its reserved top-level "
-                f"entry, e.g. 'jlora_tcur') to jlora.lift / merge, or expand it first with jlora.core.api.expand")
-        a, b = self.a[name], self.b[name]
-        if self.meta[name].method == "adalora":
-            e = self.extra[name]["e"]
-            s = self.layout.stack
-            a = a * e.reshape(e.shape[:s] + (1,) * self.layout.inputs + e.shape[s:]).astype(a.dtype)
-        return a, b
+            if meta.group:
+                raise ValueError(
+                    f"adapter {name!r} ({meta.method}) on {self.path!r} has no factors of its own: they are derived "
+                    f"from the shared group {meta.group!r}. Pass the whole adapted tree (with its reserved top-level "
+                    f"entry, e.g. 'jlora_tcur') to jlora.lift / merge, or expand it first with jlora.core.api.expand")
+            raise ValueError(f"adapter {name!r} ({meta.method}) on {self.path!r} has no low-rank factors"
+                             f"{' (this half of jlora.partition holds none)' if state.missing() else ''}")
+        return found
 
     def active_factors(self):
-        """Yields ``(name, a, b, meta)`` for every active low-rank adapter (AdaLoRA's ``a`` has
-        its singular values folded in)."""
+        """Yields ``(name, a, b, meta)`` for every active adapter with a low-rank term."""
         meta = self.meta
         for name in self.active:
-            if meta[name].lowrank:
+            if _has_term(self.states[name]):
                 a, b = self.factors(name)
                 yield name, a, b, meta[name]
 
-    def dora_gain(self, name, w0=None):
-        """``g = m / ||W0 + s A B||`` per output unit (stack + outputs), the norm computed in closed
-        form from the cached ``||W0||^2`` without forming ``W0 + s A B``, under ``stop_gradient``."""
-        if w0 is None:
-            w0 = dense(self.base, jnp.float32)
-        a, b = self.a[name], self.b[name]
-        norm = dora_norm(w0, a, b, self.meta[name].scale, self.cache[name]["w0_sq"], self.layout)
-        m = self.extra[name]["m"]
-        return m / lax.stop_gradient(norm).astype(m.dtype)
-
     def gains(self, w0=None, dtype=jnp.float32):
-        """``(out_gain, in_gain, dora)``: the factors on W0 along the output axes (stack +
+        """``(out_gain, in_gain, term_gains)``: the factors on W0 along the output axes (stack +
         outputs) and the input axes (stack + inputs), or None where there are none, and
-        ``{name: g}`` for the active DoRA adapters."""
+        ``{name: gain}`` on the low-rank terms of the adapters that scale their own term.
+
+        ``w0`` (the dense base) is computed here when an active adapter needs it and none is given."""
         meta = self.meta
-        out_gain = in_gain = None
-        dora = {}
+        out_gain = in_gain = shift = None
+        terms = {}
         for name in self.active:
-            method = meta[name].method
-            if method == "dora":
-                g = self.dora_gain(name, w0).astype(dtype)
-                dora[name] = g
-                out_gain = (g - 1) if out_gain is None else out_gain + (g - 1)
-            elif method == "ia3":
-                l = self.extra[name]["l"].astype(dtype)
-                if meta[name].feedforward:
-                    in_gain = l if in_gain is None else in_gain * l
-                else:
-                    out_gain = l if out_gain is None else out_gain * l
-        if dora:  # W0 * (1 + sum (g - 1))
-            out_gain = out_gain + 1
-        return out_gain, in_gain, dora
+            state = self.states[name]
+            if not state.scales_base:
+                continue
+            if state.needs_base and w0 is None:
+                w0 = dense(self.base, jnp.float32)
+            g = state.gain(meta[name], self.layout, w0 if state.needs_base else None)
+            if g is None:
+                continue
+            if g.outputs is not None:
+                v = g.outputs.astype(dtype)
+                out_gain = v if out_gain is None else out_gain * v
+            if g.inputs is not None:
+                v = g.inputs.astype(dtype)
+                in_gain = v if in_gain is None else in_gain * v
+            if g.shift is not None:
+                v = g.shift.astype(dtype)
+                shift = v if shift is None else shift + v
+            if g.term is not None:
+                terms[name] = g.term.astype(dtype)
+        if shift is not None:  # W0 * (1 + sum shift)
+            out_gain = (1 + shift) if out_gain is None else out_gain * (1 + shift)
+        return out_gain, in_gain, terms
 
     # -- math ----------------------------------------------------------------------------
     def _affine(self, w0, dtype):
         """``(gain_on_w0, additive)`` with ``W = W0 * gain + additive`` (broadcast shapes)."""
         lay = self.layout
-        out_gain, in_gain, dora = self.gains(w0, dtype)
+        out_gain, in_gain, terms = self.gains(w0, dtype)
         gain = jnp.ones((), dtype)
         if out_gain is not None:
             gain = gain * _on_outputs(out_gain, lay)
@@ -232,9 +220,9 @@ class LoRANode:
             gain = gain * _on_inputs(in_gain, lay)
         add = jnp.zeros(self.shape, dtype)
         for name, a, b, meta in self.active_factors():
-            d = _factor_product(a, b, lay).astype(dtype) * jnp.asarray(meta.scale, dtype)
-            if name in dora:
-                d = d * _on_outputs(dora[name], lay)
+            d = factor_product(a, b, lay).astype(dtype) * jnp.asarray(meta.scale, dtype)
+            if name in terms:
+                d = d * _on_outputs(terms[name], lay)
             add = add + d
         return gain, add
 
@@ -263,8 +251,180 @@ class LoRANode:
         gain, add = self._affine(dense(self.base, work), work)
         return ((jnp.asarray(merged).astype(work) - add) / gain).astype(dtype or self.dtype)
 
-    def with_(self, **changes) -> "LoRANode":
-        return dataclasses.replace(self, **changes)
+    # -- adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, state, meta: AdapterMeta, active: bool = True) -> "AdaptedWeight":
+        """This node with one more named adapter (refusing a duplicate name or an exclusive mix)."""
+        if name in self.states:
+            raise ValueError(f"{self.path!r} already has an adapter named {name!r}; pass another name=")
+        clash = [type(s) for s in self.states.values() if type(s) is not type(state) and (s.exclusive or state.exclusive)]
+        if clash:
+            exclusive = type(state) if state.exclusive else clash[0]
+            raise ValueError(
+                f"{self.path!r} already carries {sorted(m.method for _, m in self.adapters)} adapters; "
+                f"{exclusive.title} cannot be combined with adapters of another kind on the same kernel "
+                f"(got a new {meta.method!r} adapter)")
+        return dataclasses.replace(self, states={**self.states, name: state},
+                                   adapters=self.adapters + ((name, meta),),
+                                   active=self.active + ((name,) if active else ()))
+
+    def remove_adapter(self, name: str):
+        """This node without adapter ``name`` (the plain base when it was the last one)."""
+        if name not in self.states:
+            raise ValueError(f"{self.path!r} has no adapter named {name!r}; it has {list(self.names)}")
+        if self.names == (name,):
+            return self.base
+        return dataclasses.replace(self, states={k: v for k, v in self.states.items() if k != name},
+                                   adapters=tuple(p for p in self.adapters if p[0] != name),
+                                   active=tuple(n for n in self.active if n != name))
+
+    def split(self, trainable: bool) -> "AdaptedWeight":
+        """One half of :func:`jlora.partition`: the active adapters' trainable arrays (base None),
+        or the base, the inactive adapters and every frozen array."""
+        active = set(self.active)
+        states = {}
+        for n, s in self.states.items():
+            if trainable:
+                states[n] = s.split(True) if n in active else s.replace(**{k: None for k in s.arrays()})
+            else:
+                states[n] = s.split(False) if n in active else s
+        return dataclasses.replace(self, base=None if trainable else self.base, states=states)
+
+    def with_(self, **changes) -> "AdaptedWeight":
+        """``dataclasses.replace``; also takes the pre-0.2 dict fields ``a`` / ``b`` / ``extra`` /
+        ``cache`` (``{name: array}``, ``{name: {field: array}}``) for one release."""
+        legacy = {k: changes.pop(k) for k in _LEGACY if k in changes}
+        node = dataclasses.replace(self, **changes) if changes else self
+        if legacy:
+            node = dataclasses.replace(node, states=_states_from_parts(node.adapters, node.states, **legacy))
+        return node
+
+    @classmethod
+    def from_parts(cls, base, layout, adapters, active, path="", *, a=None, b=None, extra=None, cache=None):
+        """A node from per-field dicts (``a={name: A}``, ``extra={name: {"m": m}}``, ...), each adapter's
+        state type chosen by its ``AdapterMeta.method`` (see :func:`jlora.core.state.register_state_type`)."""
+        states = _states_from_parts(tuple(adapters), {}, a=a or {}, b=b or {}, extra=extra or {}, cache=cache or {})
+        return cls(base=base, states=states, layout=layout, adapters=tuple(adapters), active=tuple(active), path=path)
+
+    # -- pre-0.2 read-only views ---------------------------------------------------------------
+    @property
+    def a(self) -> dict:
+        return {n: s.a for n, s in self.states.items() if "a" in s.arrays()}
+
+    @property
+    def b(self) -> dict:
+        return {n: s.b for n, s in self.states.items() if "b" in s.arrays()}
+
+    @property
+    def extra(self) -> dict:
+        out = {n: {k: v for k, v in s.arrays().items() if k not in ("a", "b") and k not in s.frozen}
+               for n, s in self.states.items()}
+        return {n: d for n, d in out.items() if d}
+
+    @property
+    def cache(self) -> dict:
+        out = {n: {k: v for k, v in s.arrays().items() if k in s.frozen} for n, s in self.states.items()}
+        return {n: d for n, d in out.items() if d}
+
+
+#: the pre-0.2 name (one release)
+LoRANode = AdaptedWeight
+
+
+# -- pytree registration ---------------------------------------------------------------------
+# The arrays keep the key paths they have always had, whatever the state type: ``base``,
+# ``a/<name>``, ``b/<name>``, ``extra/<name>/<field>`` (other trainable arrays) and
+# ``cache/<name>/<field>`` (frozen ones). Paths are a public contract: optax masks and labels,
+# sharding error messages and Orbax training checkpoints are keyed by them.
+
+_GROUPS = ("a", "b", "extra", "cache")
+
+
+def _group_of(state, field: str) -> str:
+    if field in ("a", "b"):
+        return field
+    return "cache" if field in state.frozen else "extra"
+
+
+def _grouped(node):
+    groups = {g: {} for g in _GROUPS}
+    for name, state in node.states.items():
+        for field, value in state.arrays().items():
+            group = _group_of(state, field)
+            if group in ("a", "b"):
+                groups[group][name] = value
+            else:
+                groups[group].setdefault(name, {})[field] = value
+    return groups
+
+
+def _aux(node, groups):
+    kinds = tuple((name, type(state), tuple((f.name, getattr(state, f.name)) for f in dataclasses.fields(state)
+                                            if f.metadata.get("static", False)))
+                  for name, state in sorted(node.states.items()))
+    present = tuple(g for g in _GROUPS if groups[g])   # no empty containers: a mapper may replace them
+    return node.layout, node.adapters, node.active, node.path, kinds, present
+
+
+def _flatten_with_keys(node):
+    groups = _grouped(node)
+    aux = _aux(node, groups)
+    children = [(jax.tree_util.GetAttrKey("base"), node.base)]
+    children += [(jax.tree_util.GetAttrKey(g), groups[g]) for g in aux[-1]]
+    return children, aux
+
+
+def _flatten(node):
+    groups = _grouped(node)
+    aux = _aux(node, groups)
+    return [node.base] + [groups[g] for g in aux[-1]], aux
+
+
+def _unflatten(aux, children):
+    layout, adapters, active, path, kinds, present = aux
+    base, *rest = children
+    groups = dict(zip(present, rest))
+    a, b = groups.get("a", {}), groups.get("b", {})
+    extra, cache = groups.get("extra", {}), groups.get("cache", {})
+    states = {}
+    for name, cls, statics in kinds:
+        fields = {**extra.get(name, {}), **cache.get(name, {})}
+        if name in a:
+            fields["a"] = a[name]
+        if name in b:
+            fields["b"] = b[name]
+        states[name] = cls(**fields, **dict(statics))
+    return AdaptedWeight(base=base, states=states, layout=layout, adapters=adapters, active=active, path=path)
+
+
+jax.tree_util.register_pytree_with_keys(AdaptedWeight, _flatten_with_keys, _unflatten, _flatten)
+
+
+def _has_term(state) -> bool:
+    return "a" in state.arrays()
+
+
+def _states_from_parts(adapters, states, a=None, b=None, extra=None, cache=None) -> dict:
+    out = {}
+    for name, meta in adapters:
+        state = states.get(name) or state_type(meta.method).empty()
+        fields = {}
+        if a is not None:
+            fields["a"] = a.get(name)
+        if b is not None:
+            fields["b"] = b.get(name)
+        for part, pick in ((extra, lambda k: k not in state.frozen), (cache, lambda k: k in state.frozen)):
+            if part is None:
+                continue
+            given = part.get(name) or {}
+            unknown = sorted(set(given) - set(state.arrays()))
+            if unknown:
+                raise ValueError(f"adapter {name!r} ({meta.method}) keeps {sorted(state.arrays())}, not {unknown}")
+            for k in state.arrays():
+                if k not in ("a", "b") and pick(k):
+                    fields[k] = given.get(k)
+        fields = {k: v for k, v in fields.items() if k in state.arrays()}
+        out[name] = state.replace(**fields) if fields else state
+    return out
 
 
 def _on_outputs(v, layout: Layout):
@@ -278,39 +438,7 @@ def _on_inputs(v, layout: Layout):
     return v.reshape(v.shape + (1,) * layout.outputs)
 
 
-def dora_norm(w0, a, b, scale, w0_sq, layout: Layout):
-    """``||W0 + s A B||`` per output unit, in closed form (float32)::
-
-        ||W0_j + s (AB)_j||^2 = ||W0_j||^2 + 2 s <W0_j, (AB)_j> + s^2 ||(AB)_j||^2
-        <W0_j, (AB)_j> = sum_k (A^T W0)_kj B_kj          (A^T W0: rank x outputs)
-        ||(AB)_j||^2   = sum_k B_kj ((A^T A) B)_kj
-
-    W0 is read once (one rank-r contraction), never written; no kernel-sized array is formed.
-    """
-    s, ni = layout.stack, layout.inputs
-    S = tuple(range(s))
-    I = tuple(range(s, s + ni))
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
-    hi = lax.Precision.HIGHEST
-    # W0 stays in its own dtype (no float32 copy of a bf16 kernel); accumulate in float32
-    atw = lax.dot_general(a.astype(w0.dtype), w0, ((I, I), (S, S)), precision=hi,
-                          preferred_element_type=jnp.float32)             # S + r + O
-    ata = lax.dot_general(a, a, ((I, I), (S, S)), precision=hi)          # S + r + r
-    atab = lax.dot_general(ata, b, (((s + 1,), (s,)), (S, S)), precision=hi)  # S + r + O
-    cross = jnp.sum(atw * b, axis=s)
-    square = jnp.sum(atab * b, axis=s)
-    sq = w0_sq.astype(jnp.float32) + 2.0 * scale * cross + scale * scale * square
-    return jnp.sqrt(jnp.maximum(sq, 0.0))
-
-
-def column_sq_norms(w0, layout: Layout):
-    """``||W0_j||^2`` per output unit (stack + outputs), summing over the input axes."""
-    w = w0.astype(jnp.float32)
-    return jnp.sum(w * w, axis=tuple(range(layout.stack, layout.stack + layout.inputs)))
-
-
-def _factor_product(a, b, layout: Layout):
+def factor_product(a, b, layout: Layout):
     """``a @ b`` over the rank axis, batched over stacked axes -> stack + inputs + outputs."""
     s = layout.stack
     return lax.dot_general(
@@ -321,21 +449,20 @@ def _factor_product(a, b, layout: Layout):
 
 
 def is_quantized(x) -> bool:
-    """True for a :class:`jlora.quant.QuantizedArray` (checked without importing jlora.quant)."""
-    return hasattr(x, "scheme") and hasattr(x, "matrix_shape")
+    """True for a :class:`jlora.quant.QuantizedArray`."""
+    return isinstance(x, QuantizedArray)
 
 
 def dense(base, dtype=None):
     """The base as a dense array: a quantised base is dequantised (to ``dtype`` or its own)."""
     if is_quantized(base):
-        from jlora.quant import dequantize
-
         return dequantize(base, dtype)
     return base if dtype is None else base.astype(dtype)
 
 
 def is_node(x) -> bool:
-    return isinstance(x, LoRANode)
+    """True for an adapted weight (:class:`AdaptedWeight`)."""
+    return isinstance(x, AdaptedWeight)
 
 
 @jax.tree_util.register_dataclass
@@ -357,18 +484,13 @@ class Trainable:
 
 def is_adapter_leaf(x) -> bool:
     """True for every jlora wrapper that stands in place of one original leaf."""
-    return isinstance(x, (LoRANode, Trainable))
+    return isinstance(x, (AdaptedWeight, Trainable))
 
 
 def unwrap(x, dtype=None):
     """The plain array a wrapper stands for (materialising a LoRANode)."""
-    if isinstance(x, LoRANode):
+    if isinstance(x, AdaptedWeight):
         return x.materialize(dtype)
     if isinstance(x, Trainable):
         return x.value
     return x
-
-
-def fan_in(shape, layout: Layout) -> int:
-    _, inputs, _ = layout.split(shape)
-    return int(math.prod(inputs))

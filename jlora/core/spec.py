@@ -1,9 +1,24 @@
-"""Base class shared by every method's spec (targets, exclusions, axis hints)."""
+"""The method protocol: the base class every method's spec derives from.
+
+A spec is a frozen dataclass of hyper-parameters. :func:`jlora.apply` asks it:
+
+* which leaves it targets (``targets`` / ``exclude`` / ``train_also`` patterns, ``axes`` hints);
+* :meth:`AdapterSpec.init_state`: the typed state (:mod:`jlora.core.state`) of one adapter on one
+  kernel, the base it leaves (PiSSA / OLoRA rewrite it, QLoRA quantises it) and its static
+  :class:`jlora.core.nodes.AdapterMeta`;
+* :meth:`AdapterSpec.frozen_patterns` / :meth:`AdapterSpec.quantize_base`: frozen leaves it
+  rewrites without adapting them (QLoRA's ``quantize_frozen``);
+* ``shares_parameters`` / :meth:`AdapterSpec.apply_tree`: methods whose parameters are shared by
+  several kernels (tCURLoRA) adapt the whole tree at once instead of leaf by leaf.
+
+A method's module holds its spec, its state class (registered with
+:func:`jlora.core.state.register_state_type`) and its maths; nothing in ``jlora.core`` names it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from jlora.core.nodes import Layout
 from jlora.core.paths import normalize_patterns
@@ -44,6 +59,26 @@ class AdapterSpec:
     axes: Mapping[str, Any] | None = None
 
     method = "base"
+
+    #: the method adapts several leaves jointly from shared parameters: ``jlora.apply`` calls
+    #: :meth:`apply_tree` instead of :meth:`init_state` per leaf
+    shares_parameters: ClassVar[bool] = False
+
+    def init_state(self, key, base, layout: Layout, path: str, embedding: bool = False):
+        """``(state, new_base, meta)`` for one targeted leaf: the adapter's typed state, the base the
+        node keeps (``base`` itself unless the method rewrites it) and its static AdapterMeta."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init_state (or set shares_parameters)")
+
+    def apply_tree(self, params, key, *, name: str, model=None, example=None):
+        """Adapts the whole tree (only for ``shares_parameters`` methods)."""
+        raise NotImplementedError(f"{type(self).__name__} adapts leaf by leaf (init_state), not apply_tree")
+
+    def frozen_patterns(self) -> tuple:
+        """Patterns of leaves the method rewrites without adapting them (:meth:`quantize_base`)."""
+        return ()
+
+    def quantize_base(self, base, layout: Layout):
+        raise NotImplementedError(f"{type(self).__name__} does not rewrite frozen leaves")
 
     def _validate_common(self):
         targets = normalize_patterns(self.targets, "targets")

@@ -6,7 +6,7 @@ A *rule* is ``(regex, PartitionSpec)``. A leaf's path is its '/'-joined key path
 whose regex ``re.search``-es the path decides the leaf's spec; anchor with ``^...$`` for an exact
 match. Leaves that no rule matches are replicated.
 
-For a :class:`~jlora.core.nodes.LoRANode` at path ``p`` the rule matched on ``p`` gives the
+For a :class:`~jlora.core.nodes.AdaptedWeight` at path ``p`` the rule matched on ``p`` gives the
 base's spec ``(s..., i..., o...)`` (stack, input and output axes), and the factors inherit it::
 
     base: stack + inputs + outputs   -> P(s..., i..., o...)
@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jlora.core.nodes import LoRANode, Trainable, is_adapter_leaf, is_node
+from jlora.core.nodes import AdaptedWeight, Trainable, is_adapter_leaf, is_node
 from jlora.core.paths import flatten_with_paths
 
 __all__ = [
@@ -140,7 +140,7 @@ def _padded(spec: P, ndim: int, path: str, shape) -> tuple:
     return entries + (None,) * (ndim - len(entries))
 
 
-def _vector_spec(node: LoRANode, spec: P | None, path: str) -> P:
+def _vector_spec(node: AdaptedWeight, spec: P | None, path: str) -> P:
     """Spec of a node's small per-adapter arrays (DoRA magnitude, AdaLoRA singular values, IA3
     scales, cached norms): the base's stacked-layer axes, everything else replicated."""
     if spec is None:
@@ -149,12 +149,15 @@ def _vector_spec(node: LoRANode, spec: P | None, path: str) -> P:
     return P(*entries[:node.layout.stack])
 
 
-def _with_vector_specs(leaf: LoRANode, vs, fn=lambda s: s):
-    return dict(extra={n: {k: (None if v is None else fn(vs)) for k, v in d.items()} for n, d in leaf.extra.items()},
-                cache={n: {k: (None if v is None else fn(vs)) for k, v in d.items()} for n, d in leaf.cache.items()})
+def _state_specs(state, a_spec: P, b_spec: P, vector_spec: P):
+    """A state holding a spec in place of each array: ``a`` (stack + inputs + r) and ``b`` (stack +
+    r + outputs) inherit the base's axes; any other array (a magnitude, singular values, scales, a
+    cached norm) keeps only the stacked-layer axes."""
+    pick = {"a": a_spec, "b": b_spec}
+    return state.replace(**{k: None if v is None else pick.get(k, vector_spec) for k, v in state.arrays().items()})
 
 
-def _node_specs(node: LoRANode, spec: P | None, path: str):
+def _node_specs(node: AdaptedWeight, spec: P | None, path: str):
     """(base_spec, a_spec, b_spec) for a node; the factors inherit the base's axes."""
     layout = node.layout
     shape = node.shape if node.base is not None else None
@@ -189,12 +192,9 @@ def partition_specs(tree, rules):
         spec = spec_for_path(path, rules)
         if is_node(leaf):
             base_s, a_s, b_s = _node_specs(leaf, spec, path)
-            return leaf.with_(
-                base=None if leaf.base is None else base_s,
-                a={n: (None if v is None else a_s) for n, v in leaf.a.items()},
-                b={n: (None if v is None else b_s) for n, v in leaf.b.items()},
-                **_with_vector_specs(leaf, _vector_spec(leaf, spec, path)),
-            )
+            v_s = _vector_spec(leaf, spec, path)
+            return leaf.with_(base=None if leaf.base is None else base_s,
+                              states={n: _state_specs(st, a_s, b_s, v_s) for n, st in leaf.states.items()})
         if isinstance(leaf, Trainable):
             ndim = len(np.shape(leaf.value))
             return leaf.__class__(P(*_padded(spec, ndim, path, np.shape(leaf.value))) if spec is not None else P(), leaf.path)
@@ -275,21 +275,14 @@ def shardings_for(tree, mesh: Mesh, rules):
             r = rule_of(path)
             if leaf.base is not None:
                 _check_spec(spec.base, leaf.base.shape, mesh, path, r)
-            for kind in ("a", "b"):
-                for name, v in getattr(leaf, kind).items():
+            for name, state in leaf.states.items():
+                for k, v in state.arrays().items():
                     if v is not None:
-                        _check_spec(getattr(spec, kind)[name], v.shape, mesh, f"{path}/{kind}/{name}", r)
-            for kind in ("extra", "cache"):
-                for name, d in getattr(leaf, kind).items():
-                    for k, v in d.items():
-                        if v is not None:
-                            _check_spec(getattr(spec, kind)[name][k], v.shape, mesh, f"{path}/{kind}/{name}/{k}", r)
+                        _check_spec(getattr(spec.states[name], k), v.shape, mesh, f"{path}/{k}/{name}", r)
             wrap = lambda s: None if s is None else NamedSharding(mesh, s)
             out.append(spec.with_(base=wrap(spec.base),
-                                  a={n: wrap(s) for n, s in spec.a.items()},
-                                  b={n: wrap(s) for n, s in spec.b.items()},
-                                  extra={n: {k: wrap(s) for k, s in d.items()} for n, d in spec.extra.items()},
-                                  cache={n: {k: wrap(s) for k, s in d.items()} for n, d in spec.cache.items()}))
+                                  states={n: st.replace(**{k: wrap(v) for k, v in st.arrays().items()})
+                                          for n, st in spec.states.items()}))
         elif isinstance(leaf, Trainable):
             _check_spec(spec.value, np.shape(leaf.value), mesh, path, rule_of(path))
             out.append(leaf.__class__(NamedSharding(mesh, spec.value), leaf.path))

@@ -52,7 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.core.api import merge as _merge, reserved_keys
-from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, is_adapter_leaf
+from jlora.core.nodes import AdapterMeta, Layout, AdaptedWeight, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
 
 FORMAT = "jlora.adapter"
@@ -210,12 +210,13 @@ def _array_record(key: str, x, arrays: dict) -> dict:
     return {"key": key, "shape": list(np.shape(x)), "dtype": _dtype_name(x.dtype)}
 
 
-def _node_record(path: str, node: LoRANode, arrays: dict) -> dict:
+def _node_record(path: str, node: AdaptedWeight, arrays: dict) -> dict:
+    """The JSON record of one node; its arrays go into ``arrays``. Each adapter's state is stored
+    field by field: ``a`` / ``b`` as themselves, its other trainable arrays under ``extra`` and its
+    frozen ones under ``cache`` (the version-2 layout, so older jlora reads it)."""
     names = list(node.names)
     meta = node.meta
-    missing = [n for n in names
-               if (meta[n].lowrank and not meta[n].group and (node.a.get(n) is None or node.b.get(n) is None))
-               or any(v is None for d in (node.extra.get(n, {}), node.cache.get(n, {})) for v in d.values())]
+    missing = [n for n in names if node.states[n].missing() and not meta[n].group]
     if node.base is None or missing:
         raise ValueError(
             f"save_adapter needs the full adapted tree (jlora.combine(trainable, frozen)); node {path!r} "
@@ -223,13 +224,21 @@ def _node_record(path: str, node: LoRANode, arrays: dict) -> dict:
     adapters = []
     for n in names:
         rec = {"name": n, **dataclasses.asdict(meta[n])}
-        if n in node.a:
-            rec["a"] = _array_record(_join(path, "a", n), node.a[n], arrays)
-            rec["b"] = _array_record(_join(path, "b", n), node.b[n], arrays)
-        for kind in ("extra", "cache"):
-            if getattr(node, kind).get(n):
-                rec[kind] = {k: _array_record(_join(path, kind, n, k), v, arrays)
-                             for k, v in getattr(node, kind)[n].items()}
+        state = node.states[n]
+        extra, cache = {}, {}
+        for k, v in state.arrays().items():
+            if v is None:
+                continue
+            if k in ("a", "b"):
+                rec[k] = _array_record(_join(path, k, n), v, arrays)
+            elif k in state.frozen:
+                cache[k] = _array_record(_join(path, "cache", n, k), v, arrays)
+            else:
+                extra[k] = _array_record(_join(path, "extra", n, k), v, arrays)
+        if extra:
+            rec["extra"] = extra
+        if cache:
+            rec["cache"] = cache
         adapters.append(rec)
     inits = sorted({meta[n].init for n in names} & REWRITES_BASE)
     record = {
@@ -279,7 +288,7 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
             else:
                 rec = _array_record(leaf_path, value, arrays)
             shared.append({**rec, "path": leaf_path, "trainable": isinstance(leaf, Trainable)})
-        elif isinstance(leaf, LoRANode):
+        elif isinstance(leaf, AdaptedWeight):
             nodes.append(_node_record(leaf_path, leaf, arrays))
         elif isinstance(leaf, Trainable):
             if leaf.value is None:
@@ -356,7 +365,7 @@ def load_adapter(path, params):
 
     ``params`` is the plain model (Linen dict / FrozenDict or NNX ``State``) with the same paths,
     or an already adapted tree (its nodes' bases are used; nodes the checkpoint does not name
-    are kept as they are). Each recorded node becomes a :class:`LoRANode` with the saved factors,
+    are kept as they are). Each recorded node becomes a :class:`AdaptedWeight` with the saved factors,
     adapters and active names; PiSSA / OLoRA nodes get their saved residual base. Raises
     :class:`CheckpointError` naming the path and both shapes/dtypes when ``params`` does not fit.
 
@@ -379,7 +388,7 @@ def load_adapter(path, params):
             problems.append(f"{p!r}: not found in params (closest: {near_misses([p], list(index), n=3)})")
             return
         leaf = flat[index[p]][1]
-        base = leaf.base if isinstance(leaf, LoRANode) else leaf.value if isinstance(leaf, Trainable) else leaf
+        base = leaf.base if isinstance(leaf, AdaptedWeight) else leaf.value if isinstance(leaf, Trainable) else leaf
         shape = list(record["base_shape"] if kind == "node" else record["shape"])
         dtype = record["base_dtype"] if kind == "node" else record["dtype"]
         if not (hasattr(base, "shape") and hasattr(base, "dtype")):
@@ -433,7 +442,7 @@ def load_adapter(path, params):
     for record in meta["nodes"]:
         p = record["path"]
         names = [ad["name"] for ad in record["adapters"]]
-        placements[p] = LoRANode(
+        placements[p] = AdaptedWeight.from_parts(
             base=arrays[record["base_key"]] if record.get("base_key") else bases[p],
             a={ad["name"]: arrays[ad["a"]["key"]] for ad in record["adapters"] if "a" in ad},
             b={ad["name"]: arrays[ad["b"]["key"]] for ad in record["adapters"] if "b" in ad},

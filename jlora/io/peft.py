@@ -81,7 +81,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.nodes import AdapterMeta, Layout, LoRANode, Trainable, column_sq_norms, dense, is_adapter_leaf
+from jlora.core.nodes import AdaptedWeight, AdapterMeta, Layout, Trainable, dense, is_adapter_leaf
+from jlora.methods.adalora import SVDState
+from jlora.methods.dora import column_sq_norms
 from jlora.core.paths import flatten_with_paths
 from jlora.io.checkpoint import REWRITES_BASE, CheckpointError, _atomic_write, check_finite
 
@@ -467,7 +469,7 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
     ``peft.PeftModel.from_pretrained(torch_model, path)``. Returns the absolute path.
 
-    Every :class:`LoRANode` carrying ``adapter`` becomes ``lora_A`` / ``lora_B`` of the module
+    Every :class:`AdaptedWeight` carrying ``adapter`` becomes ``lora_A`` / ``lora_B`` of the module
     ``naming(path, None)`` (or, for a stacked ``(L, ...)`` kernel, of the L modules
     ``naming(path, i)``); factors keep their dtype. ``Trainable`` leaves (``train_also``) become
     ``modules_to_save``: their module's every parameter (Trainable or not) is written in PyTorch
@@ -519,7 +521,7 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
 
     leaf_paths = {p for p, _ in flat}
     for leaf_path, leaf in flat:
-        if isinstance(leaf, LoRANode):
+        if isinstance(leaf, AdaptedWeight):
             if adapter not in leaf.names:
                 if leaf.adapters:
                     others_with_adapter.append(leaf_path)
@@ -666,7 +668,7 @@ def _modules_to_save_tensors(flat, naming, tensors, prefix, adapted_modules=(), 
                              f"excludes modules_to_save from LoRA targeting (a trained bias alone is written as "
                              f"bias='lora_only')")
         for leaf_path, leaf in leaves:
-            if isinstance(leaf, LoRANode):
+            if isinstance(leaf, AdaptedWeight):
                 raise ValueError(f"{leaf_path!r} carries an adapter but its module {module!r} is trained in full "
                                  f"({first!r}); PEFT cannot express both")
             value = leaf.value if isinstance(leaf, Trainable) else leaf
@@ -771,7 +773,7 @@ def _target_modules(names, modules_to_save, flat, naming):
     suffixes = sorted({_suffix(m) for m in names})
     known = set()
     for leaf_path, leaf in flat:
-        base = leaf.base if isinstance(leaf, LoRANode) else leaf.value if isinstance(leaf, Trainable) else leaf
+        base = leaf.base if isinstance(leaf, AdaptedWeight) else leaf.value if isinstance(leaf, Trainable) else leaf
         if getattr(base, "ndim", 0) != 2 or isinstance(leaf, Trainable) or \
                 leaf_path.rsplit("/", 1)[-1] not in ("kernel", "embedding"):
             continue
@@ -929,7 +931,7 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
 
     ``params`` are plain jlora params (a Linen dict / FrozenDict or NNX ``State``; an already
     adapted tree gets ``adapter`` added). Every floating kernel (>= 2 axes) is mapped with
-    ``naming``; the PEFT modules found in the file become :class:`LoRANode` s with
+    ``naming``; the PEFT modules found in the file become :class:`AdaptedWeight` s with
     ``a = lora_A.T``, ``b = lora_B.T`` (reshaped to the kernel's input / output axes) and
     ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``; ``rank_pattern`` /
     ``alpha_pattern`` looked up as PEFT does). A stacked ``(L, ...)`` kernel gathers the L modules
@@ -1067,14 +1069,14 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     claimed: dict[str, str] = {}
     seen_names: list[str] = []
     for index, (leaf_path, leaf) in enumerate(flat):
-        base = leaf.base if isinstance(leaf, LoRANode) else leaf
+        base = leaf.base if isinstance(leaf, AdaptedWeight) else leaf
         if isinstance(leaf, Trainable) or not (hasattr(base, "shape") and hasattr(base, "dtype")):
             continue
         if base.ndim < 2 or not jnp.issubdtype(base.dtype, jnp.floating) or \
                 leaf_path.rsplit("/", 1)[-1] in ("bias", "scale"):  # DenseGeneral biases are 2-D
             continue
         shape = tuple(base.shape)
-        layout = leaf.layout if isinstance(leaf, LoRANode) else inferred.get(index)
+        layout = leaf.layout if isinstance(leaf, AdaptedWeight) else inferred.get(index)
         if layout is None and base.ndim == 2:
             layout = Layout(0, 1, 1)
         if layout is not None:
@@ -1103,7 +1105,7 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
             if n in claimed:
                 raise PeftFormatError(f"naming maps both {claimed[n]!r} and {leaf_path!r} to the module {n!r}")
             claimed[n] = leaf_path
-        if isinstance(leaf, LoRANode) and leaf.adapters:
+        if isinstance(leaf, AdaptedWeight) and leaf.adapters:
             methods = sorted({m.method for _, m in leaf.adapters})
             if ia3_file or "ia3" in methods:
                 raise PeftFormatError(f"{leaf_path!r} already carries {methods} adapters; IA3 cannot be combined with "
@@ -1154,7 +1156,7 @@ def _place_modules_to_save(flat, naming, extra, placements, weights_file, prefix
     by_key = {}
     for index, (leaf_path, leaf) in enumerate(flat):
         value = leaf.value if isinstance(leaf, Trainable) else leaf
-        if isinstance(leaf, LoRANode) or not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        if isinstance(leaf, AdaptedWeight) or not (hasattr(value, "shape") and hasattr(value, "dtype")):
             continue
         module = _module_of_leaf(naming, leaf_path)
         if module is not None:
@@ -1238,7 +1240,7 @@ def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r
                                       f"layout {layout}): expected lora_magnitude_vector ({n_out},), found {tuple(m.shape)}")
             mags.append(m.reshape(outputs))
         m = jnp.asarray(np.stack(mags) if stacked else mags[0])
-        base = leaf.base if isinstance(leaf, LoRANode) else leaf
+        base = leaf.base if isinstance(leaf, AdaptedWeight) else leaf
         extra = {adapter: {"m": m}}
         cache = {adapter: {"w0_sq": column_sq_norms(dense(base, jnp.float32), layout)}}
     return _attach(leaf, leaf_path, layout, adapter, meta, {adapter: a}, {adapter: b}, extra, cache)
@@ -1276,20 +1278,21 @@ def _build_adalora_node(leaf_path, leaf, shape, layout, stacked, names, lora, ad
                        {}, {}, dropout, weights_file, fixed_scale=float(scale))
     e = np.stack([padded[n]["E"] for n in names]) if stacked else padded[names[0]]["E"]
     meta = dataclasses.replace(node.meta[adapter], method="adalora")
-    return node.with_(extra={**node.extra, adapter: {"e": jnp.asarray(e)}},
+    lora = node.states[adapter]
+    return node.with_(states={**node.states, adapter: SVDState(a=lora.a, e=jnp.asarray(e), b=lora.b)},
                       adapters=tuple((k, meta if k == adapter else m) for k, m in node.adapters))
 
 
 def _attach(leaf, leaf_path, layout, adapter, meta, a, b, extra, cache):
-    """``leaf`` (a plain kernel or a LoRANode) with the adapter ``adapter`` added."""
-    if isinstance(leaf, LoRANode):
+    """``leaf`` (a plain kernel or an AdaptedWeight) with the adapter ``adapter`` added."""
+    base = leaf.base if isinstance(leaf, AdaptedWeight) else leaf
+    new = AdaptedWeight.from_parts(base, layout, ((adapter, meta),), (adapter,), leaf_path,
+                                   a=a, b=b, extra=extra, cache=cache)
+    if isinstance(leaf, AdaptedWeight):
         if adapter in leaf.names:
             raise PeftFormatError(f"{leaf_path!r} already has an adapter named {adapter!r}; pass another adapter=")
-        return leaf.with_(a={**leaf.a, **a}, b={**leaf.b, **b}, extra={**leaf.extra, **extra},
-                          cache={**leaf.cache, **cache}, adapters=leaf.adapters + ((adapter, meta),),
-                          active=leaf.active + (adapter,))
-    return LoRANode(base=leaf, a=a, b=b, layout=layout, adapters=((adapter, meta),), active=(adapter,),
-                    path=leaf_path, extra=extra, cache=cache)
+        return leaf.add_adapter(adapter, new.states[adapter], meta)
+    return new
 
 
 def _build_ia3_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, feedforward_modules, weights_file):

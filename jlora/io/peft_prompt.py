@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.nodes import LoRANode, Trainable, is_adapter_leaf
+from jlora.core.nodes import AdaptedWeight, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
 from jlora.io import peft as _peft
 
@@ -64,7 +64,7 @@ def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, rev
     emb = np.asarray(p["embedding"].value if isinstance(p["embedding"], Trainable) else p["embedding"])
     rest = {k: v for k, v in tree.items() if k != PROMPT_KEY}
     flat, _ = flatten_with_paths(rest, is_leaf=is_adapter_leaf)
-    nodes = [q for q, leaf in flat if isinstance(leaf, LoRANode)]
+    nodes = [q for q, leaf in flat if isinstance(leaf, AdaptedWeight)]
     if nodes:
         raise ValueError(f"save_peft: a PEFT adapter file holds one method; this tree has a prompt and weight "
                          f"adapters on {nodes[:3]}. Save them as two adapters")

@@ -50,7 +50,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,7 @@ from jax import lax
 from jlora.core.nodes import AdapterMeta, Layout, is_adapter_leaf, is_node
 from jlora.core.paths import flatten_with_paths
 from jlora.core.spec import AdapterSpec
+from jlora.core.state import AdapterState, register_state_type
 
 __all__ = ["AdaLoRA", "AdaLoRAState", "AdaLoRAAllocator", "adalora_allocator", "budget_schedule",
            "update_importance", "triplet_scores", "mask_threshold", "orthogonal_regularizer",
@@ -166,6 +167,13 @@ class AdaLoRA(AdapterSpec):
         num = float(self.alpha) if self.alpha > 0 else float(self.init_r)
         return num / (self.init_r + RANKNUM_EPS)
 
+    def init_state(self, key, base, layout: Layout, path: str, embedding: bool = False):
+        """``(SVDState(a, e, b), base, meta)``: ``a, b ~ N(0, 0.02^2)``, ``e = 0`` (a no-op at init;
+        the base is unchanged)."""
+        a, b, base, meta = self.init_factors(key, base, layout, path, embedding)
+        e = jnp.zeros(tuple(base.shape[:layout.stack]) + (meta.rank,), jnp.dtype(self.dtype))
+        return SVDState(a, e, b), base, meta
+
     def init_factors(self, key, base, layout: Layout, path: str, embedding: bool = False):
         """Returns ``(a, b, base, AdapterMeta)``: ``a, b ~ N(0, 0.02^2)`` (the base is unchanged)."""
         rank = self.init_r
@@ -182,10 +190,30 @@ class AdaLoRA(AdapterSpec):
         meta = AdapterMeta(method="adalora", rank=rank, scale=self.scale, dropout=float(self.dropout), init="adalora")
         return a, b, base, meta
 
-    def init_extra(self, key, base, layout: Layout, path: str, a, b, meta):
-        """``({"e": zeros(stack + (r,))}, {})``: the singular values start at zero."""
-        stack = tuple(base.shape[:layout.stack])
-        return {"e": jnp.zeros(stack + (meta.rank,), jnp.dtype(self.dtype))}, {}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SVDState(AdapterState):
+    """AdaLoRA's SVD-form state: ``a = Q^T`` (stack + inputs + (r,)), the singular values ``e``
+    (stack + (r,)) and ``b = P^T`` (stack + (r,) + outputs); ``delta W = s * (a * e) @ b``."""
+
+    a: Any = None
+    e: Any = None
+    b: Any = None
+
+    additive: ClassVar[bool] = True
+    title: ClassVar[str] = "AdaLoRA"
+
+    def factors(self, layout):
+        if self.a is None or self.b is None or self.e is None:
+            return None
+        s = layout.stack
+        e = self.e.reshape(self.e.shape[:s] + (1,) * layout.inputs + self.e.shape[s:])
+        return self.a * e.astype(self.a.dtype), self.b
+
+
+register_state_type("adalora", SVDState)
 
 
 def _as_tuple(v):
@@ -207,19 +235,20 @@ def _modules(tree, name: str):
     out = []
     for path, leaf in flat:
         if is_node(leaf):
-            meta = leaf.meta.get(name)
-            if meta is not None and meta.method == "adalora" and leaf.a.get(name) is not None:
+            state = leaf.states.get(name)
+            if isinstance(state, SVDState) and state.a is not None:
                 out.append((path, leaf))
     return out
 
 
 def _parts(node, name):
-    return {"a": node.a[name], "b": node.b[name], "e": node.extra[name]["e"]}
+    state = node.states[name]
+    return {"a": state.a, "b": state.b, "e": state.e}
 
 
 def _n_modules(node, name) -> int:
     """Modules this node counts for: one per layer slice of a stacked kernel."""
-    return int(math.prod(node.extra[name]["e"].shape[:-1]))
+    return int(math.prod(node.states[name].e.shape[:-1]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -297,7 +326,7 @@ def orthogonal_regularizer(trainable, name: str = "default"):
     hi = lax.Precision.HIGHEST
     for _, node in _modules(trainable, name):
         lay = node.layout
-        a, b = node.a[name].astype(jnp.float32), node.b[name].astype(jnp.float32)
+        a, b = node.states[name].a.astype(jnp.float32), node.states[name].b.astype(jnp.float32)
         stack, r = a.shape[:lay.stack], a.shape[-1]
         a2 = a.reshape(stack + (-1, r))
         b2 = b.reshape(stack + (r, -1))
@@ -343,13 +372,13 @@ class AdaLoRAAllocator:
     def budgets(self, trainable) -> tuple[int, int]:
         """``(b0, bT)``: total triplets at init (``sum r`` over modules) and the target budget."""
         mods = self._mods(trainable)
-        b0 = sum(_n_modules(n, self.name) * n.a[self.name].shape[-1] for _, n in mods)
+        b0 = sum(_n_modules(n, self.name) * n.states[self.name].a.shape[-1] for _, n in mods)
         return b0, self.spec.target_r * sum(_n_modules(n, self.name) for _, n in mods)
 
     def init(self, trainable) -> AdaLoRAState:
         mods = self._mods(trainable)
         zeros = {p: {k: jnp.zeros_like(v) for k, v in _parts(n, self.name).items()} for p, n in mods}
-        keep = {p: jnp.ones(n.extra[self.name]["e"].shape, bool) for p, n in mods}
+        keep = {p: jnp.ones(n.states[self.name].e.shape, bool) for p, n in mods}
         return AdaLoRAState(ipt=zeros, unc=jax.tree_util.tree_map(jnp.zeros_like, zeros), keep=keep)
 
     def loss(self, trainable):
@@ -400,8 +429,8 @@ class AdaLoRAAllocator:
         state = AdaLoRAState(ipt=reset(ipt), unc=reset(unc), keep=keep)
 
         flat, treedef = flatten_with_paths(trainable, is_leaf=is_adapter_leaf)
-        leaves = [leaf.with_(extra={**leaf.extra, name: {**leaf.extra[name], "e": new_e[p]}}) if p in new_e else leaf
-                  for p, leaf in flat]
+        leaves = [leaf.with_(states={**leaf.states, name: leaf.states[name].replace(e=new_e[p])}) if p in new_e
+                  else leaf for p, leaf in flat]
         trainable = jax.tree_util.tree_unflatten(treedef, leaves)
         rank = sum(jnp.sum(e != 0) for e in new_e.values()).astype(jnp.int32)
         metrics = {"adalora_budget": budget.astype(jnp.int32), "adalora_rank": rank, "adalora_threshold": thr}
@@ -427,7 +456,7 @@ def adalora_allocator(spec: AdaLoRA, name: str = "default") -> AdaLoRAAllocator:
 # saving: keep only the triplets that survived
 
 def _adalora_names(node):
-    return [n for n, m in node.adapters if m.method == "adalora" and n in node.extra and "e" in node.extra[n]]
+    return [n for n, state in node.states.items() if isinstance(state, SVDState)]
 
 
 def kept_ranks(adapted, name: str = "default") -> dict:
@@ -436,8 +465,8 @@ def kept_ranks(adapted, name: str = "default") -> dict:
     out = {}
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     for path, leaf in flat:
-        if is_node(leaf) and name in _adalora_names(leaf) and leaf.extra[name]["e"] is not None:
-            counts = np.sum(np.asarray(leaf.extra[name]["e"]) != 0, axis=-1)
+        if is_node(leaf) and name in _adalora_names(leaf) and leaf.states[name].e is not None:
+            counts = np.sum(np.asarray(leaf.states[name].e) != 0, axis=-1)
             out[path] = counts.tolist() if counts.ndim else int(counts)
     return out
 
@@ -462,7 +491,7 @@ def truncate(adapted, names=None):
         for n in _adalora_names(leaf):
             if names is not None and n not in names:
                 continue
-            a, b, e = leaf.a.get(n), leaf.b.get(n), leaf.extra[n]["e"]
+            a, b, e = leaf.states[n].a, leaf.states[n].b, leaf.states[n].e
             if a is None or b is None or e is None:
                 raise ValueError(f"truncate needs the full adapted tree (jlora.combine(trainable, frozen)); "
                                  f"{leaf.path!r} has no factors for {n!r}")
@@ -479,11 +508,11 @@ def truncate(adapted, names=None):
             a_idx = order.reshape(stack + (1,) * lay.inputs + (r_new,))
             b_idx = order.reshape(stack + (r_new,) + (1,) * lay.outputs)
             meta = dataclasses.replace(leaf.meta[n], rank=r_new)
-            leaf = leaf.with_(
-                a={**leaf.a, n: jnp.take_along_axis(a, jnp.asarray(a_idx), axis=a.ndim - 1)},
-                b={**leaf.b, n: jnp.take_along_axis(b, jnp.asarray(b_idx), axis=lay.stack)},
-                extra={**leaf.extra, n: {**leaf.extra[n], "e": jnp.take_along_axis(e, jnp.asarray(order), axis=-1)}},
-                adapters=tuple((k, meta if k == n else m) for k, m in leaf.adapters))
+            state = SVDState(a=jnp.take_along_axis(a, jnp.asarray(a_idx), axis=a.ndim - 1),
+                             e=jnp.take_along_axis(e, jnp.asarray(order), axis=-1),
+                             b=jnp.take_along_axis(b, jnp.asarray(b_idx), axis=lay.stack))
+            leaf = leaf.with_(states={**leaf.states, n: state},
+                              adapters=tuple((k, meta if k == n else m) for k, m in leaf.adapters))
         return leaf
 
     return jax.tree_util.tree_map(one, adapted, is_leaf=is_adapter_leaf)

@@ -6,7 +6,7 @@ that norm (so the adapter is a no-op at init) and the norm treated as a constant
 pass (paper §4.3, as PEFT). The bias is not rescaled.
 
 jlora never forms ``W0 + s A B``: ``||W0_j||^2`` is cached (frozen) at apply time and the norm is
-completed in closed form from an ``r x outputs`` product (see :func:`jlora.core.nodes.dora_norm`);
+completed in closed form from an ``r x outputs`` product (see :func:`dora_norm`);
 the adapted matmul stays factored, ``out = g * (x W0) + g * s (x A) B`` with ``g = m / norm``.
 
 Example::
@@ -21,41 +21,112 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
+from jax import lax
 
-from jlora.core.nodes import Layout, column_sq_norms, dense, dora_norm
+from jlora.core.nodes import Layout, dense
+from jlora.core.state import Gain, LoRAState, register_state_type
 from jlora.methods.lora import LoRA
 from jlora.methods.qlora import QLoRA
 
+Array = Any
 
-def _dora_extra(spec, base, layout: Layout, a, b, meta):
-    """``extra = {"m": ||W0 + s A B||}`` (trainable), ``cache = {"w0_sq": ||W0||^2}`` (frozen), per
-    output unit; a quantised base is dequantised once here."""
-    w0 = dense(base, jnp.float32)
-    w0_sq = column_sq_norms(w0, layout)
-    m = dora_norm(w0, a, b, meta.scale, w0_sq, layout)
-    return {"m": m.astype(jnp.dtype(spec.dtype))}, {"w0_sq": w0_sq}
+
+def dora_norm(w0, a, b, scale, w0_sq, layout: Layout):
+    """``||W0 + s A B||`` per output unit, in closed form (float32)::
+
+        ||W0_j + s (AB)_j||^2 = ||W0_j||^2 + 2 s <W0_j, (AB)_j> + s^2 ||(AB)_j||^2
+        <W0_j, (AB)_j> = sum_k (A^T W0)_kj B_kj          (A^T W0: rank x outputs)
+        ||(AB)_j||^2   = sum_k B_kj ((A^T A) B)_kj
+
+    W0 is read once (one rank-r contraction), never written; no kernel-sized array is formed.
+    """
+    s, ni = layout.stack, layout.inputs
+    stack = tuple(range(s))
+    inputs = tuple(range(s, s + ni))
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    hi = lax.Precision.HIGHEST
+    # W0 stays in its own dtype (no float32 copy of a bf16 kernel); accumulate in float32
+    atw = lax.dot_general(a.astype(w0.dtype), w0, ((inputs, inputs), (stack, stack)), precision=hi,
+                          preferred_element_type=jnp.float32)                     # S + r + O
+    ata = lax.dot_general(a, a, ((inputs, inputs), (stack, stack)), precision=hi)  # S + r + r
+    atab = lax.dot_general(ata, b, (((s + 1,), (s,)), (stack, stack)), precision=hi)  # S + r + O
+    cross = jnp.sum(atw * b, axis=s)
+    square = jnp.sum(atab * b, axis=s)
+    sq = w0_sq.astype(jnp.float32) + 2.0 * scale * cross + scale * scale * square
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def column_sq_norms(w0, layout: Layout):
+    """``||W0_j||^2`` per output unit (stack + outputs), summing over the input axes."""
+    w = w0.astype(jnp.float32)
+    return jnp.sum(w * w, axis=tuple(range(layout.stack, layout.stack + layout.inputs)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DoRAState(LoRAState):
+    """DoRA's state: the factors ``a`` / ``b``, the trainable magnitude ``m`` (stack + outputs) and
+    the frozen ``w0_sq = ||W0||^2`` per output unit the closed-form norm starts from.
+
+    Its gain is ``g = m / ||W0 + s A B||`` (the norm under ``stop_gradient``): ``W0`` is scaled by
+    ``g`` (a shift of ``g - 1``) and so is its own low-rank term."""
+
+    a: Array = None
+    b: Array = None
+    m: Array = None
+    w0_sq: Array = None
+
+    frozen: ClassVar[tuple] = ("w0_sq",)
+    needs_base: ClassVar[bool] = True
+    additive: ClassVar[bool] = False
+    title: ClassVar[str] = "DoRA"
+
+    def gain(self, meta, layout, w0) -> Gain:
+        norm = dora_norm(w0, self.a, self.b, meta.scale, self.w0_sq, layout)
+        g = self.m / lax.stop_gradient(norm).astype(self.m.dtype)
+        return Gain(shift=g - 1, term=g)
+
+    def transposed(self, layout):
+        return None   # the magnitude is per output unit; it has no transposed form
+
+    def scaled(self, c):
+        return None
+
+
+register_state_type("dora", DoRAState)
+
+
+class _Magnitude:
+    """DoRA's magnitude on top of any low-rank spec's init (plain or quantised base): one method
+    over two base kinds, so :class:`DoRA` and :class:`QDoRA` share this one ``init_state``."""
+
+    def init_state(self, key, base, layout: Layout, path: str, embedding: bool = False):
+        """``(DoRAState, new_base, meta)``: ``m = ||W0 + s A B||`` (a no-op at init) and
+        ``w0_sq = ||W0||^2`` per output unit; a quantised base is dequantised once here."""
+        lora, new_base, meta = super().init_state(key, base, layout, path, embedding=embedding)
+        w0 = dense(new_base, jnp.float32)
+        w0_sq = column_sq_norms(w0, layout)
+        m = dora_norm(w0, lora.a, lora.b, meta.scale, w0_sq, layout)
+        return DoRAState(lora.a, lora.b, m.astype(jnp.dtype(self.dtype)), w0_sq), new_base, meta
 
 
 @dataclasses.dataclass(frozen=True)
-class DoRA(LoRA):
+class DoRA(_Magnitude, LoRA):
     """DoRA: :class:`jlora.LoRA`'s arguments (rank, alpha, targets, init, rslora, patterns, ...);
     the magnitude ``m`` is trained with the factors."""
 
     method = "dora"
 
-    def init_extra(self, key, base, layout: Layout, path: str, a, b, meta):
-        return _dora_extra(self, base, layout, a, b, meta)
-
 
 @dataclasses.dataclass(frozen=True)
-class QDoRA(QLoRA):
+class QDoRA(_Magnitude, QLoRA):
     """DoRA on a quantised frozen base: :class:`jlora.QLoRA`'s arguments (quant, block,
     double_quant, compute_dtype, quantize_frozen). ``||W0||^2`` is taken from the dequantised
     base once, at apply time."""
 
     method = "dora"
-
-    def init_extra(self, key, base, layout: Layout, path: str, a, b, meta):
-        return _dora_extra(self, base, layout, a, b, meta)

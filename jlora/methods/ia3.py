@@ -19,13 +19,15 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 
 from jlora.core.nodes import AdapterMeta, Layout
 from jlora.core.paths import matches, normalize_patterns
 from jlora.core.spec import AdapterSpec
+from jlora.core.state import AdapterState, Gain, register_state_type
 
 #: PEFT's per-architecture IA3 defaults (targets, feed-forward) for jlora's models.
 DEFAULTS = {
@@ -34,6 +36,24 @@ DEFAULTS = {
     # match takes attention/output/dense as well as the MLP's output/dense)
     "bert": (r".*/(key|value|output/dense)/kernel", r".*/output/dense/kernel"),
 }
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class IA3State(AdapterState):
+    """IA3's state: the vector ``l`` (stack + outputs, or stack + inputs when the adapter's
+    ``AdapterMeta.feedforward`` is set). No low-rank term; ``W = W0 * l``."""
+
+    l: Any = None
+
+    exclusive: ClassVar[bool] = True
+    title: ClassVar[str] = "IA3"
+
+    def gain(self, meta, layout, w0) -> Gain:
+        return Gain(inputs=self.l) if meta.feedforward else Gain(outputs=self.l)
+
+
+register_state_type("ia3", IA3State)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +86,12 @@ class IA3(AdapterSpec):
     def is_feedforward(self, path: str) -> bool:
         return bool(self.feedforward) and matches(path, self.feedforward)
 
-    def init_factors(self, key, base, layout: Layout, path: str, embedding: bool = False):
+    def init_state(self, key, base, layout: Layout, path: str, embedding: bool = False):
+        """``(IA3State(ones), base, meta)``: the vector starts at one (a no-op)."""
         if embedding:
             raise ValueError(f"IA3 scales linear layers; {path!r} is an embedding table (narrow the targets)")
         meta = AdapterMeta(method="ia3", rank=0, scale=1.0, dropout=0.0, init="ones",
                            feedforward=self.is_feedforward(path))
-        return None, None, base, meta
-
-    def init_extra(self, key, base, layout: Layout, path: str, a, b, meta):
         stack, inputs, outputs = layout.split(tuple(base.shape))
         shape = stack + (inputs if meta.feedforward else outputs)
-        return {"l": jnp.ones(shape, jnp.dtype(self.dtype))}, {}
+        return IA3State(jnp.ones(shape, jnp.dtype(self.dtype))), base, meta

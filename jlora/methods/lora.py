@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jlora.core.nodes import AdapterMeta, Layout
 from jlora.core.spec import AdapterSpec
+from jlora.core.state import LoRAState
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "zeros_b_normal")
 
@@ -109,6 +110,11 @@ class LoRA(AdapterSpec):
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     # -- node construction -----------------------------------------------------------------
+    def init_state(self, key, base, layout: Layout, path: str, embedding: bool = False):
+        """``(LoRAState(a, b), new_base, meta)`` for one leaf."""
+        a, b, new_base, meta = self.init_factors(key, base, layout, path, embedding=embedding)
+        return LoRAState(a, b), new_base, meta
+
     def init_factors(self, key, base, layout: Layout, path: str, embedding: bool = False):
         """Returns ``(a, b, new_base, AdapterMeta)`` for one leaf."""
         rank = self.rank_for(path)

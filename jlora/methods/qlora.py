@@ -25,9 +25,13 @@ import jax.numpy as jnp
 
 from jlora.core.nodes import Layout
 from jlora.core.paths import normalize_patterns
+from jlora.core.state import LoRAState, register_state_type
 from jlora.methods.lora import LoRA
+from jlora.quant import quantize
 
 QUANT_SCHEMES = ("nf4", "int4", "int4_asym", "int8")
+
+register_state_type("qlora", LoRAState)   # LoRA's factors; only the base differs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +75,6 @@ class QLoRA(LoRA):
             object.__setattr__(self, "quantize_frozen", normalize_patterns(qf, "quantize_frozen"))
 
     def quantize_base(self, base, layout: Layout):
-        from jlora.quant import quantize
-
         return quantize(base, self.quant, block=self.block, double_quant=self.double_quant,
                         stack=layout.stack, inputs=layout.inputs, dtype=jnp.dtype(self.compute_dtype))
 

@@ -21,7 +21,7 @@ paper's count; the rest of ``U`` follows by conjugation.
 Storage: the adapted tree gets one reserved top-level entry, ``adapted["jlora_tcur"][group]``, with
 ``u_re`` / ``u_im`` as :class:`jlora.Trainable` leaves and the frozen ``c_re, c_im, r_re, r_im,
 u0_re, u0_im`` (half spectrum) plus the selected ``cols`` (I) and ``rows`` (J). Each grouped kernel
-becomes a :class:`jlora.LoRANode` with no factors of its own and ``AdapterMeta(method="tcur",
+becomes a :class:`jlora.AdaptedWeight` with no factors of its own and ``AdapterMeta(method="tcur",
 group=..., slices=(k, ...))``. :func:`expand` (registered with :func:`jlora.core.api.register_expander`,
 so ``jlora.lift``, ``merge``, ``unmerge`` and ``summary`` call it) writes, per kernel, the real
 factors of
@@ -53,7 +53,9 @@ import numpy as np
 from jax import lax
 
 from jlora.core import api as _api
-from jlora.core.nodes import AdapterMeta, LoRANode, Trainable, is_adapter_leaf, is_node, unwrap
+from jlora.core import axes as axes_mod
+from jlora.core.nodes import AdapterMeta, AdaptedWeight, Trainable, is_adapter_leaf, is_node, unwrap
+from jlora.core.state import LoRAState, register_state_type
 from jlora.core.paths import flatten_with_paths, matches, near_misses, normalize_patterns
 from jlora.core.spec import AdapterSpec
 
@@ -247,10 +249,10 @@ def expand(tree):
         if not is_node(leaf):
             return leaf
         meta = leaf.meta
-        todo = [n for n in leaf.names if meta[n].method == "tcur" and n not in leaf.a]
+        todo = [n for n in leaf.names if meta[n].group and leaf.states[n].a is None]
         if not todo:
             return leaf
-        new_a, new_b = dict(leaf.a), dict(leaf.b)
+        states = dict(leaf.states)
         for n in todo:
             g = meta[n].group
             if g not in groups:
@@ -261,9 +263,9 @@ def expand(tree):
             stack, ins, outs = leaf.layout.split(leaf.shape)
             rank = a.shape[1]
             bk = b[np.asarray(meta[n].slices)]
-            new_b[n] = bk.reshape(stack + (rank,) + outs)
-            new_a[n] = jnp.broadcast_to(a.reshape(ins + (rank,)), stack + ins + (rank,))
-        return leaf.with_(a=new_a, b=new_b)
+            states[n] = states[n].replace(a=jnp.broadcast_to(a.reshape(ins + (rank,)), stack + ins + (rank,)),
+                                          b=bk.reshape(stack + (rank,) + outs))
+        return leaf.with_(states=states)
 
     return jax.tree_util.tree_map(fill, rest, is_leaf=is_adapter_leaf)
 
@@ -288,6 +290,7 @@ def _summary_lines(tree):
 
 
 _api.register_expander(RESERVED, expand, _summary_lines)
+register_state_type("tcur", LoRAState)   # per-node factors, filled in by expand from the shared cores
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,6 +338,7 @@ class TCURLoRA(AdapterSpec):
     scale: float = 1.0
 
     method = "tcur"
+    shares_parameters = True
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -444,24 +448,20 @@ class TCURLoRA(AdapterSpec):
         return groups
 
     # -- jlora.apply entry point -----------------------------------------------------------------
-    def apply_tree(self, params, key=None, *, name: str = _api.DEFAULT_NAME, model=None, example=None):
+    def apply_tree(self, params, key, *, name: str, model=None, example=None):
+        """Called by :func:`jlora.apply` (which validates ``name`` and makes ``key`` a PRNG key)."""
         if not isinstance(params, Mapping):
             raise TypeError(f"TCURLoRA needs a params mapping (Linen variables dict) to hold {RESERVED!r}, "
                             f"got {type(params).__name__}")
         if RESERVED in params:
             raise ValueError(f"params already hold {RESERVED!r}: one tCURLoRA adapter per tree")
-        if key is None:
-            key = jax.random.key(0)
-        if isinstance(key, int):
-            key = jax.random.key(key)
         flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
         if any(is_node(l) for _, l in flat):
             raise ValueError("TCURLoRA is applied to plain params (no other adapters on the tree)")
         inferred = {}
         if model is not None:
-            from jlora.core import axes as axes_mod
             inferred = axes_mod.infer_layouts(model, params, example, is_leaf=is_adapter_leaf)
-        layouts = lambda p, leaf, i: _api._layout_for(self, p, leaf, inferred, i)
+        layouts = lambda p, leaf, i: _api.layout_for(self, p, leaf, inferred, i)
         groups = self.resolve_groups(flat, layouts)
 
         tensors = {g: stack_tensor([flat[e[1]][1] for e in es], es) for g, es in groups.items()}
@@ -493,8 +493,8 @@ class TCURLoRA(AdapterSpec):
                 layout = es[[e[1] for e in es].index(i)][4]
                 ks = tuple(slots[s] for s in range(len(slots)))
                 meta = AdapterMeta(method="tcur", rank=int(r), scale=self.scale, init=self.selection, group=g, slices=ks)
-                leaves[i] = LoRANode(base=leaf, a={}, b={}, layout=layout, adapters=((name, meta),),
-                                     active=(name,), path=path)
+                leaves[i] = AdaptedWeight(base=leaf, states={name: LoRAState()}, layout=layout,
+                                          adapters=((name, meta),), active=(name,), path=path)
         tree = jax.tree_util.tree_unflatten(treedef, leaves)
         if self.train_also:
             tree = _api.mark_trainable(tree, self.train_also)

@@ -83,8 +83,7 @@ def _check_halves(trainable, frozen):
                 raise ValueError(
                     f"trainable holds the frozen base weight of {path!r}; pass the two halves of "
                     f"`trainable, frozen = jlora.partition(adapted)`, not the adapted tree itself")
-            n_arrays += (sum(v is not None for v in leaf.a.values()) + sum(v is not None for v in leaf.b.values())
-                         + sum(v is not None for d in leaf.extra.values() for v in d.values()))
+            n_arrays += sum(v is not None for st in leaf.states.values() for v in st.arrays().values())
         else:  # a Trainable (train_also) leaf, or a plain array the caller chose to train in full
             n_arrays += 1
     if n_arrays == 0:
@@ -92,8 +91,8 @@ def _check_halves(trainable, frozen):
                          "`jlora.partition(adapted)` (are any adapters active? see jlora.activate)")
     f_flat, _ = flatten_with_paths(frozen, is_leaf=is_adapter_leaf)
     for path, leaf in f_flat:
-        if is_node(leaf) and any(leaf.a.get(n) is not None or any(v is not None for v in leaf.extra.get(n, {}).values())
-                                 for n in leaf.active):
+        if is_node(leaf) and any(v is not None for n in leaf.active
+                                 for k, v in leaf.states[n].arrays().items() if k not in leaf.states[n].frozen):
             raise ValueError(f"frozen holds the active adapter factors of {path!r}; pass "
                              f"`trainable, frozen = jlora.partition(adapted)` in that order")
 

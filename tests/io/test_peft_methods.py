@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.core.nodes import column_sq_norms, is_adapter_leaf
+from jlora.core.nodes import is_adapter_leaf
+from jlora.methods.dora import column_sq_norms
 from jlora.core.paths import flatten_with_paths
 from jlora.io import peft as jpeft
 from jlora.io.peft import PeftFormatError, default_naming, load_peft, save_peft

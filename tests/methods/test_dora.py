@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.core.nodes import dora_norm, column_sq_norms
+from jlora.methods.dora import dora_norm, column_sq_norms
 
 from ..core._helpers import assert_lift_matches_merge, randomize_b
 from ..core.test_lift import IDS, LM, X48, Attention, _grad_jaxpr, _kernel_sized_ops

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import jlora
+from jlora.core.state import LoRAState
 from jlora.core import lift as lift_mod
 from jlora.core.paths import flatten_with_paths
 from jlora.methods import tcur
@@ -235,8 +236,8 @@ def _assert_grads_close(g1, g2):
 def test_cheaper_path_rule_counts_flops():
     def node(rank, d_in, d_out):
         meta = jlora.AdapterMeta("lora", rank, 1.0)
-        return jlora.LoRANode(jnp.zeros((d_in, d_out)), {"x": jnp.zeros((d_in, rank))}, {"x": jnp.zeros((rank, d_out))},
-                              jlora.Layout(0, 1, 1), (("x", meta),), ("x",))
+        return jlora.AdaptedWeight(jnp.zeros((d_in, d_out)), {"x": LoRAState(jnp.zeros((d_in, rank)), jnp.zeros((rank, d_out)))},
+                                   jlora.Layout(0, 1, 1), (("x", meta),), ("x",))
     assert not lift_mod._denser_than_dense(node(8, 384, 384))
     assert not lift_mod._denser_than_dense(node(192, 384, 384))      # R (d_in + d_out) == d_in d_out: factored
     assert lift_mod._denser_than_dense(node(193, 384, 384))
