@@ -26,11 +26,8 @@ from jax.extend import core as jcore
 
 from jlora.core import _compat as C
 from jlora.core.api import expand
+from jlora.core.errors import FactoringError
 from jlora.core.nodes import AdaptedWeight, Trainable, dense, is_adapter_leaf, is_node
-
-
-class FactoringError(RuntimeError):
-    """Raised by ``lift(fn, strict=True)`` when an adapted weight would be materialised."""
 
 
 @jax.tree_util.register_dataclass

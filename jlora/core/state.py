@@ -88,6 +88,13 @@ class AdapterState:
         """This adapter on ``c * W0`` (``c`` a scalar), or None."""
         return None
 
+    @classmethod
+    def before_save(cls, tree, spec):
+        """``(tree, spec)`` as ``jlora.io.save_adapter`` should write them, called once per state type
+        present in ``tree`` (AdaLoRA drops its masked triplets and records the kept ranks in the
+        spec). Default: unchanged."""
+        return tree, spec
+
     @property
     def scales_base(self) -> bool:
         """True when :meth:`gain` can return something (the adapted op is not ``x W0 + terms``)."""

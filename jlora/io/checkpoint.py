@@ -52,6 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.core.api import merge as _merge, reserved_keys
+from jlora.core.errors import CheckpointError, CorruptCheckpointError, NonFiniteError
 from jlora.core.nodes import AdapterMeta, Layout, AdaptedWeight, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
 
@@ -68,15 +69,6 @@ REWRITES_BASE = frozenset({"pissa", "olora"})
 
 _STATE_ITEMS = ("trainable", "opt_state", "rng")
 _STATE_META_ITEM = "jlora"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not fit the parameters given."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint whose files are damaged: unreadable, truncated, or not matching the sha256 digests
-    recorded when it was saved (bit rot, a partial copy, a hand-edited metadata file)."""
 
 
 def array_digest(x) -> str:
@@ -99,10 +91,6 @@ def _meta_digest(meta: dict) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
-
-
-class NonFiniteError(ValueError):
-    """A save refused because an array holds NaN or Inf: a checkpoint is never written with one."""
 
 
 def check_finite(tree, what: str) -> None:
@@ -256,6 +244,16 @@ def _node_record(path: str, node: AdaptedWeight, arrays: dict) -> dict:
     return record
 
 
+def _state_types(tree) -> list:
+    """The adapter state classes present in ``tree``, in a stable order."""
+    found = {}
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_adapter_leaf):
+        if isinstance(leaf, AdaptedWeight):
+            for state in leaf.states.values():
+                found.setdefault(type(state), None)
+    return list(found)
+
+
 def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
     """Saves the adapter factors (every named adapter, active or not) and ``Trainable`` leaves of
     ``adapted``, plus a JSON description, as a directory at ``path``. Returns the absolute path.
@@ -272,8 +270,8 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
         jlora.io.save_adapter("out/adapter", adapted, spec=spec)
     """
     _single_process("save_adapter")
-    from jlora.methods.adalora import prepare_for_save
-    adapted, spec = prepare_for_save(adapted, spec)  # AdaLoRA: drop masked triplets, record kept ranks
+    for state_type in _state_types(adapted):   # e.g. AdaLoRA drops its masked triplets
+        adapted, spec = state_type.before_save(adapted, spec)
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     arrays, nodes, trainables, shared = {}, [], [], []
     reserved = tuple(k + "/" for k in reserved_keys(adapted))

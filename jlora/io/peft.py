@@ -75,17 +75,20 @@ import os
 import re
 import struct
 import sys
+import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.nodes import AdaptedWeight, AdapterMeta, Layout, Trainable, dense, is_adapter_leaf
-from jlora.methods.adalora import SVDState
-from jlora.methods.dora import column_sq_norms
+from jlora.core import axes as axes_mod
+from jlora.core.errors import PeftFormatError
+from jlora.core.nodes import AdaptedWeight, Layout, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
-from jlora.io.checkpoint import REWRITES_BASE, CheckpointError, _atomic_write, check_finite
+from jlora.io.checkpoint import REWRITES_BASE, _atomic_write, check_finite
+from jlora.methods import _peft as peft_format
+from jlora.methods import adalora as _adalora, dora as _dora, ia3 as _ia3, lora as _lora  # noqa: F401 (register codecs)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,10 +99,6 @@ Naming = Callable[[str, "int | None"], str]
 
 __all__ = ["save_peft", "load_peft", "read_peft_config", "default_naming", "PeftFormatError",
            "CONFIG_NAME", "WEIGHTS_NAME"]
-
-
-class PeftFormatError(CheckpointError):
-    """A PEFT adapter directory that cannot be read or does not fit the parameters given."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -269,57 +268,12 @@ def _read_safetensors(file, metadata: dict | None = None) -> dict:
 # ------------------------------------------------------------------------------------------
 # PEFT config helpers
 
-def _get_pattern_key(pattern_keys, key_to_match: str) -> str:
-    """``peft.utils.other.get_pattern_key``: the first pattern matching the end of the module name
-    at a ``.`` boundary, else the module name itself."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
-
-
-def _pattern_value(pattern: dict, module: str, default):
-    return pattern.get(_get_pattern_key(list(pattern), module), default)
-
-
-def _peft_scale(alpha, r, rslora) -> float:
-    return float(alpha) / (math.sqrt(r) if rslora else r)
-
-
-def _nice(value: float, check) -> float | int:
-    """``value`` rounded to 12 significant digits (an int when whole) if ``check`` still holds."""
-    short = float(f"{value:.12g}")
-    if check(short):
-        value = short
-    return int(value) if float(value).is_integer() and abs(value) < 2 ** 53 else value
-
-
-def _most_common(values):
-    counts = collections.Counter(values)
-    best = max(counts.values())
-    return next(v for v in values if counts[v] == best)  # first seen among the most frequent
-
-
 def _target_match(target_modules, module: str) -> bool:
     """PEFT's ``check_target_module_exists`` for a str (fullmatch) or a list (name or ``.name``
     suffix), without exclusions."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, module) is not None
     return module in target_modules or any(module.endswith("." + t) for t in target_modules)
-
-
-def _pattern_keys(wanted: dict, default, all_modules):
-    """rank_pattern / alpha_pattern keys for the modules whose value differs from ``default``.
-
-    Keys are the full module names, so PEFT's ``(.*\\.)?(key)$`` lookup finds them; if a key
-    would also catch another module (``fc`` is a suffix of ``layers.0.fc``), every key is
-    anchored instead (``^fc``), which PEFT's lookup matches only at the start of the name."""
-    pattern = {m: v for m, v in wanted.items() if v != default}
-    if not pattern:
-        return {}
-    if all(_pattern_value(pattern, m, default) == wanted[m] for m in all_modules):
-        return pattern
-    return {"^" + re.escape(m): v for m, v in pattern.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -367,87 +321,8 @@ def _is_embedding(path: str) -> bool:
     return path.rsplit("/", 1)[-1] == "embedding"
 
 
-def _suffix(module: str) -> str:
-    return module.rsplit(".", 1)[-1]
-
-
 # ------------------------------------------------------------------------------------------
 # save
-
-_KINDS = {"lora": "lora", "qlora": "lora", "dora": "dora", "ia3": "ia3", "adalora": "adalora"}  # jlora -> PEFT kind
-
-
-def _lora_tensors(leaf, leaf_path, adapter, kind, stack, n_in, n_out, embedding):
-    """``{key suffix: array (stacked over layers when stack)}`` of a LoRA / DoRA adapter, and its rank."""
-    a, b = leaf.a.get(adapter), leaf.b.get(adapter)
-    if a is None or b is None:
-        raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
-                         f"{leaf_path!r} is missing the factors of adapter {adapter!r}")
-    r = int(a.shape[-1])
-    a = np.asarray(a).reshape(stack + (n_in, r))
-    b = np.asarray(b).reshape(stack + (r, n_out))
-    key_a, key_b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-    out = {key_a: np.swapaxes(a, -1, -2), key_b: np.swapaxes(b, -1, -2)}  # (r, in), (out, r)
-    if kind == "dora":
-        if embedding:
-            raise ValueError(f"{leaf_path!r}: DoRA on an embedding table is not written to PEFT files by save_peft "
-                             f"(only DoRA on Linear-like kernels)")
-        m = (leaf.extra.get(adapter) or {}).get("m")
-        if m is None:
-            raise ValueError(f"{leaf_path!r}: DoRA adapter {adapter!r} has no magnitude (extra[{adapter!r}]['m'])"
-                             f"{'; pass the full adapted tree (jlora.combine(trainable, frozen))' if adapter in leaf.extra else ''}")
-        m = np.asarray(m)
-        if m.shape != stack + tuple(leaf.layout.split(leaf.shape)[2]):
-            raise ValueError(f"{leaf_path!r}: DoRA magnitude of shape {m.shape}, expected stack + outputs "
-                             f"{stack + tuple(leaf.layout.split(leaf.shape)[2])}")
-        out["lora_magnitude_vector"] = m.reshape(stack + (n_out,))  # (out,): PEFT's key has no .weight
-    return out, r
-
-
-def _ia3_tensors(leaf, leaf_path, adapter, meta, stack, n_in, n_out, embedding):
-    """``{"ia3_l": array}``: PEFT's (out, 1) for output scaling, (1, in) for feed-forward (input) scaling."""
-    if embedding:
-        raise ValueError(f"{leaf_path!r}: IA3 on an embedding table has no PEFT form (PEFT's IA3 adapts Linear layers)")
-    l = (leaf.extra.get(adapter) or {}).get("l")
-    if l is None:
-        raise ValueError(f"{leaf_path!r}: adapter {adapter!r} is an 'ia3' adapter with no scale vector "
-                         f"(extra[{adapter!r}]['l']); pass the full adapted tree (jlora.combine(trainable, frozen))")
-    l = np.asarray(l)
-    n = n_in if meta.feedforward else n_out
-    if l.size != math.prod(stack) * n:
-        raise ValueError(f"{leaf_path!r}: IA3 scales of shape {l.shape}, expected stack + "
-                         f"{'inputs' if meta.feedforward else 'outputs'} ({math.prod(stack) * n} values)")
-    return {"ia3_l": l.reshape(stack + ((1, n) if meta.feedforward else (n, 1)))}
-
-
-def _adalora_tensors(leaf, leaf_path, adapter, stack, n_in, n_out, embedding):
-    """AdaLoRA's ``lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k) per layer (lists for a
-    stacked kernel: the kept rank k may differ per layer), keeping the triplets whose singular
-    value is non-zero (all of them when none is: an untrained adapter), and the kept masks."""
-    if embedding:
-        raise ValueError(f"{leaf_path!r}: AdaLoRA on an embedding table has no PEFT form (PEFT's AdaLoRA adapts Linear)")
-    a, b = leaf.a.get(adapter), leaf.b.get(adapter)
-    e = (leaf.extra.get(adapter) or {}).get("e")
-    if a is None or b is None or e is None:
-        raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
-                         f"{leaf_path!r} is missing the factors or singular values of adapter {adapter!r}")
-    r = int(a.shape[-1])
-    a = np.asarray(a).reshape((-1, n_in, r))
-    b = np.asarray(b).reshape((-1, r, n_out))
-    e = np.asarray(e).reshape((-1, r))
-    out, masks = {"lora_A": [], "lora_E": [], "lora_B": []}, []
-    for i in range(a.shape[0]):
-        keep = e[i] != 0
-        if not keep.any():
-            keep = np.ones_like(keep)
-        out["lora_A"].append(a[i].T[keep])
-        out["lora_E"].append(e[i][keep][:, None])
-        out["lora_B"].append(b[i].T[:, keep])
-        masks.append(keep.tolist())
-    if not stack:
-        return {k: v[0] for k, v in out.items()}, r, masks[0]
-    return out, r, masks
-
 
 def _provenance(base_model_name_or_path, revision) -> dict:
     """PEFT's ``base_model_name_or_path`` / ``revision`` config fields, checked: each is None or a
@@ -510,16 +385,13 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
                                 revision=revision, task_type=task_type, overwrite=overwrite)
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     tensors: dict[str, np.ndarray] = {}
-    modules: dict[str, tuple] = {}  # module -> (rank, scale, dropout, jlora path, kind, feedforward)
-    patterns: dict[str, list] = {}  # AdaLoRA: module -> kept mask over the node's rank
+    modules: dict[str, peft_format.PeftModule] = {}
     others_with_adapter = []
-    ia3_with_bias = []
 
     def claim(module, where):
         if module in modules or any(k.startswith(f"{PREFIX}{module}.") for k in tensors):
             raise ValueError(f"naming maps {where} to the module {module!r}, which another leaf already uses")
 
-    leaf_paths = {p for p, _ in flat}
     for leaf_path, leaf in flat:
         if isinstance(leaf, AdaptedWeight):
             if adapter not in leaf.names:
@@ -527,98 +399,98 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
                     others_with_adapter.append(leaf_path)
                 continue
             meta = leaf.meta[adapter]
-            if leaf_path.rsplit("/", 1)[-1] in ("bias", "scale"):
-                raise ValueError(f"{leaf_path!r} carries a LoRA adapter, but PEFT adapts only module weights (kernels, "
-                                 f"embeddings); narrow the spec's targets (e.g. r'.*/fc/kernel')")
-            kind = _KINDS.get(meta.method)
-            if kind is None:
-                raise ValueError(f"{leaf_path!r}: adapter {adapter!r} is a {meta.method!r} adapter; PEFT files written by "
-                                 f"save_peft hold LoRA / QLoRA (as LoRA), DoRA (use_dora) or IA3 adapters")
-            if meta.init in REWRITES_BASE:
-                raise ValueError(
-                    f"{leaf_path!r}: adapter {adapter!r} was initialised with {meta.init!r}, which rewrote the base "
-                    f"weight into a residual; a PEFT file only holds the factors and would be applied to the original "
-                    f"weights. Export the merged weights (jlora.merge) instead")
-            if leaf.base is None:
-                raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
-                                 f"{leaf_path!r} is missing its base")
+            codec = _export_codec(leaf, leaf_path, adapter, meta)
             layout = leaf.layout
-            if layout.stack > 1:
-                raise ValueError(
-                    f"{leaf_path!r} has {layout.stack} stacked axes (layout {layout}); PEFT modules are per layer and "
-                    f"save_peft unstacks only one stacked axis. Reshape the stack into one axis first")
             stack, inputs, outputs = layout.split(leaf.shape)
-            n_in, n_out = math.prod(inputs), math.prod(outputs)
-            embedding = _is_embedding(leaf_path)
-            n_layers = stack[0] if stack else None
-            masks = None
-            if kind == "adalora":
-                per_layer, rank, masks = _adalora_tensors(leaf, leaf_path, adapter, stack, n_in, n_out, embedding)
-            elif kind == "ia3":
-                per_layer = _ia3_tensors(leaf, leaf_path, adapter, meta, stack, n_in, n_out, embedding)
-                rank = 0
-                if not meta.feedforward and f"{leaf_path.rsplit('/', 1)[0]}/bias" in leaf_paths:
-                    ia3_with_bias.append(leaf_path)
-            else:
-                per_layer, rank = _lora_tensors(leaf, leaf_path, adapter, kind, stack, n_in, n_out, embedding)
-            for layer in ([None] if n_layers is None else range(n_layers)):
+            per_layer, rank, infos = codec.export(leaf, adapter, leaf_path, stack, math.prod(inputs),
+                                                  math.prod(outputs), _is_embedding(leaf_path))
+            for layer in ([None] if not stack else range(stack[0])):
                 module = _call_naming(naming, leaf_path, layer)
                 claim(module, f"{leaf_path!r}" + ("" if layer is None else f" layer {layer}"))
                 for suffix, arrays in per_layer.items():
                     key = f"{PREFIX}{module}.{suffix}"
                     tensors[key] = np.ascontiguousarray(arrays if layer is None else arrays[layer])
-                modules[module] = (rank, float(meta.scale), float(meta.dropout), leaf_path, kind,
-                                   bool(meta.feedforward))
-                if masks is not None:
-                    patterns[module] = masks if layer is None else masks[layer]
+                modules[module] = peft_format.PeftModule(leaf_path, rank, float(meta.scale), float(meta.dropout),
+                                                         codec, infos[0 if layer is None else layer])
         elif isinstance(leaf, Trainable):
             continue
         elif is_adapter_leaf(leaf):
-            raise ValueError(f"save_peft cannot export {type(leaf).__name__} at {leaf_path!r} (only LoRA nodes)")
+            raise ValueError(f"save_peft cannot export {type(leaf).__name__} at {leaf_path!r} (only adapted weights)")
 
-    kinds = collections.defaultdict(list)
-    for module, info in modules.items():
-        kinds[info[4]].append(info[3])
-    for single in ("ia3", "adalora"):
-        if single in kinds and len(kinds) > 1:
-            other = next(k for k in kinds if k != single)
-            shown = {"ia3": "IA3", "adalora": "AdaLoRA"}[single]
-            raise ValueError(f"save_peft: adapter {adapter!r} is {shown} on {kinds[single][0]!r} but {other} on "
-                             f"{kinds[other][0]!r}; a PEFT adapter file holds one method (peft_type)")
-    if "dora" in kinds and "lora" in kinds:
-        raise ValueError(f"save_peft: adapter {adapter!r} mixes DoRA ({kinds['dora'][0]!r}) and plain LoRA "
-                         f"({kinds['lora'][0]!r}) modules; PEFT's use_dora applies to every module of a LoRA file, "
-                         f"so one file cannot hold both. Save them as two adapters (different names)")
-    if ia3_with_bias:
-        import warnings
-
-        warnings.warn(f"save_peft: IA3 scales the outputs of {ia3_with_bias[:3]}{' ...' if len(ia3_with_bias) > 3 else ''}, "
-                      f"which have a bias; PEFT's IA3 also scales the bias (y = (x W + b) * l), jlora does not "
-                      f"(y = (x W) * l + b), so the PEFT model's outputs differ by b * (l - 1)", stacklevel=2)
-
+    codec = _one_codec(modules, adapter)
     lora_biases: list[str] = []
     save_modules = _modules_to_save_tensors(flat, naming, tensors, PREFIX, adapted_modules=modules,
                                             lora_biases=lora_biases)
-
     if not modules:
         hint = f" (nodes carry other adapters: {others_with_adapter[:4]})" if others_with_adapter else ""
         extra = (" PEFT cannot load an adapter that only has modules_to_save (the Trainable leaves)"
                  if save_modules else " Did you pass the plain params?")
         raise ValueError(f"save_peft: no LoRA node carries an adapter named {adapter!r}{hint}.{extra}")
-
-    if "adalora" in kinds:
-        config = _make_adalora_config(modules, patterns, sorted(set(save_modules)), flat, naming, spec,
-                                      provenance, task_type)
-    elif "ia3" in kinds:
-        config = _make_ia3_config(modules, sorted(set(save_modules)), flat, naming, provenance, task_type)
-    else:
-        config = _make_config(modules, sorted(set(save_modules)), flat, naming, spec,
-                              provenance, task_type, use_dora="dora" in kinds)
+    codec.check_modules(modules)
+    leaf_paths = {p for p, _ in flat}
+    with_bias = [m for m, info in modules.items()
+                 if codec.differs_on_bias(_meta_of(flat, info.path, adapter))
+                 and f"{info.path.rsplit('/', 1)[0]}/bias" in leaf_paths]
+    if with_bias:
+        warnings.warn(codec.bias_warning([modules[m].path for m in with_bias], saving=True), stacklevel=2)
+    ctx = peft_format.ConfigContext(target_modules=_target_modules(list(modules), sorted(set(save_modules)), flat, naming),
+                                    modules_to_save=sorted(set(save_modules)), spec=spec, provenance=provenance,
+                                    task_type=task_type)
+    config = codec.config(modules, ctx)
     if lora_biases:
-        if "ia3" in kinds:
-            raise ValueError(f"save_peft: IA3 files hold no trained biases; {lora_biases[:3]} train theirs")
+        if not codec.trains_bias:
+            raise ValueError(f"save_peft: {codec.title} files hold no trained biases; {lora_biases[:3]} train theirs")
         config["bias"] = "lora_only"
     return _write_adapter_dir(path, overwrite, tensors, config)
+
+
+def _meta_of(flat, leaf_path, adapter):
+    return dict(flat)[leaf_path].meta[adapter]
+
+
+def _export_codec(leaf, leaf_path, adapter, meta):
+    """The codec that writes ``adapter`` of ``leaf``, after the checks every method shares."""
+    if leaf_path.rsplit("/", 1)[-1] in ("bias", "scale"):
+        raise ValueError(f"{leaf_path!r} carries a LoRA adapter, but PEFT adapts only module weights (kernels, "
+                         f"embeddings); narrow the spec's targets (e.g. r'.*/fc/kernel')")
+    codec = peft_format.codec_for_method(meta.method)
+    if codec is None:
+        raise ValueError(f"{leaf_path!r}: adapter {adapter!r} is a {meta.method!r} adapter; PEFT files written by "
+                         f"save_peft hold {', '.join(peft_format.method_names())} adapters (export the merged weights "
+                         f"instead)")
+    if meta.init in REWRITES_BASE:
+        raise ValueError(
+            f"{leaf_path!r}: adapter {adapter!r} was initialised with {meta.init!r}, which rewrote the base "
+            f"weight into a residual; a PEFT file only holds the factors and would be applied to the original "
+            f"weights. Export the merged weights (jlora.merge) instead")
+    if leaf.base is None:
+        raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
+                         f"{leaf_path!r} is missing its base")
+    if leaf.layout.stack > 1:
+        raise ValueError(
+            f"{leaf_path!r} has {leaf.layout.stack} stacked axes (layout {leaf.layout}); PEFT modules are per layer "
+            f"and save_peft unstacks only one stacked axis. Reshape the stack into one axis first")
+    return codec
+
+
+def _one_codec(modules, adapter):
+    """The one codec of all ``modules``: a PEFT file holds one method (one peft_type and one variant)."""
+    by_codec: dict = {}
+    for info in modules.values():
+        by_codec.setdefault(info.codec, []).append(info.path)
+    if len(by_codec) <= 1:
+        return next(iter(by_codec), None)
+    solo = [c for c in by_codec if c.solo]
+    if solo:
+        single = solo[0]
+        other = next(c for c in by_codec if c is not single)
+        raise ValueError(f"save_peft: adapter {adapter!r} is {single.title} on {by_codec[single][0]!r} but {other.kind} "
+                         f"on {by_codec[other][0]!r}; a PEFT adapter file holds one method (peft_type)")
+    first, second = sorted(by_codec, key=lambda c: c.title)[:2]
+    raise ValueError(f"save_peft: adapter {adapter!r} mixes {first.title} ({by_codec[first][0]!r}) and {second.title} "
+                     f"({by_codec[second][0]!r}) modules; both are peft_type {first.peft_type!r} files but differ in "
+                     f"their config (e.g. use_dora applies to every module), so one file cannot hold both. Save them "
+                     f"as two adapters (different names)")
 
 
 def _write_adapter_dir(path, overwrite, tensors, config) -> str:
@@ -686,91 +558,10 @@ def _modules_to_save_tensors(flat, naming, tensors, prefix, adapted_modules=(), 
     return save_modules
 
 
-def _make_config(modules, modules_to_save, flat, naming, spec, provenance, task_type, use_dora=False):
-    rslora = bool(getattr(spec, "rslora", False)) if spec is not None else False
-    names = list(modules)
-    ranks = {m: modules[m][0] for m in names}
-    scales = {m: modules[m][1] for m in names}
-    alphas = {}
-    for m in names:
-        r, s = ranks[m], scales[m]
-        alphas[m] = _nice(s * (math.sqrt(r) if rslora else r),
-                          lambda v, r=r, s=s: math.isclose(_peft_scale(v, r, rslora), s, rel_tol=1e-13, abs_tol=0.0))
-    r = _most_common([ranks[m] for m in names])
-    alpha = _most_common([alphas[m] for m in names])
-    dropout = _most_common([modules[m][2] for m in names])
-    rank_pattern = _pattern_keys(ranks, r, names)
-    alpha_pattern = _pattern_keys(alphas, alpha, names)
-
-    target_modules = _target_modules(names, modules_to_save, flat, naming)
-    return {
-        "alpha_pattern": alpha_pattern,
-        "auto_mapping": None,
-        **provenance,                                    # base_model_name_or_path, revision
-        "bias": "none",
-        "exclude_modules": None,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layer_replication": None,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "loftq_config": {},
-        "lora_alpha": alpha,
-        "lora_bias": False,
-        "lora_dropout": dropout,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "modules_to_save": modules_to_save or None,
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": rank_pattern,
-        "target_modules": target_modules,
-        "task_type": task_type,
-        "use_dora": bool(use_dora),
-        "use_rslora": rslora,
-    }
-
-
-def _make_adalora_config(modules, patterns, modules_to_save, flat, naming, spec, provenance, task_type):
-    """``AdaLoraConfig``: PEFT scales by ``lora_alpha / (ranknum + 1e-5)`` with ``ranknum = init_r``
-    (kept when a rank-pattern-truncated adapter is loaded), so ``init_r`` is the spec's (else the
-    largest node rank) and ``lora_alpha = scale * (init_r + 1e-5)``. ``rank_pattern`` (``<module>.lora_E``
-    -> kept mask over ``init_r``) makes PEFT resize each module to the triplets in the file."""
-    from jlora.methods.adalora import AdaLoRA
-
-    names = list(modules)
-    scales = {modules[m][1] for m in names}
-    if len(scales) > 1:
-        raise ValueError(f"save_peft: AdaLoRA modules have different scales {sorted(scales)}; an AdaLoraConfig has "
-                         f"one lora_alpha")
-    ada = spec if isinstance(spec, AdaLoRA) else None
-    init_r = int(ada.init_r) if ada is not None else max(modules[m][0] for m in names)
-    too_big = [m for m in names if modules[m][0] > init_r]
-    if too_big:
-        raise ValueError(f"save_peft: AdaLoRA module {too_big[0]!r} has rank {modules[too_big[0]][0]} > init_r {init_r}")
-    scale = scales.pop()
-    rank_pattern = {f"{m}.lora_E": list(patterns[m]) + [False] * (init_r - len(patterns[m])) for m in names}
-    total = int(ada.total_steps) if ada is not None and ada.total_steps else 1
-    return {
-        "alpha_pattern": {}, "auto_mapping": None, **provenance,
-        "beta1": float(ada.beta1) if ada else 0.85, "beta2": float(ada.beta2) if ada else 0.85, "bias": "none",
-        "deltaT": int(ada.delta_t) if ada else 1, "exclude_modules": None, "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "init_r": init_r, "layers_pattern": None,
-        "layers_to_transform": None, "lora_alpha": scale * (init_r + 1e-5), "lora_dropout": _most_common(
-            [modules[m][2] for m in names]), "modules_to_save": modules_to_save or None,
-        "orth_reg_weight": float(ada.orth_reg_weight) if ada else 0.5, "peft_type": "ADALORA", "r": 8,
-        "rank_pattern": rank_pattern, "target_modules": _target_modules(names, modules_to_save, flat, naming),
-        "target_r": int(ada.target_r) if ada else min(init_r, 8), "task_type": task_type,
-        "tfinal": int(ada.tfinal) if ada else 0, "tinit": int(ada.tinit) if ada else 0, "total_step": total,
-        "use_dora": False, "use_rslora": False,
-    }
-
-
 def _target_modules(names, modules_to_save, flat, naming):
     """``target_modules``: the module-name suffixes, unless they would also catch a module we know
     of that is not adapted (then an exact regex of the adapted names)."""
-    suffixes = sorted({_suffix(m) for m in names})
+    suffixes = sorted({peft_format.suffix(m) for m in names})
     known = set()
     for leaf_path, leaf in flat:
         base = leaf.base if isinstance(leaf, AdaptedWeight) else leaf.value if isinstance(leaf, Trainable) else leaf
@@ -787,60 +578,14 @@ def _target_modules(names, modules_to_save, flat, naming):
     return suffixes
 
 
-def _ia3_feedforward_match(feedforward_modules, module: str) -> bool:
-    """PEFT's ``IA3Model._check_target_module_feedforward``: a str is a fullmatch regex, a list
-    matches a plain suffix (``key.endswith(name)``, no ``.`` boundary)."""
-    if feedforward_modules is None:
-        return False
-    if isinstance(feedforward_modules, str):
-        return re.fullmatch(feedforward_modules, module) is not None
-    return any(module.endswith(f) for f in feedforward_modules)
-
-
-def _make_ia3_config(modules, modules_to_save, flat, naming, provenance, task_type):
-    names = list(modules)
-    target_modules = _target_modules(names, modules_to_save, flat, naming)
-    ff = sorted(m for m in names if modules[m][5])
-    # feedforward_modules: the feed-forward modules' suffixes when PEFT's (dot-less) suffix test
-    # then picks exactly them, else an exact regex (a str skips PEFT's subset-of-targets check)
-    feedforward = sorted({_suffix(m) for m in ff})
-    if isinstance(target_modules, str) or \
-            any(_ia3_feedforward_match(feedforward, m) != modules[m][5] for m in names):
-        feedforward = "|".join(re.escape(m) for m in ff) if ff else []
-    return {
-        "auto_mapping": None,
-        **provenance,                                    # base_model_name_or_path, revision
-        "exclude_modules": None,
-        "fan_in_fan_out": False,
-        "feedforward_modules": feedforward,
-        "inference_mode": True,
-        "init_ia3_weights": True,
-        "modules_to_save": modules_to_save or None,
-        "peft_type": "IA3",
-        "target_modules": target_modules,
-        "task_type": task_type,
-    }
-
-
 # ------------------------------------------------------------------------------------------
 # load
 
-_UNSUPPORTED = {
-    "lora_bias": "LoRA B biases (lora_bias=true)",
-    "layer_replication": "layer_replication",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-    "target_parameters": "target_parameters (LoRA on raw parameters)",
-    "use_qalora": "QA-LoRA (use_qalora=true)",
-    "use_bdlora": "BD-LoRA (use_bdlora)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "arrow_config": "Arrow routing (arrow_config)",
-}
-
-
 def read_peft_config(path) -> dict:
     """The ``adapter_config.json`` of a PEFT adapter directory, checked to be a config that jlora
-    can load: ``peft_type`` "LORA" (plain or ``use_dora``; no lora_bias / layer replication ...)
-    or "IA3"."""
+    can load: a ``peft_type`` a registered method codec reads ("LORA" plain or ``use_dora``,
+    "ADALORA", "IA3"; checked by that codec: no lora_bias / layer replication ...) or a
+    prompt-learning type."""
     path = os.path.abspath(os.fspath(path))
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
@@ -853,47 +598,15 @@ def read_peft_config(path) -> dict:
     if not isinstance(config, dict):
         raise PeftFormatError(f"{file} does not hold a JSON object")
     peft_type = config.get("peft_type")
-    if str(peft_type).upper() not in ("LORA", "IA3", "ADALORA") + _PROMPT_TYPES:
-        raise PeftFormatError(f"{file}: unknown or unsupported peft_type {peft_type!r}; jlora.io.load_peft reads "
-                              f"'LORA' (LoRA, DoRA), 'ADALORA', 'IA3' and prompt-learning ({', '.join(_PROMPT_TYPES)}) adapters")
     if str(peft_type).upper() in _PROMPT_TYPES:
         return config
-    if str(peft_type).upper() == "IA3":
-        ff = config.get("feedforward_modules")
-        if ff is not None and not isinstance(ff, (str, list)):
-            raise PeftFormatError(f"{file}: feedforward_modules must be a list of names or a regex string, got {ff!r}")
-        return config
-    for field, what in _UNSUPPORTED.items():
-        if config.get(field):
-            raise PeftFormatError(f"{file}: {what} is not supported by jlora.io.load_peft ({field}={config[field]!r})")
-    _check_config_fields(config, file)
+    codec = peft_format.codec_for_config(config)
+    if codec is None:
+        raise PeftFormatError(f"{file}: unknown or unsupported peft_type {peft_type!r}; jlora.io.load_peft reads "
+                              f"{', '.join(repr(t) for t in peft_format.peft_types())} and prompt-learning "
+                              f"({', '.join(_PROMPT_TYPES)}) adapters")
+    codec.check_config(config, file)
     return config
-
-
-def _check_config_fields(config: dict, file: str) -> None:
-    """The LoRA / AdaLoRA fields that set the adapter's maths, type-checked (an edited or hand-written
-    config must not load as something else): ``r`` a positive int, ``lora_alpha`` a finite number,
-    ``use_rslora`` / ``use_dora`` booleans, patterns mappings, ``target_modules`` a regex or names."""
-    def bad(field, expected):
-        raise PeftFormatError(f"{file}: {field} must be {expected}, got {config[field]!r}")
-
-    if "r" in config and (not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] < 1):
-        bad("r", "a positive integer")
-    if "lora_alpha" in config and (isinstance(config["lora_alpha"], bool) or not isinstance(config["lora_alpha"], (int, float))
-                                   or not math.isfinite(config["lora_alpha"])):
-        bad("lora_alpha", "a finite number")
-    for field in ("use_rslora", "use_dora"):
-        if config.get(field) is not None and not isinstance(config[field], bool):
-            bad(field, "true or false")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if config.get(field) is not None and not isinstance(config[field], dict):
-            bad(field, "a mapping of module patterns")
-    tm = config.get("target_modules")
-    if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
-        bad("target_modules", "a regex string or a list of module names")
-    ltt = config.get("layers_to_transform")
-    if ltt is not None and not isinstance(ltt, int) and not (isinstance(ltt, list) and all(isinstance(i, int) for i in ltt)):
-        bad("layers_to_transform", "a layer index or a list of them")
 
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -913,17 +626,6 @@ def _peft_targets(config: dict, module: str) -> bool:
         if m is None or int(m.group(1)) not in layers:
             return False
     return True
-
-
-def _split_layout(rest, n_in, n_out, path):
-    """The (inputs, outputs) split of the non-stacked axes ``rest`` with the given flat sizes."""
-    fits = [k for k in range(1, len(rest)) if math.prod(rest[:k]) == n_in and math.prod(rest[k:]) == n_out]
-    if not fits:
-        return None
-    if len(fits) > 1:
-        raise PeftFormatError(f"{path!r} {rest}: cannot tell which axes are inputs ({n_in} features) and outputs "
-                              f"({n_out}); pass model=fn, example=args to load_peft")
-    return fits[0]
 
 
 def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=None, example=None):
@@ -969,67 +671,15 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     _verify_integrity(weights_file, raw, metadata, config)
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
 
-    # -- sort the file's keys --------------------------------------------------------------
-    ia3_file = str(config.get("peft_type")).upper() == "IA3"
-    ada_file = str(config.get("peft_type")).upper() == "ADALORA"
-    use_dora = bool(config.get("use_dora", False)) and not ia3_file and not ada_file
-    # module -> {"A": arr, "B": arr, "embedding": bool, "M": magnitude} (LoRA / DoRA) or {"L": arr} (IA3)
-    lora: dict[str, dict] = collections.defaultdict(dict)
-    extra: dict[str, np.ndarray] = {}
+    # -- sort the file's keys: the method's codec files its tensors per module ----------------
+    codec = peft_format.codec_for_config(config)
+    lora: dict[str, dict] = collections.defaultdict(dict)   # module -> what the codec collected
+    extra: dict[str, np.ndarray] = {}                       # modules_to_save / bias tensors
     for key, value in tensors.items():
-        if ia3_file:
-            m = re.fullmatch(r"(.+)\.ia3_l", key)
-            if m:
-                lora[m.group(1)]["L"] = value
-            elif re.search(r"\.(lora_[A-Za-z_]+|ia3_[A-Za-z_]+)\b", key):
-                raise PeftFormatError(f"{weights_file}: unrecognised tensor {key!r} in an IA3 adapter (expected "
-                                      f"<module>.ia3_l)")
-            else:
-                extra[key] = value
-            continue
-        if ada_file:   # AdaLoRA: <module>.lora_A (k, in), .lora_E (k, 1), .lora_B (out, k); ranknum = init_r
-            m = re.fullmatch(r"(.+)\.lora_(A|B|E)", key)
-            if m:
-                lora[m.group(1)][m.group(2)] = value
-            elif not re.fullmatch(r".+\.ranknum", key):
-                if re.search(r"\.lora_[A-Za-z_]+\b", key):
-                    raise PeftFormatError(f"{weights_file}: unrecognised AdaLoRA tensor {key!r}")
-                extra[key] = value
-            continue
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key) or re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B)", key)
-        dora = re.fullmatch(r"(.+)\.lora_magnitude_vector(\.weight)?", key)
-        if m:
-            module, kind = m.group(1), m.group(2)
-            lora[module][kind[-1]] = value
-            lora[module]["embedding"] = kind.startswith("lora_embedding")
-        elif dora:
-            if not use_dora:
-                raise PeftFormatError(f"{weights_file}: {key!r} is a DoRA magnitude, but the config has "
-                                      f"use_dora={config.get('use_dora')!r}")
-            lora[dora.group(1)]["M"] = value
-        elif re.fullmatch(r".+\.lora_B\.bias", key):
-            raise PeftFormatError(f"{weights_file}: {key!r} belongs to a LoRA variant jlora does not load (lora_bias)")
-        elif re.search(r"\.lora_[A-Za-z_]+\b", key):
-            raise PeftFormatError(f"{weights_file}: unrecognised LoRA tensor {key!r}")
-        else:
+        if not codec.parse(key, value, lora, weights_file):
             extra[key] = value
     for module, parts in lora.items():
-        if ia3_file:
-            continue
-        if ada_file and "E" not in parts:
-            raise PeftFormatError(f"{weights_file}: AdaLoRA module {module!r} has no lora_E")
-        for part in ("A", "B"):
-            if part not in parts:
-                if "M" in parts and not ({"A", "B"} & set(parts)):
-                    raise PeftFormatError(f"{weights_file}: module {module!r} has a DoRA lora_magnitude_vector but no "
-                                          f"lora_A / lora_B")
-                raise PeftFormatError(f"{weights_file}: module {module!r} has lora_{'AB'.replace(part, '')} but no lora_{part}")
-        if use_dora and "M" not in parts:
-            raise PeftFormatError(f"{weights_file}: the config has use_dora=true (DoRA) but module {module!r} has no "
-                                  f"lora_magnitude_vector")
-        if use_dora and parts.get("embedding"):
-            raise PeftFormatError(f"{weights_file}: module {module!r}: DoRA on an embedding (lora_embedding_A/B) is not "
-                                  f"supported by jlora.io.load_peft")
+        codec.check_parts(module, parts, weights_file)
 
     outside = sorted(m for m in lora if not _peft_targets(config, m))
     if outside:   # PEFT would not create these modules, so it would load a different model than the file says
@@ -1040,16 +690,8 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
             f"{outside[:4]}{' ...' if len(outside) > 4 else ''}; PEFT would skip them, so the config and the weights "
             f"disagree")
 
-    r_default = int(config.get("r", 8))
-    alpha_default = config.get("lora_alpha", 8)
-    rslora = bool(config.get("use_rslora", False))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     if str(config.get("init_lora_weights")).lower() in ("pissa", "olora", "corda", "eva", "loftq") or \
             str(config.get("init_lora_weights")).lower().startswith("pissa"):
-        import warnings
-
         warnings.warn(f"{path}: this adapter was initialised with init_lora_weights={config['init_lora_weights']!r}, "
                       f"which changes the base weights; unless it was saved with path_initial_model_for_weight_conversion "
                       f"it only reproduces the trained model on top of those changed weights", stacklevel=2)
@@ -1060,12 +702,10 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     if model is not None:
         if example is None:
             raise ValueError("load_peft(model=fn) also needs example=args (inputs fn is called with)")
-        from jlora.core import axes as axes_mod
-
         inferred = axes_mod.infer_layouts(model, params, example, is_leaf=is_adapter_leaf)
 
     placements = {}
-    ia3_with_bias = []
+    with_bias = []
     claimed: dict[str, str] = {}
     seen_names: list[str] = []
     for index, (leaf_path, leaf) in enumerate(flat):
@@ -1099,31 +739,17 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
         missing = [f"{n!r}" if n else f"layer {i} (naming raised)" for i, n in zip(layers, names) if n not in lora]
         if missing:
             raise PeftFormatError(f"{weights_file}: {leaf_path!r} is stacked over {len(layers)} layers, but the adapter "
-                                  f"has no {'IA3' if ia3_file else 'LoRA'} weights for {', '.join(missing[:6])}"
+                                  f"has no {codec.weights_title} weights for {', '.join(missing[:6])}"
                                   f"{' ...' if len(missing) > 6 else ''} (found {present[:3]})")
         for n in names:
             if n in claimed:
                 raise PeftFormatError(f"naming maps both {claimed[n]!r} and {leaf_path!r} to the module {n!r}")
             claimed[n] = leaf_path
-        if isinstance(leaf, AdaptedWeight) and leaf.adapters:
-            methods = sorted({m.method for _, m in leaf.adapters})
-            if ia3_file or "ia3" in methods:
-                raise PeftFormatError(f"{leaf_path!r} already carries {methods} adapters; IA3 cannot be combined with "
-                                      f"other adapters on one kernel (load onto the plain params)")
-        if ia3_file:
-            placements[index] = _build_ia3_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
-                                                config.get("feedforward_modules"), weights_file)
-            if not placements[index].meta[adapter].feedforward and \
-                    any(p == leaf_path.rsplit("/", 1)[0] + "/bias" for p, _ in flat):
-                ia3_with_bias.append(names[0])
-            continue
-        if ada_file:
-            placements[index] = _build_adalora_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
-                                                    config, dropout, weights_file)
-            continue
-        placements[index] = _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
-                                        r_default, alpha_default, rslora, rank_pattern, alpha_pattern, dropout,
-                                        weights_file, use_dora)
+        node = codec.build(peft_format.PeftTarget(leaf_path, leaf, shape, layout, stacked, names, lora, adapter,
+                                                  config, weights_file))
+        placements[index] = node
+        if codec.differs_on_bias(node.meta[adapter]) and any(p == leaf_path.rsplit("/", 1)[0] + "/bias" for p, _ in flat):
+            with_bias.append(names[0])
 
     unmatched = sorted(set(lora) - set(claimed))
     if unmatched:
@@ -1132,12 +758,8 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
             f"{weights_file}: the adapter's module {unmatched[0]!r}"
             f"{f' (and {len(unmatched) - 1} more)' if len(unmatched) > 1 else ''} matches no kernel of params: "
             f"naming mapped no kernel to it. Closest module names naming produced: {closest or sorted(set(seen_names))[:4]}")
-    if ia3_with_bias:
-        import warnings
-
-        warnings.warn(f"{path}: PEFT's IA3 scales the outputs of {ia3_with_bias[:3]}"
-                      f"{' ...' if len(ia3_with_bias) > 3 else ''} including their bias (y = (x W + b) * l); jlora's IA3 "
-                      f"leaves the bias unscaled (y = (x W) * l + b), so outputs differ by b * (l - 1)", stacklevel=2)
+    if with_bias:
+        warnings.warn(f"{path}: {codec.bias_warning(with_bias, saving=False)}", stacklevel=2)
 
     # -- modules_to_save / trained biases -------------------------------------------------------
     _place_modules_to_save(flat, naming, extra, placements, weights_file, PREFIX)
@@ -1175,160 +797,3 @@ def _place_modules_to_save(flat, naming, extra, placements, weights_file, prefix
         like = leaf.value if isinstance(leaf, Trainable) else leaf
         arr = _from_torch_param(leaf_path, like, value, f"{weights_file}: {prefix}{key}")
         placements[index] = Trainable(jnp.asarray(arr, dtype=like.dtype), leaf_path)
-
-
-def _build_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, r_default, alpha_default, rslora,
-                rank_pattern, alpha_pattern, dropout, weights_file, use_dora=False, fixed_scale=None):
-    rest = shape[1:] if stacked else shape
-    embedding = {bool(lora[n].get("embedding")) for n in names}
-    if len(embedding) > 1:
-        raise PeftFormatError(f"{weights_file}: the layers of {leaf_path!r} mix Linear and Embedding LoRA weights")
-    first_a, first_b = lora[names[0]]["A"], lora[names[0]]["B"]
-    if first_a.ndim != 2 or first_b.ndim != 2:
-        raise PeftFormatError(f"{weights_file}: {names[0]!r}: expected 2-D lora_A / lora_B, found shapes "
-                              f"{first_a.shape} and {first_b.shape} (convolution LoRA is not supported)")
-    if layout is None:
-        k = _split_layout(rest, first_a.shape[1], first_b.shape[0], leaf_path)
-        if k is None:
-            raise PeftFormatError(f"{weights_file}: shape mismatch for module {names[0]!r} (params {leaf_path!r} "
-                                  f"{shape}): found lora_A {first_a.shape}, lora_B {first_b.shape}, which fit no "
-                                  f"split of {rest} into inputs x outputs")
-        layout = Layout(1 if stacked else 0, k, len(rest) - k)
-    _, inputs, outputs = layout.split(shape)
-    n_in, n_out = math.prod(inputs), math.prod(outputs)
-
-    factors, ranks, scales = [], [], []
-    for n in names:
-        a, b = lora[n]["A"], lora[n]["B"]
-        r = a.shape[0] if a.ndim == 2 else -1
-        if a.ndim != 2 or b.ndim != 2 or a.shape != (r, n_in) or b.shape != (n_out, r):
-            raise PeftFormatError(
-                f"{weights_file}: shape mismatch for module {n!r} (params {leaf_path!r} {shape}, layout {layout}): "
-                f"expected lora_A (r, {n_in}) and lora_B ({n_out}, r), found {tuple(a.shape)} and {tuple(b.shape)}")
-        if fixed_scale is None:   # LoRA / DoRA: r and alpha from the config's patterns
-            r_cfg = int(_pattern_value(rank_pattern, n, r_default))
-            if r_cfg != r:
-                raise PeftFormatError(f"{weights_file}: module {n!r} has rank {r} in the weights but the config says "
-                                      f"r={r_cfg} (r / rank_pattern)")
-            alpha = _pattern_value(alpha_pattern, n, alpha_default)
-        factors.append((a.T, b.T))
-        ranks.append(r)
-        scales.append(_peft_scale(alpha, r, rslora) if fixed_scale is None else fixed_scale)
-
-    rank, scale = max(ranks), scales[0]
-    a_list, b_list = [], []
-    for (a, b), r, s in zip(factors, ranks, scales):
-        if r < rank:  # zero-pad: the same product, one rank for the stack
-            a = np.concatenate([a, np.zeros((a.shape[0], rank - r), a.dtype)], axis=1)
-            b = np.concatenate([b, np.zeros((rank - r, b.shape[1]), b.dtype)], axis=0)
-        if s != scale:
-            b = (b.astype(np.float32) * (s / scale)).astype(b.dtype)
-        a_list.append(a.reshape(inputs + (rank,)))
-        b_list.append(b.reshape((rank,) + outputs))
-    a = np.stack(a_list) if stacked else a_list[0]
-    b = np.stack(b_list) if stacked else b_list[0]
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    meta = AdapterMeta(method="dora" if use_dora else "lora", rank=int(rank), scale=float(scale), dropout=dropout,
-                       init="peft")
-    extra, cache = {}, {}
-    if use_dora:
-        mags = []
-        for n in names:
-            m = lora[n]["M"]
-            if m.shape != (n_out,):
-                raise PeftFormatError(f"{weights_file}: shape mismatch for module {n!r} (params {leaf_path!r} {shape}, "
-                                      f"layout {layout}): expected lora_magnitude_vector ({n_out},), found {tuple(m.shape)}")
-            mags.append(m.reshape(outputs))
-        m = jnp.asarray(np.stack(mags) if stacked else mags[0])
-        base = leaf.base if isinstance(leaf, AdaptedWeight) else leaf
-        extra = {adapter: {"m": m}}
-        cache = {adapter: {"w0_sq": column_sq_norms(dense(base, jnp.float32), layout)}}
-    return _attach(leaf, leaf_path, layout, adapter, meta, {adapter: a}, {adapter: b}, extra, cache)
-
-
-def _build_adalora_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, config, dropout, weights_file):
-    """An AdaLoRA node (method "adalora", ``extra["e"]`` = ``lora_E``) from PEFT's per-module
-    triplets; scale ``lora_alpha / (init_r + 1e-5)`` as PEFT's ``ranknum``. Layers of a stacked
-    kernel with fewer kept triplets are padded with zero singular values."""
-    init_r = config.get("init_r", 12)
-    if not isinstance(init_r, int) or init_r < 1:
-        raise PeftFormatError(f"{weights_file}: AdaLoRA init_r must be a positive int, got {init_r!r}")
-    pattern = config.get("rank_pattern") or {}
-    for n in names:
-        e, k = lora[n]["E"], lora[n]["A"].shape[0]
-        if e.shape != (k, 1):
-            raise PeftFormatError(f"{weights_file}: module {n!r}: lora_E has shape {tuple(e.shape)}, expected ({k}, 1) "
-                                  f"(one singular value per lora_A row)")
-        mask = pattern.get(f"{n}.lora_E")
-        if mask is not None and (len(mask) != init_r or sum(bool(v) for v in mask) != k):
-            raise PeftFormatError(f"{weights_file}: module {n!r}: rank_pattern keeps {sum(bool(v) for v in mask)} of "
-                                  f"{len(mask)} triplets, but the file holds {k} (init_r={init_r})")
-        if k > init_r:
-            raise PeftFormatError(f"{weights_file}: module {n!r} has {k} triplets > init_r={init_r}")
-    rank = max(lora[n]["A"].shape[0] for n in names)
-    alpha = config.get("lora_alpha", 8)
-    scale = (alpha if alpha > 0 else init_r) / (init_r + 1e-5)
-    # lora_B's columns carry nothing AdaLoRA-specific: the LoRA builder pads and reshapes A and B
-    padded = {}
-    for n in names:
-        a, b, e = lora[n]["A"], lora[n]["B"], lora[n]["E"][:, 0]
-        k = a.shape[0]
-        padded[n] = {"A": a, "B": b, "E": np.concatenate([e, np.zeros(rank - k, e.dtype)])}
-    node = _build_node(leaf_path, leaf, shape, layout, stacked, names, padded, adapter, None, None, False,
-                       {}, {}, dropout, weights_file, fixed_scale=float(scale))
-    e = np.stack([padded[n]["E"] for n in names]) if stacked else padded[names[0]]["E"]
-    meta = dataclasses.replace(node.meta[adapter], method="adalora")
-    lora = node.states[adapter]
-    return node.with_(states={**node.states, adapter: SVDState(a=lora.a, e=jnp.asarray(e), b=lora.b)},
-                      adapters=tuple((k, meta if k == adapter else m) for k, m in node.adapters))
-
-
-def _attach(leaf, leaf_path, layout, adapter, meta, a, b, extra, cache):
-    """``leaf`` (a plain kernel or an AdaptedWeight) with the adapter ``adapter`` added."""
-    base = leaf.base if isinstance(leaf, AdaptedWeight) else leaf
-    new = AdaptedWeight.from_parts(base, layout, ((adapter, meta),), (adapter,), leaf_path,
-                                   a=a, b=b, extra=extra, cache=cache)
-    if isinstance(leaf, AdaptedWeight):
-        if adapter in leaf.names:
-            raise PeftFormatError(f"{leaf_path!r} already has an adapter named {adapter!r}; pass another adapter=")
-        return leaf.add_adapter(adapter, new.states[adapter], meta)
-    return new
-
-
-def _build_ia3_node(leaf_path, leaf, shape, layout, stacked, names, lora, adapter, feedforward_modules, weights_file):
-    rest = shape[1:] if stacked else shape
-    ff = {n: _ia3_feedforward_match(feedforward_modules, n) for n in names}
-    if len(set(ff.values())) > 1:
-        raise PeftFormatError(f"{weights_file}: feedforward_modules {feedforward_modules!r} marks some layers of "
-                              f"{leaf_path!r} as feed-forward and others not ({names[0]!r}: {ff[names[0]]})")
-    feedforward = ff[names[0]]
-    first = lora[names[0]]["L"]
-    want = "(1, in)" if feedforward else "(out, 1)"
-    if first.ndim != 2 or first.shape[0 if feedforward else 1] != 1:
-        raise PeftFormatError(f"{weights_file}: module {names[0]!r} is {'' if feedforward else 'not '}in "
-                              f"feedforward_modules, so ia3_l should be {want}; found {tuple(first.shape)}"
-                              f"{' (convolution IA3 is not supported)' if first.ndim > 2 else ''}")
-    if layout is None:
-        n = first.size
-        fits = [k for k in range(1, len(rest))
-                if (math.prod(rest[:k]) if feedforward else math.prod(rest[k:])) == n]
-        if len(fits) != 1:
-            raise PeftFormatError(
-                f"{weights_file}: module {names[0]!r}: ia3_l {tuple(first.shape)} "
-                f"{'fits no' if not fits else 'fits more than one'} split of {leaf_path!r} {rest} into inputs x "
-                f"outputs" + ("" if not fits else "; pass model=fn, example=args to load_peft"))
-        layout = Layout(1 if stacked else 0, fits[0], len(rest) - fits[0])
-    _, inputs, outputs = layout.split(shape)
-    n_in, n_out = math.prod(inputs), math.prod(outputs)
-    expected = (1, n_in) if feedforward else (n_out, 1)
-    scales = []
-    for n in names:
-        l = lora[n]["L"]
-        if tuple(l.shape) != expected:
-            raise PeftFormatError(f"{weights_file}: shape mismatch for module {n!r} (params {leaf_path!r} {shape}, "
-                                  f"layout {layout}, {'feed-forward' if feedforward else 'not feed-forward'}): expected "
-                                  f"ia3_l {expected}, found {tuple(l.shape)}")
-        scales.append(l.reshape(inputs if feedforward else outputs))
-    l = jnp.asarray(np.stack(scales) if stacked else scales[0])
-    meta = AdapterMeta(method="ia3", rank=0, scale=1.0, dropout=0.0, init="peft", feedforward=bool(feedforward))
-    return _attach(leaf, leaf_path, layout, adapter, meta, {}, {}, {adapter: {"l": l}}, {})

@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from typing import Any, ClassVar, Mapping, NamedTuple
 
 import jax
@@ -57,10 +58,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jlora.core.errors import PeftFormatError
 from jlora.core.nodes import AdapterMeta, Layout, is_adapter_leaf, is_node
 from jlora.core.paths import flatten_with_paths
 from jlora.core.spec import AdapterSpec
 from jlora.core.state import AdapterState, register_state_type
+from jlora.methods import _peft as peft_format
+from jlora.methods.lora import _peft_dropout, check_lora_config_fields, read_lora_factors
 
 __all__ = ["AdaLoRA", "AdaLoRAState", "AdaLoRAAllocator", "adalora_allocator", "budget_schedule",
            "update_importance", "triplet_scores", "mask_threshold", "orthogonal_regularizer",
@@ -204,6 +208,10 @@ class SVDState(AdapterState):
 
     additive: ClassVar[bool] = True
     title: ClassVar[str] = "AdaLoRA"
+
+    @classmethod
+    def before_save(cls, tree, spec):
+        return prepare_for_save(tree, spec)
 
     def factors(self, layout):
         if self.a is None or self.b is None or self.e is None:
@@ -533,3 +541,135 @@ def prepare_for_save(adapted, spec=None):
         spec = copy.copy(spec)  # not dataclasses.replace: the fields are already normalised
         object.__setattr__(spec, "rank_pattern", tuple((k, _as_tuple(v)) for k, v in pattern.items()))
     return truncate(adapted), spec
+
+
+# ------------------------------------------------------------------------------------------
+# PEFT files: peft_type "ADALORA" (lora_A (k, in), lora_E (k, 1), lora_B (out, k) per module)
+
+class AdaLoRACodec(peft_format.PeftCodec):
+    """AdaLoRA as an ``AdaLoraConfig`` file: per module the k triplets whose singular value is
+    non-zero, ``rank_pattern`` ``{"<module>.lora_E": kept mask over init_r}`` (PEFT resizes each
+    module to it on load) and ``lora_alpha = scale * (init_r + 1e-5)`` (PEFT divides by
+    ``ranknum = init_r``). Pass the :class:`AdaLoRA` spec to save_peft to record its schedule."""
+
+    peft_type = "ADALORA"
+    title = "AdaLoRA"
+    kind = "adalora"
+    solo = True
+
+    def export(self, node, adapter, leaf_path, stack, n_in, n_out, embedding):
+        """Per layer (lists for a stacked kernel: the kept rank k may differ per layer) ``lora_A``
+        (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k), keeping the triplets whose singular value is
+        non-zero (all of them when none is: an untrained adapter); ``info["mask"]``: the kept mask."""
+        if embedding:
+            raise ValueError(f"{leaf_path!r}: AdaLoRA on an embedding table has no PEFT form (PEFT's AdaLoRA adapts Linear)")
+        state = node.states[adapter]
+        if state.a is None or state.b is None or state.e is None:
+            raise ValueError(f"save_peft needs the full adapted tree (jlora.combine(trainable, frozen)); "
+                             f"{leaf_path!r} is missing the factors or singular values of adapter {adapter!r}")
+        r = int(state.a.shape[-1])
+        a = np.asarray(state.a).reshape((-1, n_in, r))
+        b = np.asarray(state.b).reshape((-1, r, n_out))
+        e = np.asarray(state.e).reshape((-1, r))
+        out, infos = {"lora_A": [], "lora_E": [], "lora_B": []}, []
+        for i in range(a.shape[0]):
+            keep = e[i] != 0
+            if not keep.any():
+                keep = np.ones_like(keep)
+            out["lora_A"].append(a[i].T[keep])
+            out["lora_E"].append(e[i][keep][:, None])
+            out["lora_B"].append(b[i].T[:, keep])
+            infos.append({"mask": keep.tolist()})
+        if not stack:
+            return {k: v[0] for k, v in out.items()}, r, infos
+        return out, r, infos
+
+    def check_modules(self, modules):
+        scales = {m.scale for m in modules.values()}
+        if len(scales) > 1:
+            raise ValueError(f"save_peft: AdaLoRA modules have different scales {sorted(scales)}; an AdaLoraConfig has "
+                             f"one lora_alpha")
+
+    def config(self, modules, ctx):
+        names = list(modules)
+        ada = ctx.spec if isinstance(ctx.spec, AdaLoRA) else None
+        init_r = int(ada.init_r) if ada is not None else max(modules[m].rank for m in names)
+        too_big = [m for m in names if modules[m].rank > init_r]
+        if too_big:
+            raise ValueError(f"save_peft: AdaLoRA module {too_big[0]!r} has rank {modules[too_big[0]].rank} > init_r {init_r}")
+        scale = modules[names[0]].scale
+        masks = {m: list(modules[m].info["mask"]) for m in names}
+        rank_pattern = {f"{m}.lora_E": masks[m] + [False] * (init_r - len(masks[m])) for m in names}
+        total = int(ada.total_steps) if ada is not None and ada.total_steps else 1
+        return {
+            "alpha_pattern": {}, "auto_mapping": None, **ctx.provenance,
+            "beta1": float(ada.beta1) if ada else 0.85, "beta2": float(ada.beta2) if ada else 0.85, "bias": "none",
+            "deltaT": int(ada.delta_t) if ada else 1, "exclude_modules": None, "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "init_r": init_r, "layers_pattern": None,
+            "layers_to_transform": None, "lora_alpha": scale * (init_r + 1e-5),
+            "lora_dropout": peft_format.most_common([modules[m].dropout for m in names]),
+            "modules_to_save": ctx.modules_to_save or None,
+            "orth_reg_weight": float(ada.orth_reg_weight) if ada else 0.5, "peft_type": "ADALORA", "r": 8,
+            "rank_pattern": rank_pattern, "target_modules": ctx.target_modules,
+            "target_r": int(ada.target_r) if ada else min(init_r, 8), "task_type": ctx.task_type,
+            "tfinal": int(ada.tfinal) if ada else 0, "tinit": int(ada.tinit) if ada else 0, "total_step": total,
+            "use_dora": False, "use_rslora": False,
+        }
+
+    def reads(self, config):
+        return str(config.get("peft_type")).upper() == "ADALORA"
+
+    def check_config(self, config, file):
+        check_lora_config_fields(config, file)
+
+    def parse(self, key, value, modules, weights_file):
+        m = re.fullmatch(r"(.+)\.lora_(A|B|E)", key)
+        if m:
+            modules[m.group(1)][m.group(2)] = value
+            return True
+        if re.fullmatch(r".+\.ranknum", key):   # PEFT's ranknum buffer: init_r, from the config
+            return True
+        if re.search(r"\.lora_[A-Za-z_]+\b", key):
+            raise PeftFormatError(f"{weights_file}: unrecognised AdaLoRA tensor {key!r}")
+        return False
+
+    def check_parts(self, module, parts, weights_file):
+        if "E" not in parts:
+            raise PeftFormatError(f"{weights_file}: AdaLoRA module {module!r} has no lora_E")
+        for part in ("A", "B"):
+            if part not in parts:
+                raise PeftFormatError(f"{weights_file}: module {module!r} has lora_{'AB'.replace(part, '')} but no lora_{part}")
+
+    def build(self, target):
+        """An SVDState from the modules' triplets; scale ``lora_alpha / (init_r + 1e-5)`` as PEFT's
+        ``ranknum``. Layers of a stacked kernel with fewer kept triplets are padded with zero
+        singular values."""
+        config, names, weights_file = target.config, target.names, target.weights_file
+        init_r = config.get("init_r", 12)
+        if not isinstance(init_r, int) or init_r < 1:
+            raise PeftFormatError(f"{weights_file}: AdaLoRA init_r must be a positive int, got {init_r!r}")
+        pattern = config.get("rank_pattern") or {}
+        for n in names:
+            e, k = target.parts[n]["E"], target.parts[n]["A"].shape[0]
+            if e.shape != (k, 1):
+                raise PeftFormatError(f"{weights_file}: module {n!r}: lora_E has shape {tuple(e.shape)}, expected "
+                                      f"({k}, 1) (one singular value per lora_A row)")
+            mask = pattern.get(f"{n}.lora_E")
+            if mask is not None and (len(mask) != init_r or sum(bool(v) for v in mask) != k):
+                raise PeftFormatError(f"{weights_file}: module {n!r}: rank_pattern keeps {sum(bool(v) for v in mask)} "
+                                      f"of {len(mask)} triplets, but the file holds {k} (init_r={init_r})")
+            if k > init_r:
+                raise PeftFormatError(f"{weights_file}: module {n!r} has {k} triplets > init_r={init_r}")
+        alpha = config.get("lora_alpha", 8)
+        scale = (alpha if alpha > 0 else init_r) / (init_r + RANKNUM_EPS)
+        a, b, layout, rank, scale = read_lora_factors(target, fixed_scale=float(scale))
+        singular = []
+        for n in names:
+            e = target.parts[n]["E"][:, 0]
+            singular.append(np.concatenate([e, np.zeros(rank - e.shape[0], e.dtype)]))
+        state = SVDState(a=a, e=jnp.asarray(peft_format.stack_layers(singular, target.stacked)), b=b)
+        meta = AdapterMeta(method="adalora", rank=rank, scale=scale, dropout=_peft_dropout(config), init="peft")
+        return peft_format.attach(target.leaf, target.leaf_path, layout, target.adapter, meta, state)
+
+
+peft_format.register_peft_codec("adalora", AdaLoRACodec())

@@ -21,15 +21,19 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jlora.core.nodes import Layout, dense
+from jlora.core.errors import PeftFormatError
+from jlora.core.nodes import AdaptedWeight, AdapterMeta, Layout, dense
 from jlora.core.state import Gain, LoRAState, register_state_type
-from jlora.methods.lora import LoRA
+from jlora.methods import _peft as peft_format
+from jlora.methods.lora import LoRA, LoRACodec, _peft_dropout, read_lora_factors
 from jlora.methods.qlora import QLoRA
 
 Array = Any
@@ -130,3 +134,62 @@ class QDoRA(_Magnitude, QLoRA):
     base once, at apply time."""
 
     method = "dora"
+
+
+# ------------------------------------------------------------------------------------------
+# PEFT files: peft_type "LORA" with use_dora=true and a lora_magnitude_vector (out,) per module
+
+class DoRACodec(LoRACodec):
+    """DoRA as PEFT writes it: a LoRA file with ``use_dora: true`` and ``lora_magnitude_vector``
+    (jlora's ``m`` flattened over the output axes). ``w0_sq`` is recomputed from the base on load.
+    ``use_dora`` is global in PEFT, so one file cannot mix DoRA and plain LoRA modules."""
+
+    title = "DoRA"
+    kind = "dora"
+    use_dora = True
+
+    def export(self, node, adapter, leaf_path, stack, n_in, n_out, embedding):
+        tensors, r, infos = super().export(node, adapter, leaf_path, stack, n_in, n_out, embedding)
+        if embedding:
+            raise ValueError(f"{leaf_path!r}: DoRA on an embedding table is not written to PEFT files by save_peft "
+                             f"(only DoRA on Linear-like kernels)")
+        m = node.states[adapter].m
+        if m is None:
+            raise ValueError(f"{leaf_path!r}: DoRA adapter {adapter!r} has no magnitude m; pass the full adapted "
+                             f"tree (jlora.combine(trainable, frozen))")
+        m = np.asarray(m)
+        want = stack + tuple(node.layout.split(node.shape)[2])
+        if m.shape != want:
+            raise ValueError(f"{leaf_path!r}: DoRA magnitude of shape {m.shape}, expected stack + outputs {want}")
+        tensors["lora_magnitude_vector"] = m.reshape(stack + (n_out,))  # (out,): PEFT's key has no .weight
+        return tensors, r, infos
+
+    def check_parts(self, module, parts, weights_file):
+        super().check_parts(module, parts, weights_file)
+        if "M" not in parts:
+            raise PeftFormatError(f"{weights_file}: the config has use_dora=true (DoRA) but module {module!r} has no "
+                                  f"lora_magnitude_vector")
+        if parts.get("embedding"):
+            raise PeftFormatError(f"{weights_file}: module {module!r}: DoRA on an embedding (lora_embedding_A/B) is not "
+                                  f"supported by jlora.io.load_peft")
+
+    def build(self, target):
+        a, b, layout, rank, scale = read_lora_factors(target)
+        _, _, outputs = layout.split(target.shape)
+        n_out = math.prod(outputs)
+        mags = []
+        for n in target.names:
+            m = target.parts[n]["M"]
+            if m.shape != (n_out,):
+                raise PeftFormatError(f"{target.weights_file}: shape mismatch for module {n!r} (params "
+                                      f"{target.leaf_path!r} {target.shape}, layout {layout}): expected "
+                                      f"lora_magnitude_vector ({n_out},), found {tuple(m.shape)}")
+            mags.append(m.reshape(outputs))
+        base = target.leaf.base if isinstance(target.leaf, AdaptedWeight) else target.leaf
+        state = DoRAState(a, b, jnp.asarray(peft_format.stack_layers(mags, target.stacked)),
+                          column_sq_norms(dense(base, jnp.float32), layout))
+        meta = AdapterMeta(method="dora", rank=rank, scale=scale, dropout=_peft_dropout(target.config), init="peft")
+        return peft_format.attach(target.leaf, target.leaf_path, layout, target.adapter, meta, state)
+
+
+peft_format.register_peft_codec("dora", DoRACodec())

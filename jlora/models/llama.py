@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.core.errors import CheckpointError
 from jlora.models import _hf
 
 __all__ = [
@@ -57,8 +58,8 @@ DEFAULT_TARGETS = {
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint's tensors do not fit the config (missing, unexpected or mis-shaped tensors)."""
+# a checkpoint's tensors that do not fit the config (missing, unexpected or mis-shaped) raise
+# jlora's one CheckpointError (jlora.core.errors), re-exported here
 
 
 # ---------------------------------------------------------------------------------------------
