@@ -136,7 +136,7 @@ def _run_methods(part: str, methods, common: dict, task, out: pathlib.Path, args
 
 
 def part_a(args) -> dict:
-    from jlora.tasks import ClassificationTask
+    from jlora.cli.tasks import ClassificationTask
 
     out = pathlib.Path(args.out) / "minilm_rt"
     if out.exists():
@@ -152,7 +152,7 @@ def part_a(args) -> dict:
 
 def part_b(args) -> dict:
     import jlora
-    from jlora.tasks_lm import InstructionTask
+    from jlora.cli.tasks_lm import InstructionTask
 
     out = pathlib.Path(args.out) / "smollm2_chat"
     if out.exists():

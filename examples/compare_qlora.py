@@ -165,7 +165,7 @@ def run_summary(r: dict) -> dict:
 def part_a(args) -> dict:
     import jlora
     from jlora import cli
-    from jlora.tasks import ClassificationTask
+    from jlora.cli.tasks import ClassificationTask
 
     t0 = time.perf_counter()
     out = pathlib.Path(args.out) / "minilm_rt"
@@ -212,7 +212,7 @@ def part_b(args) -> dict:
 
     import jlora
     from jlora import cli
-    from jlora.tasks_lm import InstructionTask
+    from jlora.cli.tasks_lm import InstructionTask
 
     t0 = time.perf_counter()
     out = pathlib.Path(args.out) / "smollm2_chat"

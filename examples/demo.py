@@ -26,7 +26,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     from jlora import cli, io as jio
-    from jlora.tasks import ClassificationTask
+    from jlora.cli.tasks import ClassificationTask
 
     out = pathlib.Path(args.out)
     if out.exists():

@@ -31,7 +31,7 @@ def main(argv=None):
 
     import jlora
     from jlora import cli
-    from jlora.tasks_lm import InstructionTask
+    from jlora.cli.tasks_lm import InstructionTask
 
     out = pathlib.Path(args.out)
     if out.exists():

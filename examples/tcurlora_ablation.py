@@ -220,7 +220,7 @@ def main(argv=None):
         return res
     import jax
 
-    from jlora.tasks import ClassificationTask
+    from jlora.cli.tasks import ClassificationTask
 
     res = {"command": "python examples/tcurlora_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "steps": args.steps, "batch": args.batch, "max_length": args.max_length, "seeds": args.seeds,

@@ -1,8 +1,13 @@
 """jlora: parameter-efficient fine-tuning for JAX/Flax as pure transforms over parameter pytrees."""
 
+import importlib
+
+from jlora._version import __version__
+
 from jlora.core.api import (activate, adapter_names, apply, combine, combine_adapters, count,
                             delete_adapter, mark_trainable, merge, merge_error, partition, summary,
                             unmerge)
+from jlora.core.errors import CheckpointError, Error, FactoringError
 from jlora.core.lift import lift
 from jlora.core.nodes import AdaptedWeight, AdapterMeta, Layout, LoRANode, Trainable, is_node
 from jlora.core.spec import Axes
@@ -13,10 +18,8 @@ from jlora.methods.ia3 import IA3
 from jlora.methods.adalora import AdaLoRA, adalora_allocator
 from jlora.methods.prompt import (PrefixTuning, PromptTuning, PTuning, apply_prompt, export_prompt,
                                   prompt_kwargs)
-from jlora.methods.prompt import load_adapter as load_prompt_adapter
 from jlora.methods.tcur import TCURLoRA
 
-__version__ = "0.1.0"
 
 __all__ = [
     "LoRA", "QLoRA", "DoRA", "QDoRA", "IA3", "Axes", "Layout", "AdaptedWeight", "LoRANode", "Trainable", "AdapterMeta", "is_node",
@@ -25,12 +28,13 @@ __all__ = [
     "AdaLoRA", "adalora_allocator",
     "PromptTuning", "PrefixTuning", "PTuning", "apply_prompt", "prompt_kwargs", "export_prompt", "load_prompt_adapter",
     "TCURLoRA",
+    "Error", "FactoringError", "CheckpointError",
 ]
 
 
 def __getattr__(name):  # lazy submodules: `jlora.train`, `jlora.io`, `jlora.distributed`
-    if name in ("train", "io", "distributed", "data", "models", "assets", "tasks", "quant"):
-        import importlib
-
+    if name == "load_prompt_adapter":   # the pre-0.2 name: jlora.io.load_adapter restores a saved prompt itself
+        return importlib.import_module("jlora.io").load_adapter
+    if name in ("train", "io", "distributed", "data", "models", "assets", "quant", "cli"):
         return importlib.import_module(f"jlora.{name}")
     raise AttributeError(f"module 'jlora' has no attribute {name!r}")

@@ -20,6 +20,9 @@ import os
 import pathlib
 import subprocess
 import sys
+import hashlib
+import urllib.request
+import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +119,7 @@ def download_sdist(distribution: str, version: str) -> pathlib.Path:
 
 
 def _fetch_sdist_from_pypi(distribution: str, version: str, directory: pathlib.Path) -> pathlib.Path:
-    import hashlib
-    import urllib.request
 
-    import re
 
     # PyPI's simple index (PEP 503), the same page pip reads.
     with urllib.request.urlopen(f"https://pypi.org/simple/{distribution}/", timeout=60) as r:

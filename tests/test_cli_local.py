@@ -75,7 +75,7 @@ def test_bert_directory_on_a_csv_file_trains_evaluates_and_exports(files, tmp_pa
     config = json.loads((run / "peft" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(files / "my_bert")
     # the label set comes from the data: two classes, names sorted
-    from jlora.tasks import make_task
+    from jlora.cli.tasks import make_task
     task = make_task(str(files / "my_bert"), str(files / "reviews.csv"), max_length=16, seed=0,
                      options={"text_column": "review", "label_column": "sentiment"})
     assert list(task.label_names) == ["negative", "positive"]

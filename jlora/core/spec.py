@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Mapping
 
+import jax.numpy as jnp
+
 from jlora.core.nodes import Layout
 from jlora.core.paths import normalize_patterns
 
@@ -79,6 +81,16 @@ class AdapterSpec:
 
     def quantize_base(self, base, layout: Layout):
         raise NotImplementedError(f"{type(self).__name__} does not rewrite frozen leaves")
+
+    def _check_float_dtype(self, field: str):
+        """Raises TypeError unless ``self.<field>`` names a floating dtype."""
+        value = getattr(self, field)
+        try:
+            ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise TypeError(f"{type(self).__name__} {field} must be a floating dtype, got {value!r}")
 
     def _validate_common(self):
         targets = normalize_patterns(self.targets, "targets")

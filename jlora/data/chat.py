@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jlora.data.instruct import IGNORE_INDEX
+from jlora.models.llama import _gguf_field
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -72,7 +73,6 @@ class TextFormat:
     @classmethod
     def from_gguf(cls, reader, tokenizer) -> "TextFormat":
         """Reads ``tokenizer.chat_template`` and the BOS / EOS ids of a ``gguf.GGUFReader``."""
-        from jlora.models.llama import _gguf_field
 
         template = _gguf_field(reader, "tokenizer.chat_template", None)
         ids = {k: _gguf_field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("bos", "eos", "padding")}

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jlora.core.nodes import AdaptedWeight, Trainable, is_adapter_leaf, is_node
+from jlora.core.nodes import AdaptedWeight, Trainable, is_adapter_leaf, is_node, is_quantized
 from jlora.core.paths import flatten_with_paths
 
 __all__ = [
@@ -170,6 +170,10 @@ def _node_specs(node: AdaptedWeight, spec: P | None, path: str):
     return P(*entries), P(*a), P(*b)
 
 
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
 def _map_leaves(tree, fn):
     """``fn(path, leaf)`` over the adapter-aware leaves of ``tree`` (None entries stay None)."""
     flat, treedef = flatten_with_paths(tree, is_leaf=is_adapter_leaf)
@@ -193,6 +197,8 @@ def partition_specs(tree, rules):
         if is_node(leaf):
             base_s, a_s, b_s = _node_specs(leaf, spec, path)
             v_s = _vector_spec(leaf, spec, path)
+            if is_quantized(leaf.base):   # every array of a QuantizedArray has the stack axes leading
+                base_s = jax.tree_util.tree_map(lambda _: v_s, leaf.base)
             return leaf.with_(base=None if leaf.base is None else base_s,
                               states={n: _state_specs(st, a_s, b_s, v_s) for n, st in leaf.states.items()})
         if isinstance(leaf, Trainable):
@@ -273,14 +279,20 @@ def shardings_for(tree, mesh: Mesh, rules):
     for (path, leaf), (_, spec) in zip(flat, flat_specs):
         if is_node(leaf):
             r = rule_of(path)
-            if leaf.base is not None:
+            if is_quantized(leaf.base):
+                for part, value in zip(jax.tree_util.tree_leaves(spec.base, is_leaf=_is_spec),
+                                       jax.tree_util.tree_leaves(leaf.base)):
+                    _check_spec(part, np.shape(value), mesh, f"{path}/base", r)
+            elif leaf.base is not None:
                 _check_spec(spec.base, leaf.base.shape, mesh, path, r)
             for name, state in leaf.states.items():
                 for k, v in state.arrays().items():
                     if v is not None:
                         _check_spec(getattr(spec.states[name], k), v.shape, mesh, f"{path}/{k}/{name}", r)
             wrap = lambda s: None if s is None else NamedSharding(mesh, s)
-            out.append(spec.with_(base=wrap(spec.base),
+            base = (jax.tree_util.tree_map(wrap, spec.base, is_leaf=_is_spec) if is_quantized(leaf.base)
+                    else wrap(spec.base))
+            out.append(spec.with_(base=base,
                                   states={n: st.replace(**{k: wrap(v) for k, v in st.arrays().items()})
                                           for n, st in spec.states.items()}))
         elif isinstance(leaf, Trainable):

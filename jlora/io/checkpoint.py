@@ -44,17 +44,20 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.core import unfreeze
 
-from jlora.core.api import merge as _merge, reserved_keys
+from jlora.core.api import merge as _merge, reserved_keys, saved_entries, with_entry
 from jlora.core.errors import CheckpointError, CorruptCheckpointError, NonFiniteError
 from jlora.core.nodes import AdapterMeta, Layout, AdaptedWeight, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
+from jlora._version import __version__
+import warnings
 
 FORMAT = "jlora.adapter"
 FORMAT_VERSION = 3          # 2: per-adapter "extra" / "cache" arrays (DoRA, AdaLoRA, IA3); 3: sha256 digests
@@ -302,7 +305,6 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
     if spec is not None and not hasattr(spec, "to_json"):
         raise TypeError(f"spec must be a jlora spec with .to_json(), got {spec!r}")
     check_finite(arrays, f"save_adapter({os.fspath(path)!r})")
-    from jlora import __version__
 
     def write(target):
         os.makedirs(target)
@@ -375,6 +377,10 @@ def load_adapter(path, params):
     """
     meta = read_adapter_metadata(path)
     path = os.path.abspath(os.fspath(path))
+    for key, (placeholders, _) in saved_entries().items():   # e.g. a saved prompt onto plain params
+        records = [r for r in meta.get("trainables", []) if r["path"].split("/", 1)[0] == key]
+        if records and not (isinstance(params, Mapping) and key in params):
+            params = with_entry(params, key, placeholders(records))
     flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
     index = {p: i for i, (p, _) in enumerate(flat)}
 
@@ -481,10 +487,6 @@ def _to_pure(tree):
     to_pure = getattr(tree, "to_pure_dict", None)
     if callable(to_pure):
         return to_pure()
-    try:
-        from flax.core import unfreeze
-    except ImportError:  # pragma: no cover
-        return tree
     return unfreeze(tree)
 
 
@@ -633,7 +635,6 @@ def restore_state(manager: ocp.CheckpointManager, trainable_template, opt_state_
             damaged.append(str(e))
             continue
         if damaged:
-            import warnings
             warnings.warn(f"restored step {s} of {manager.directory}; newer checkpoints are damaged:\n  "
                           + "\n  ".join(damaged), RuntimeWarning, stacklevel=2)
         return restored

@@ -33,10 +33,11 @@ import numpy as np
 
 from jlora.core.nodes import AdaptedWeight, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
-from jlora.io import peft as _peft
+from jlora.io._peft_files import PeftFormatError, WEIGHTS_NAME, _PROMPT_TYPES, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _verify_integrity, _write_adapter_dir
+from jlora.methods.prompt import PROMPT_KEY, _with_entry, _wrap, export_prompt, prompt_params
 
 PREFIX = "base_model."          # prompt-learning PeftModels wrap the transformers model directly
-PROMPT_TYPES = _peft._PROMPT_TYPES
+PROMPT_TYPES = _PROMPT_TYPES
 EMBEDDINGS = "prompt_embeddings"
 #: PEFT task types whose PeftModel subclass injects a prompt (decoder-only / encoder-only models)
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -47,9 +48,8 @@ def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, rev
     """Writes the prompt of ``adapted`` (and its ``Trainable`` head as ``modules_to_save``) as a
     PEFT prompt-learning adapter directory. Returns the path. ``base_model_name_or_path`` and
     ``revision`` go to ``adapter_config.json`` as in :func:`jlora.io.save_peft`."""
-    from jlora.methods.prompt import PROMPT_KEY, export_prompt, prompt_params
 
-    provenance = _peft._provenance(base_model_name_or_path, revision)
+    provenance = _provenance(base_model_name_or_path, revision)
 
     if not callable(naming):
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
@@ -86,17 +86,16 @@ def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, rev
     else:
         raise ValueError(f"save_peft: cannot write the prompt kind {kind!r}")
     tensors = {EMBEDDINGS: np.ascontiguousarray(emb)}
-    save_modules = _peft._modules_to_save_tensors(flat, naming, tensors, PREFIX)
+    save_modules = _modules_to_save_tensors(flat, naming, tensors, PREFIX)
     config.update({"auto_mapping": None, **provenance, "inference_mode": True,
                    "modules_to_save": sorted(set(save_modules)) or None, "num_transformer_submodules": 1,
                    "num_virtual_tokens": int(n_virtual), "task_type": task_type, "token_dim": int(token_dim)})
-    return _peft._write_adapter_dir(path, overwrite, tensors, config)
+    return _write_adapter_dir(path, overwrite, tensors, config)
 
 
 def load_peft_prompt(path, params, naming, config: dict):
     """``params`` with the prompt of the PEFT prompt-learning adapter at ``path`` (whose checked
     ``config`` is given) and its ``modules_to_save`` as ``Trainable`` leaves."""
-    from jlora.methods.prompt import PROMPT_KEY, _with_entry, _wrap
 
     if not isinstance(params, Mapping):
         raise TypeError(f"load_peft: a prompt adapter needs a params mapping to hold {PROMPT_KEY!r}, "
@@ -104,44 +103,44 @@ def load_peft_prompt(path, params, naming, config: dict):
     if PROMPT_KEY in params:
         raise ValueError(f"params already carry a prompt ({PROMPT_KEY!r}); pass the model's params without it")
     path = os.path.abspath(os.fspath(path))
-    weights_file = os.path.join(path, _peft.WEIGHTS_NAME)
+    weights_file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_file):
         raise FileNotFoundError(f"no PEFT adapter weights at {weights_file}")
     metadata: dict = {}
-    raw = _peft._read_safetensors(weights_file, metadata)
-    _peft._verify_integrity(weights_file, raw, metadata, config)
+    raw = _read_safetensors(weights_file, metadata)
+    _verify_integrity(weights_file, raw, metadata, config)
     peft_type = str(config["peft_type"]).upper()
     subs = config.get("num_transformer_submodules") or 1
     if subs != 1:
-        raise _peft.PeftFormatError(f"{path}: num_transformer_submodules={subs} (an encoder-decoder prompt); jlora "
+        raise PeftFormatError(f"{path}: num_transformer_submodules={subs} (an encoder-decoder prompt); jlora "
                                     f"reads decoder-only / encoder-only prompts (1)")
     if EMBEDDINGS not in raw:
-        raise _peft.PeftFormatError(f"{weights_file}: no {EMBEDDINGS!r} tensor (found {sorted(raw)[:4]})")
+        raise PeftFormatError(f"{weights_file}: no {EMBEDDINGS!r} tensor (found {sorted(raw)[:4]})")
     emb = raw.pop(EMBEDDINGS)
     n_virtual, token_dim = config.get("num_virtual_tokens"), config.get("token_dim")
     if emb.ndim != 2 or (n_virtual is not None and emb.shape[0] != n_virtual):
-        raise _peft.PeftFormatError(f"{weights_file}: {EMBEDDINGS} has shape {emb.shape}, expected "
+        raise PeftFormatError(f"{weights_file}: {EMBEDDINGS} has shape {emb.shape}, expected "
                                     f"(num_virtual_tokens={n_virtual}, ...)")
     if peft_type == "PREFIX_TUNING":
         layers, heads = config.get("num_layers"), config.get("num_attention_heads")
         if not all(isinstance(v, int) and v > 0 for v in (layers, heads, token_dim)) or token_dim % heads \
                 or emb.shape[1] != 2 * layers * token_dim:
-            raise _peft.PeftFormatError(
+            raise PeftFormatError(
                 f"{weights_file}: {EMBEDDINGS} {emb.shape} does not fit num_layers={layers}, num_attention_heads="
                 f"{heads}, token_dim={token_dim} (expected (P, 2 * num_layers * token_dim))")
         entry = {"prefix_tuning": {"embedding": emb.reshape(emb.shape[0], layers, 2, heads, token_dim // heads)}}
     else:                                   # PROMPT_TUNING and P_TUNING: the saved table is the final prompt
         if token_dim is not None and emb.shape[1] != token_dim:
-            raise _peft.PeftFormatError(f"{weights_file}: {EMBEDDINGS} {emb.shape} does not fit token_dim={token_dim}")
+            raise PeftFormatError(f"{weights_file}: {EMBEDDINGS} {emb.shape} does not fit token_dim={token_dim}")
         entry = {"prompt_tuning": {"embedding": emb}}
     extra = {}
     for key, value in raw.items():
         if not key.startswith(PREFIX):
-            raise _peft.PeftFormatError(f"{weights_file}: unexpected tensor {key!r} in a {peft_type} adapter")
+            raise PeftFormatError(f"{weights_file}: unexpected tensor {key!r} in a {peft_type} adapter")
         extra[key[len(PREFIX):]] = value
     flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
     placements = {}
-    _peft._place_modules_to_save(flat, naming, extra, placements, weights_file, PREFIX)
+    _place_modules_to_save(flat, naming, extra, placements, weights_file, PREFIX)
     leaves = [placements.get(i, leaf) for i, (_, leaf) in enumerate(flat)]
     out = jax.tree_util.tree_unflatten(treedef, leaves)
     return _with_entry(out, _wrap(jax.tree_util.tree_map(jnp.asarray, entry), PROMPT_KEY))

@@ -81,12 +81,7 @@ class IA3(AdapterSpec):
     def __post_init__(self):
         self._validate_common()
         object.__setattr__(self, "feedforward", normalize_patterns(self.feedforward, "feedforward"))
-        try:
-            dt = jnp.dtype(self.dtype)
-        except TypeError:
-            raise TypeError(f"IA3 dtype must be a floating dtype, got {self.dtype!r}") from None
-        if not jnp.issubdtype(dt, jnp.floating):
-            raise TypeError(f"IA3 dtype must be a floating dtype, got {self.dtype!r}")
+        self._check_float_dtype("dtype")
 
     def is_feedforward(self, path: str) -> bool:
         return bool(self.feedforward) and matches(path, self.feedforward)

@@ -51,13 +51,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.nodes import Trainable, unwrap
+from jlora.core import api as _api
+from jlora.core.nodes import Trainable, is_adapter_leaf, unwrap
+from jlora.core.paths import flatten_with_paths, matches
 
 PROMPT_KEY = "jlora_prompt"
 IGNORE_INDEX = -100
@@ -260,9 +262,6 @@ def _linear(key, n_in, n_out, out_shape=None):
 
 
 def _find_embedding(params, pattern: str, hidden: int):
-    from jlora.core.nodes import is_adapter_leaf
-    from jlora.core.paths import flatten_with_paths, matches
-
     flat, _ = flatten_with_paths(params, is_leaf=is_adapter_leaf)
     hits = [(p, unwrap(l)) for p, l in flat if matches(p, (pattern,), modules=False)]
     if len(hits) != 1:
@@ -318,32 +317,39 @@ def _lstm_params(key, n_in, hidden, layers):
     return out
 
 
-def _llama_config(model):
-    from jlora.models import llama
+def check_prefix(prefix, num_layers: int, batch: int, heads: int, head_dim: int, heads_name: str = "heads") -> int:
+    """Validates a prompt-protocol ``prefix`` (``{"k", "v"}``, each ``(num_layers, batch, P, heads,
+    head_dim)``) for a model with these sizes; returns its length P. Models call it on entry."""
+    if not isinstance(prefix, Mapping) or set(prefix) != {"k", "v"}:
+        raise ValueError(f"prefix must be a dict with keys 'k' and 'v', got {type(prefix).__name__}"
+                         f"{sorted(prefix) if isinstance(prefix, Mapping) else ''}")
+    want = (num_layers, batch, None, heads, head_dim)
+    for name in ("k", "v"):
+        shape = tuple(np.shape(prefix[name]))
+        if len(shape) != 5 or any(w is not None and w != s for w, s in zip(want, shape)):
+            raise ValueError(f"prefix[{name!r}] has shape {shape}; expected (num_layers, batch, P, {heads_name}, "
+                             f"head_dim) = ({want[0]}, {batch}, P, {want[3]}, {want[4]})")
+    if np.shape(prefix["k"]) != np.shape(prefix["v"]):
+        raise ValueError(f"prefix k and v shapes differ: {np.shape(prefix['k'])} vs {np.shape(prefix['v'])}")
+    return int(np.shape(prefix["k"])[2])
 
-    config = getattr(model, "config", None)
-    if not isinstance(config, llama.LlamaConfig):
-        raise ValueError(f"PrefixTuning(init='vocab' | 'text') needs model= a jlora Llama (its KV cache gives the "
-                         f"keys/values), got {type(model).__name__}; use init='random' for other models")
-    return config
+
+def _prefix_model(model):
+    """``model`` if it implements the prefix-initialisation protocol: ``model.token_prefix(params,
+    ids)`` (the keys/values its layers compute for ``ids``) and ``model.config.vocab_size``."""
+    if not callable(getattr(model, "token_prefix", None)) or not hasattr(getattr(model, "config", None), "vocab_size"):
+        raise ValueError(f"PrefixTuning(init='vocab' | 'text') needs model= a jlora Llama (or any model whose "
+                         f"token_prefix(params, ids) gives the keys/values its KV cache holds), got "
+                         f"{type(model).__name__}; use init='random' for other models")
+    return model
 
 
 def token_prefix(model, params, ids):
-    """The keys/values ``(P, L, 2, kv_heads, head_dim)`` that ``model`` (a jlora Llama) computes for
-    the token ids ``ids`` (P,) run as one sequence at positions ``0..P-1``: a deep prefix equal to
-    having those tokens in front of the input. ``params`` may carry adapters (the forward is lifted)."""
-    from jlora.core.lift import lift
-    from jlora.models import llama
-
-    config = _llama_config(model)
-    ids = jnp.asarray(ids, jnp.int32)[None]
-    n = ids.shape[1]
-    _, cache = lift(model.apply)(params, ids, cache=llama.init_cache(config, 1, n, jnp.float32))
-    layers = cache["layers"]
-    k = layers["k"] if config.scan_layers else jnp.stack([l["k"] for l in layers])
-    v = layers["v"] if config.scan_layers else jnp.stack([l["v"] for l in layers])
-    kv = jnp.stack([k[:, 0, :n], v[:, 0, :n]], axis=2)            # (L, P, 2, KV, D)
-    return jax.lax.stop_gradient(jnp.moveaxis(kv, 1, 0).astype(jnp.float32))
+    """The keys/values ``(P, L, 2, kv_heads, head_dim)`` that ``model`` computes for the token ids
+    ``ids`` (P,) run as one sequence at positions ``0..P-1``: a deep prefix equal to having those
+    tokens in front of the input (``model.token_prefix``; a jlora Llama implements it). ``params``
+    may carry adapters (the forward is lifted)."""
+    return _prefix_model(model).token_prefix(params, ids)
 
 
 def init_prompt(spec, key, config, *, embedding_table=None, tokenizer=None, prefix=None) -> dict:
@@ -398,14 +404,8 @@ def _wrap(tree, prefix: str):
 
 
 def _with_entry(params, value):
-    """``params`` (a dict or FrozenDict of collections) with the top-level prompt entry set to ``value``."""
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a mapping of collections (e.g. {{'params': ...}}), got {type(params).__name__}")
-    if type(params).__name__ == "FrozenDict":
-        return params.copy({PROMPT_KEY: value})
-    out = dict(params)
-    out[PROMPT_KEY] = value
-    return out
+    """``params`` with the top-level prompt entry set to ``value``."""
+    return _api.with_entry(params, PROMPT_KEY, value)
 
 
 def apply_prompt(params, spec, key=None, *, config, tokenizer=None, model=None):
@@ -438,7 +438,7 @@ def apply_prompt(params, spec, key=None, *, config, tokenizer=None, model=None):
             raise ValueError(f"PrefixTuning(init={spec.init!r}) needs model= (the Llama that params belong to): the "
                              f"prefix starts as the keys/values it computes for real tokens")
         k_ids = jax.random.split(key)[0]           # the key init_prompt would draw the embedding with
-        ids = prompt_init_ids(spec, _llama_config(model).vocab_size, k_ids, tokenizer)
+        ids = prompt_init_ids(spec, _prefix_model(model).config.vocab_size, k_ids, tokenizer)
         prefix = token_prefix(model, params, ids)
     plain = init_prompt(spec, key, g, embedding_table=table, tokenizer=tokenizer, prefix=prefix)
     return _with_entry(params, _wrap(plain, PROMPT_KEY))
@@ -596,21 +596,4 @@ def _placeholders(records):
     return tree
 
 
-def load_adapter(path, params):
-    """:func:`jlora.io.load_adapter` that also restores a saved prompt: the ``"jlora_prompt"``
-    entry recorded in the checkpoint is added to ``params`` (which must not carry one), then every
-    recorded leaf is loaded. Works for checkpoints without a prompt too.
-
-    Example::
-
-        adapted = jlora.load_prompt_adapter("run/adapter", params)
-    """
-    from jlora.io.checkpoint import load_adapter as _load, read_adapter_metadata
-
-    meta = read_adapter_metadata(path)
-    records = [r for r in meta.get("trainables", []) if r["path"].split("/", 1)[0] == PROMPT_KEY]
-    if records:
-        if isinstance(params, Mapping) and PROMPT_KEY in params:
-            raise ValueError(f"params already carry a prompt ({PROMPT_KEY!r}); pass the model's params without it")
-        params = _with_entry(params, _placeholders(records))
-    return _load(path, params)
+_api.register_saved_entry(PROMPT_KEY, _placeholders, "a prompt")

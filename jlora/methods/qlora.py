@@ -64,12 +64,7 @@ class QLoRA(LoRA):
             raise ValueError(f"QLoRA block must be an even int >= 2, got {self.block!r}")
         if self.double_quant and self.quant == "int8":
             raise ValueError("QLoRA double_quant applies to 4-bit schemes only; use double_quant=False with int8")
-        try:
-            dt = jnp.dtype(self.compute_dtype)
-        except TypeError:
-            raise TypeError(f"QLoRA compute_dtype must be a floating dtype, got {self.compute_dtype!r}") from None
-        if not jnp.issubdtype(dt, jnp.floating):
-            raise TypeError(f"QLoRA compute_dtype must be a floating dtype, got {self.compute_dtype!r}")
+        self._check_float_dtype("compute_dtype")
         qf = self.quantize_frozen
         if qf is not None and qf != "all-linear":
             object.__setattr__(self, "quantize_frozen", normalize_patterns(qf, "quantize_frozen"))

@@ -289,7 +289,17 @@ def _summary_lines(tree):
     return lines
 
 
-_api.register_expander(RESERVED, expand, _summary_lines)
+def _prune(tree):
+    """``tree`` without the groups of ``"jlora_tcur"`` that no node's adapter uses (the whole entry
+    when none is left), so deleting the adapter leaves no trainable core behind."""
+    used = {m.group for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_adapter_leaf) if is_node(leaf)
+            for _, m in leaf.adapters if m.group}
+    groups = {g: v for g, v in tree[RESERVED].items() if g in used}
+    rest = {k: v for k, v in tree.items() if k != RESERVED}
+    return type(tree)({**rest, RESERVED: groups} if groups else rest)
+
+
+_api.register_expander(RESERVED, expand, _summary_lines, _prune)
 register_state_type("tcur", LoRAState)   # per-node factors, filled in by expand from the shared cores
 
 

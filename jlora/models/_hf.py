@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
 #: ``layer_<i>``: one encoder layer in the per-layer layout (BERT, ViT).
 LAYER_KEY = re.compile(r"layer_(\d+)")
@@ -210,9 +211,7 @@ def read_safetensors(source, normalise_name: Callable[[str], str],
     file. Two names that normalise to one key raise ``ValueError(duplicate_message(path,
     first_name, second_name))``.
     """
-    import json
 
-    from safetensors.numpy import load_file
 
     p = pathlib.Path(source)
     files = [p]

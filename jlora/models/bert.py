@@ -46,7 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.methods.prompt import check_prefix
 from jlora.models import _hf
+from flax.core import unfreeze
+from jlora import assets
 
 __all__ = [
     "BertConfig", "BertModel", "BertForSequenceClassification", "BertEmbeddings", "BertLayer",
@@ -300,18 +303,7 @@ def _mask_bias(attention_mask, shape):
 
 def _check_prefix(prefix, cfg, batch: int) -> int:
     """Validates a prompt-protocol prefix; returns its length P."""
-    if not isinstance(prefix, Mapping) or set(prefix) != {"k", "v"}:
-        raise ValueError(f"prefix must be a dict with keys 'k' and 'v', got {type(prefix).__name__}"
-                         f"{sorted(prefix) if isinstance(prefix, Mapping) else ''}")
-    want = (cfg.num_hidden_layers, batch, None, cfg.num_attention_heads, cfg.head_dim)
-    for name in ("k", "v"):
-        shape = tuple(np.shape(prefix[name]))
-        if len(shape) != 5 or any(w is not None and w != s for w, s in zip(want, shape)):
-            raise ValueError(f"prefix[{name!r}] has shape {shape}; expected (num_layers, batch, P, heads, head_dim) = "
-                             f"({want[0]}, {batch}, P, {want[3]}, {want[4]})")
-    if np.shape(prefix["k"]) != np.shape(prefix["v"]):
-        raise ValueError(f"prefix k and v shapes differ: {np.shape(prefix['k'])} vs {np.shape(prefix['v'])}")
-    return int(np.shape(prefix["k"])[2])
+    return check_prefix(prefix, cfg.num_hidden_layers, batch, cfg.num_attention_heads, cfg.head_dim)
 
 
 def _bert_body(cfg, input_ids, attention_mask, token_type_ids, position_ids, deterministic,
@@ -405,7 +397,6 @@ class BertForSequenceClassification(nn.Module):
 # layouts: per-layer <-> stacked
 
 def _unfreeze(tree):
-    from flax.core import unfreeze
     return unfreeze(tree) if hasattr(tree, "unfreeze") else jax.tree_util.tree_map(lambda x: x, tree)
 
 
@@ -572,7 +563,6 @@ def load_pretrained(directory=None, num_labels: int | None = None, scan_layers: 
     from tokenizers import Tokenizer
 
     if directory is None:
-        from jlora import assets
         directory = assets.path("minilm", "model")
     directory = pathlib.Path(directory)
     extra = dict(scan_layers=scan_layers, remat=remat, dtype=dtype, param_dtype=param_dtype, **overrides)

@@ -41,7 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.errors import CheckpointError
+from jlora.core.lift import lift
+from jlora.methods.prompt import check_prefix
 from jlora.models import _hf
+from safetensors import safe_open
+from jlora import assets
 
 __all__ = [
     "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "RMSNorm",
@@ -478,6 +482,21 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             self.lm_head = _dense(self.config, self.config.vocab_size, False, None)
 
+    def token_prefix(self, params, ids):
+        """The keys/values ``(P, L, 2, kv_heads, head_dim)`` (float32, no gradient) this model's layers
+        compute for the token ids ``ids`` (P,) run as one sequence at positions ``0..P-1``: a deep
+        prefix equal to having those tokens in front of the input (PEFT's prefix init from a text or
+        the vocabulary). ``params`` may carry adapters (the forward is lifted)."""
+        config = self.config
+        ids = jnp.asarray(ids, jnp.int32)[None]
+        n = ids.shape[1]
+        _, cache = lift(self.apply)(params, ids, cache=init_cache(config, 1, n, jnp.float32))
+        layers = cache["layers"]
+        k = layers["k"] if config.scan_layers else jnp.stack([l["k"] for l in layers])
+        v = layers["v"] if config.scan_layers else jnp.stack([l["v"] for l in layers])
+        kv = jnp.stack([k[:, 0, :n], v[:, 0, :n]], axis=2)            # (L, P, 2, KV, D)
+        return jax.lax.stop_gradient(jnp.moveaxis(kv, 1, 0).astype(jnp.float32))
+
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, prompt_embeddings=None,
                  prefix=None):
         h, new_cache = self.model(input_ids, attention_mask, positions, cache, prompt_embeddings, prefix)
@@ -525,18 +544,8 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None, prefix
 
 def _prefix_length(prefix, config: LlamaConfig, batch: int) -> int:
     """Validates a prompt-protocol prefix against the config; returns its length P."""
-    if not isinstance(prefix, Mapping) or set(prefix) != {"k", "v"}:
-        raise ValueError(f"prefix must be a dict with keys 'k' and 'v', got {type(prefix).__name__}"
-                         f"{sorted(prefix) if isinstance(prefix, Mapping) else ''}")
-    want = (config.num_hidden_layers, batch, None, config.num_key_value_heads, config.head_dim)
-    for name in ("k", "v"):
-        shape = tuple(np.shape(prefix[name]))
-        if len(shape) != 5 or any(w is not None and w != s for w, s in zip(want, shape)):
-            raise ValueError(f"prefix[{name!r}] has shape {shape}; expected (num_layers, batch, P, num_kv_heads, "
-                             f"head_dim) = ({want[0]}, {batch}, P, {want[3]}, {want[4]})")
-    if np.shape(prefix["k"]) != np.shape(prefix["v"]):
-        raise ValueError(f"prefix k and v shapes differ: {np.shape(prefix['k'])} vs {np.shape(prefix['v'])}")
-    return int(np.shape(prefix["k"])[2])
+    return check_prefix(prefix, config.num_hidden_layers, batch, config.num_key_value_heads, config.head_dim,
+                        heads_name="num_kv_heads")
 
 
 def _check_prompt_embeddings(prompt_embeddings, batch: int, hidden: int):
@@ -916,7 +925,6 @@ class LazySafetensors(_Lazy):
     ``reads`` counts the tensors read."""
 
     def __init__(self, files):
-        from safetensors import safe_open
 
         where = {}
         for f in files:
@@ -927,7 +935,6 @@ class LazySafetensors(_Lazy):
         self.reads = 0
 
     def _get(self, name):
-        from safetensors import safe_open
 
         self.reads += 1
         with safe_open(self._sources[name], framework="flax") as fh:   # "flax": handles bfloat16
@@ -1075,7 +1082,6 @@ def load_pretrained(name_or_path: str = "smollm2", *, scan_layers: bool = False,
     ``tokenizer.json``, or None).
     """
     if name_or_path == "smollm2":
-        from jlora import assets
 
         path = assets.ensure("smollm2") / SMOLLM2_GGUF
     else:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Callable, Iterator
 
 import jax
@@ -71,11 +72,9 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
         raise ValueError(f"start_step must be an int in [0, num_steps={num_steps}), got {start_step!r}")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive int (or None), got {checkpoint_every!r}")
-    from tqdm.auto import tqdm
-
     log = open(log_path, "a") if log_path else None
     history = []
-    bar = tqdm(total=num_steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = _progress_bar(num_steps, start_step, desc, progress)
     start = last_t = time.perf_counter()
     last_step = start_step
     # device-side counters (no host sync per step): skips so far, the current run of consecutive
@@ -173,6 +172,30 @@ def _accumulate(acc, loss, skipped, i):
     finite = jnp.isfinite(loss)
     return (skips + skipped, run, jnp.where(longer, run, worst), jnp.where(longer, i, worst_end),
             win_sum + jnp.where(finite, loss, 0.0).astype(jnp.float32), win_n + finite.astype(jnp.int32))
+
+
+class _NoBar:
+    def set_postfix(self, postfix):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(num_steps, start_step, desc, progress):
+    """A tqdm bar (tqdm comes with ``jlora[cli]``); without tqdm, no bar (and a warning if one was asked for)."""
+    if not progress:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("fit(progress=True) shows a progress bar only with tqdm installed (pip install 'jlora[cli]' "
+                      "or tqdm); training without one", stacklevel=3)
+        return _NoBar()
+    return tqdm(total=num_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
 
 def plot_history(history, path: str, title: str = "") -> str:

@@ -33,8 +33,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jlora.core.api import combine
-from jlora.core.nodes import Trainable, is_adapter_leaf, is_node
+from jlora.core.nodes import is_adapter_leaf, is_node
 from jlora.core.paths import flatten_with_paths
+from jlora.distributed import sharding as shd
+from jax.sharding import Mesh
 
 __all__ = ["make_step", "init_opt_state", "StepState"]
 
@@ -222,8 +224,6 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
     _check_adapter_update(adapter_update)
     extra_loss = getattr(adapter_update, "loss", None)
     if mesh is not None:
-        from jlora.distributed import sharding as shd
-        from jax.sharding import Mesh
         if not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         batch_axes = shd._batch_axes(mesh, batch_axes)
@@ -397,7 +397,6 @@ def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, mesh=N
                              f"`jlora.partition(adapted)`, not the adapted tree itself")
     if mesh is None:
         return optimizer.init(trainable)
-    from jlora.distributed import sharding as shd
     t_sh = shd.shardings_for(trainable, mesh, rules)
     abstract = jax.eval_shape(optimizer.init, trainable)
     o_sh = shd.opt_state_shardings(abstract, trainable, t_sh, mesh)

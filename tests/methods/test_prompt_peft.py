@@ -18,7 +18,7 @@ import pytest
 import jlora
 from jlora.methods import prompt as jp
 from jlora.models import bert, llama
-from jlora.tasks_lm import masked_lm_loss
+from jlora.cli.tasks_lm import masked_lm_loss
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -25,14 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import json
+import pathlib
+from jlora import data as jdata
+from jlora.data import files
+from jlora.models import bert
+from jlora.methods.prompt import prompt_kwargs
+from jlora.data import tokenize_classification
+from jlora.cli.options import DATA_OPTIONS
+from jlora.cli.tasks_lm import InstructionTask
+from jlora.models import vit
 
 CLASSIFICATION_DATA = ("rotten_tomatoes", "bbc_news")
 MODELS = ("minilm", "smollm2")
 #: config.json ``model_type`` -> the jlora model family that runs it
 FAMILIES = {"bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama", "vit": "vit"}
-#: data options (CLI flags) and their defaults; None columns are detected from the file
-DATA_OPTIONS = dict(text_column=None, label_column="label", prompt_column=None, response_column=None,
-                    messages_column=None, validation_file=None, test_file=None, packing=False, image_column=None)
 
 
 class ModelError(ValueError):
@@ -43,8 +50,6 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     """``(family, path)`` for a model name: ``("bert", None)`` for ``minilm``, ``("llama", "smollm2")``
     for ``smollm2``, else the family read from a directory's ``config.json`` (``model_type``) or a
     ``.gguf`` file. Anything else raises :class:`ModelError` naming what is supported."""
-    import json
-    import pathlib
 
     if name == "minilm":
         return "bert", None
@@ -92,9 +97,6 @@ class ClassificationTask:
     peft_task_type = "SEQ_CLS"     # PEFT files: PeftModelForSequenceClassification (needed for prompts)
 
     def __post_init__(self):
-        from jlora import data as jdata
-        from jlora.data import files
-        from jlora.models import bert
 
         opts = {**DATA_OPTIONS, **(self.options or {})}
         text_col, label_col = opts["text_column"] or "text", opts["label_column"] or "label"
@@ -130,7 +132,6 @@ class ClassificationTask:
         return (a["input_ids"][:2], a["attention_mask"][:2], a["token_type_ids"][:2])
 
     def forward(self, lifted: Callable, params, batch, train: bool = False, key=None):
-        from jlora.methods.prompt import prompt_kwargs
 
         kwargs = {}
         if train and key is not None:
@@ -182,7 +183,6 @@ class ClassificationTask:
     def predict(self, lifted: Callable, params, texts, batch_size: int = 64) -> np.ndarray:
         """Class probabilities ``(len(texts), num_labels)`` for raw texts, tokenised as in training
         (truncated / padded to ``max_length``); columns follow :attr:`label_names`."""
-        from jlora.data import tokenize_classification
 
         texts = [str(t) for t in texts]
         if not texts:
@@ -202,7 +202,6 @@ def make_task(model: str, data: str, *, options: dict | None = None, param_dtype
         return ImageClassificationTask(data=data, model_path=path, options=options, **kw)
     if family == "bert":
         return ClassificationTask(data=data, model_path=path, options=options, **kw)
-    from jlora.tasks_lm import InstructionTask  # noqa: WPS433 (heavy: GGUF)
 
     return InstructionTask(data=data, model_path=path, options=options, param_dtype=param_dtype, **kw)
 
@@ -228,11 +227,7 @@ class ImageClassificationTask(ClassificationTask):
     peft_task_type = None
 
     def __post_init__(self):
-        import json
-        import pathlib
 
-        from jlora.data import files
-        from jlora.models import vit
 
         opts = {**DATA_OPTIONS, **(self.options or {})}
         image_col, label_col = opts["image_column"] or "image", opts["label_column"] or "label"
@@ -270,7 +265,6 @@ class ImageClassificationTask(ClassificationTask):
 
     def read_images(self, paths, base=None) -> np.ndarray:
         """uint8 ``(n, height, width, 3)`` for image files (paths relative to ``base``)."""
-        import pathlib
 
         from PIL import Image, UnidentifiedImageError
 

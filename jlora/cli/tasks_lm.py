@@ -12,6 +12,16 @@ import numpy as np
 
 from jlora.data.instruct import IGNORE_INDEX
 from jlora.methods.prompt import pad_labels, prompt_kwargs
+import pathlib
+from jlora.data.chat import TextFormat
+from jlora import assets
+from jlora.models.llama import SMOLLM2_GGUF
+from jlora import data as jdata
+from jlora.models import llama
+from jlora.cli.options import DATA_OPTIONS
+from jlora.data import chat, files
+from jlora.data.chat import _special_prefix, generation_prompt
+from jlora.data.instruct import chat_prompt
 
 
 def masked_lm_loss(logits, labels):
@@ -60,13 +70,9 @@ def _pair_columns(cols, opts) -> tuple[str, str | None, str] | None:
 def _text_format(model_path, tokenizer):
     """The chat template and special tokens of a checkpoint (a directory, or a GGUF file whose
     ``tokenizer`` has already been built by the loader)."""
-    import pathlib
 
-    from jlora.data.chat import TextFormat
 
     if model_path in (None, "smollm2"):
-        from jlora import assets
-        from jlora.models.llama import SMOLLM2_GGUF
 
         model_path = str(assets.ensure("smollm2") / SMOLLM2_GGUF)
     if str(model_path).endswith(".gguf"):
@@ -92,7 +98,7 @@ class InstructionTask:
     scan_layers: bool = False
     loaded: tuple | None = None   # (model, params, tokenizer) to reuse, e.g. a tiny model in tests
     model_path: str | None = "smollm2"   # "smollm2", a .gguf file or a Hugging Face directory
-    options: dict | None = None          # jlora.tasks.DATA_OPTIONS for a data file
+    options: dict | None = None          # jlora.cli.options.DATA_OPTIONS for a data file
     param_dtype: str | None = None       # read the weights in this dtype (e.g. "bfloat16"); None: float32
 
     kind = "instruction"
@@ -100,9 +106,6 @@ class InstructionTask:
     peft_task_type = "CAUSAL_LM"
 
     def __post_init__(self):
-        from jlora import data as jdata
-        from jlora.data import files
-        from jlora.models import llama
 
         if self.loaded is None:
             self.loaded = llama.load_pretrained(self.model_path or "smollm2", scan_layers=self.scan_layers,
@@ -127,7 +130,6 @@ class InstructionTask:
                 self.arrays = {name: self._pairs([_prompt(i, x) for i, x in zip(ds["instruction"], ds["input"])],
                                                  ds["response"]) for name, ds in self.splits.items()}
             return
-        from jlora.tasks import DATA_OPTIONS
 
         opts = {**DATA_OPTIONS, **(self.options or {})}
         self.splits = files.local_splits(self.data, opts["validation_file"], opts["test_file"], seed=self.seed)
@@ -139,14 +141,12 @@ class InstructionTask:
                 raise ValueError(f"{name} split: the tokenizer's ids do not fit the model: {e}") from None
 
     def _pairs(self, prompts, responses):
-        from jlora.data import chat
 
         fmt = self._chat_format() if self.bundled_chatml and not self.from_file else self.text_format
         return chat.tokenize_pairs(prompts, responses, self.tokenizer, fmt, self.max_length, packing=self.packing)
 
     def _file_arrays(self, ds, opts):
         """Arrays for one split of a data file, by the columns it has (see the class docstring)."""
-        from jlora.data import chat, files
 
         where, cols = f"data file {self.data}", ds.column_names
         flags = ("--messages-column", "--prompt-column", "--response-column", "--text-column")
@@ -176,7 +176,6 @@ class InstructionTask:
             f"them with {', '.join(flags)}")
 
     def _chat_format(self):
-        from jlora.data.chat import TextFormat
 
         if self.bundled_chatml and (self.text_format.chat_template is None or not self.from_file):
             return TextFormat(CHATML_JINJA, eos_token="<|im_end|>")
@@ -228,8 +227,6 @@ class InstructionTask:
         return self.generate_batch(lifted, params, [instruction], max_new_tokens, **sampling)[0]
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        from jlora.data.chat import _special_prefix, generation_prompt
-        from jlora.data.instruct import chat_prompt
 
         if self.bundled_chatml:
             return self.tokenizer.encode(chat_prompt(prompt), add_special_tokens=False).ids
@@ -247,7 +244,6 @@ class InstructionTask:
         """Replies to ``prompts`` in one batched KV-cache decode: each prompt is rendered as the data
         was (the checkpoint's chat template, or ChatML for the bundled SmolLM2), left-padded, and
         decoded greedily (``temperature=0``) or sampled until EOS or ``max_new_tokens``."""
-        from jlora.models import llama
 
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.60}")

@@ -24,8 +24,11 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from safetensors.numpy import save_file
 
+from jlora.core.paths import flatten_with_paths
 from jlora.io.checkpoint import check_finite
+from jlora.models import bert, llama, vit
 
 #: safetensors dtype names as config.json's ``torch_dtype`` spells them
 _TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -39,9 +42,6 @@ def hf_tensors(params, family: str, config, *, dtype=None) -> dict[str, np.ndarr
     under ``bert.`` / ``vit.`` plus ``classifier.*``, or the bare encoder without a classifier). Scanned (stacked) layers are unstacked. ``dtype``
     casts every floating tensor. Raises ValueError for an unknown family or a leaf with no HF name.
     """
-    from jlora.core.paths import flatten_with_paths
-    from jlora.models import bert, llama
-
     root = params.get("params", params) if isinstance(params, Mapping) else params
     host = jax.tree_util.tree_map(np.asarray, jax.device_get({"params": dict(root)}))
     out = {}
@@ -52,8 +52,6 @@ def hf_tensors(params, family: str, config, *, dtype=None) -> dict[str, np.ndarr
             name = llama.hf_param_name(path)
             out[name] = leaf.T if path.endswith("/kernel") else leaf
     elif family in ("bert", "vit"):
-        from jlora.models import vit
-
         module = bert if family == "bert" else vit
         if "layer" in host["params"].get("encoder", {}) or "layers" in host["params"].get("encoder", {}):
             host = jax.tree_util.tree_map(np.asarray, module.unstack_layers(host))
@@ -118,7 +116,6 @@ def save_hf_directory(path, tensors: Mapping[str, np.ndarray], config_json: Mapp
     (``{name: pathlib.Path to copy, or str contents}``, e.g. the tokenizer files) into a new directory, atomically
     (a temporary sibling renamed into place). Refuses non-finite tensors (:class:`jlora.io.NonFiniteError`)
     and an existing ``path`` unless ``overwrite``. ``config_json["torch_dtype"]`` is set from the tensors."""
-    from safetensors.numpy import save_file
 
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")

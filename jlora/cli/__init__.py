@@ -29,6 +29,25 @@ import shutil
 import signal
 import sys
 import time
+from jlora.data.files import DataFileError
+from jlora.cli.tasks import make_task as _make
+import jax
+import jlora
+from jlora.methods.ia3 import DEFAULTS as IA3_DEFAULTS
+import jax.numpy as jnp
+from jlora.core.paths import flatten_with_paths, matches
+import optax
+from jlora.data.files import looks_like_file
+import numpy as np
+from jlora import io as jio
+from jlora.data import batches
+import jlora.train
+from jlora.train import init_opt_state, make_step, plot_history
+from jlora.methods.adalora import kept_ranks
+from jlora.data import files
+from jlora.models.hf_export import llama_config_json
+from jlora import assets
+from jlora.models.hf_export import hf_tensors, save_hf_directory
 
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
@@ -38,7 +57,7 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 prompt_init="random", prompt_init_text=None, prefix_init="random",
                 init_r=12, target_r=8, tinit=0, tfinal=0, delta_t=1, orth_reg_weight=0.5,
                 selection="norm", tcur_scale=1.0, budget=None, calib_batches=4,
-                # your data (jlora.tasks.DATA_OPTIONS)
+                # your data (jlora.cli.options.DATA_OPTIONS)
                 text_column=None, label_column="label", prompt_column=None, response_column=None,
                 messages_column=None, validation_file=None, test_file=None, packing=False, image_column=None,
                 # the trainer
@@ -236,8 +255,6 @@ BEST_METRICS = {"loss": False, "accuracy": True, "perplexity": False}
 
 def make_task(cfg: dict):
     """The task (model + data + loss + evaluation) for a config; bad models or data exit with the reason."""
-    from jlora.data.files import DataFileError
-    from jlora.tasks import make_task as _make
 
     try:
         return _make(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
@@ -249,9 +266,7 @@ def make_task(cfg: dict):
 
 def build(cfg: dict, task=None):
     """(task, adapted params, spec or None) for a config."""
-    import jax
 
-    import jlora
 
     if task is None:
         task = make_task(cfg)
@@ -278,8 +293,6 @@ def build(cfg: dict, task=None):
 
 def _method_spec(cfg: dict, common: dict, task):
     """The jlora spec for a weight-adapting --method (lora, qlora, dora, adalora, ia3, tcur)."""
-    import jlora
-    from jlora.methods.ia3 import DEFAULTS as IA3_DEFAULTS
 
     method = cfg["method"]
     if method == "qlora":
@@ -324,9 +337,7 @@ def _calibration(cfg: dict, task):
 def _build_prompt(cfg: dict, task, params):
     """(adapted, spec) for --method prompt | prefix | ptuning. The base model stays frozen; a new
     classification head trains in full alongside the prompt (PEFT's modules_to_save)."""
-    import jax
 
-    import jlora
 
     n = cfg["virtual_tokens"]
     try:
@@ -351,10 +362,7 @@ def _build_prompt(cfg: dict, task, params):
 
 def _cast_frozen(params, dtype: str, head_pattern):
     """The pretrained weights stored in ``dtype`` (floating leaves only; a new head keeps its own)."""
-    import jax
-    import jax.numpy as jnp
 
-    from jlora.core.paths import flatten_with_paths, matches
 
     if dtype in (None, "float32"):
         return params
@@ -368,7 +376,6 @@ def _cast_frozen(params, dtype: str, head_pattern):
 def make_optimizer(cfg: dict):
     """(optax optimizer, learning-rate schedule) for --optimizer / --schedule / --warmup-* / --clip-norm /
     --weight-decay: linear warm-up from 0 to --lr, then constant, linear to 0, or cosine to 0."""
-    import optax
 
     steps, lr = cfg["steps"], cfg["lr"]
     warm = cfg["warmup_steps"] if cfg["warmup_steps"] is not None else int(cfg["warmup_ratio"] * steps)
@@ -403,7 +410,6 @@ def _default_out(cfg: dict) -> pathlib.Path:
 def _portable(cfg: dict) -> dict:
     """The config as written to config.json: model and data files as absolute paths, so a run can be
     evaluated, exported and resumed from any working directory."""
-    from jlora.data.files import looks_like_file
 
     out = dict(cfg)
     if out["model"] not in ("minilm", "smollm2"):
@@ -511,13 +517,7 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     same settings, it resumes from the newest good checkpoint (``resume=False`` refuses; ``True``
     requires such a run); a finished run is replaced only with ``overwrite``. SIGTERM / Ctrl-C save a checkpoint and exit 143 / 130.
     """
-    import jax
-    import numpy as np
 
-    import jlora
-    from jlora import io as jio
-    from jlora.data import batches
-    from jlora.train import fit, init_opt_state, make_step, plot_history
 
     out = pathlib.Path(cfg["out"]) if cfg["out"] else _default_out(cfg)
     t0 = time.perf_counter()
@@ -613,7 +613,7 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     try:
         with stop:
             if start < cfg["steps"]:   # else: killed after its last checkpoint, before the results
-                trainable, opt_state, new = fit(
+                trainable, opt_state, new = jlora.train.fit(   # looked up per call (tests wrap it)
                     count_step(step), trainable, frozen, opt_state, stream, cfg["steps"], key,
                     tokens_per_batch=cfg["batch"] * task.tokens_per_example(), log_path=str(out / "metrics.jsonl"),
                     eval_fn=eval_fn, eval_every=cfg["eval_every"] or None, progress=cfg["progress"],
@@ -659,7 +659,6 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     if best_metric:
         results["best"] = {"metric": best_metric, "step": int(best["best_step"]), "value": float(best["best_value"])}
     if cfg["method"] == "adalora":
-        from jlora.methods.adalora import kept_ranks
 
         results["adalora_ranks"] = kept_ranks(adapted)
     plot_history(history, str(out / "plot.png"), title=f"{cfg['method']} on {pathlib.Path(cfg['model']).name}/"
@@ -689,7 +688,6 @@ def _dir_bytes(path) -> int:
 
 
 def _load_run(run: str):
-    from jlora.methods.prompt import load_adapter
 
     run = pathlib.Path(run)
     if not (run / "config.json").is_file():
@@ -700,10 +698,9 @@ def _load_run(run: str):
                          "to resume it)")
     task = make_task(cfg)
     params = _cast_frozen(task.params, cfg["param_dtype"], task.head)   # the frozen weights as trained (bf16 ...)
-    if cfg["method"] != "qlora":   # jlora.io.load_adapter + a saved prompt
-        adapted = load_adapter(str(run / "adapter"), params)
+    if cfg["method"] != "qlora":   # jlora.io.load_adapter restores a saved prompt too
+        adapted = jio.load_adapter(str(run / "adapter"), params)
     else:   # the NF4 / int base rebuilt as in training (quantisation is deterministic), the adapter on it
-        from jlora import io as jio
 
         _, template, _ = build(cfg, task)
         adapted = jio.load_adapter(str(run / "adapter"), template)
@@ -714,7 +711,6 @@ def _read_inputs(items: list, path: str | None, column: str, what: str) -> list[
     """Texts from repeated flags and a file: .txt (one a line) or any --data format (a column)."""
     texts = [str(t) for t in items]
     if path:
-        from jlora.data import files
 
         if path.endswith(".txt"):
             if not os.path.isfile(path):
@@ -732,7 +728,6 @@ def _read_inputs(items: list, path: str | None, column: str, what: str) -> list[
 
 def _infer(args) -> None:
     """``jlora generate`` / ``jlora predict``: JSON lines, one per input, to stdout or ``--out``."""
-    import jlora
 
     for name in ("batch", "max_new_tokens"):
         value = getattr(args, name, 1)
@@ -795,10 +790,8 @@ def _infer(args) -> None:
 def _hf_files(cfg: dict, task) -> tuple[dict, dict]:
     """(config.json contents, {file name: source}) for ``export --format hf``: the source
     directory's config and tokenizer files, or, for a GGUF model, ones written from its metadata."""
-    from jlora.io.hf import llama_config_json
 
     if task.family in ("bert", "vit"):
-        from jlora import assets
 
         src = pathlib.Path(cfg["model"]) if cfg["model"] != "minilm" else assets.path("minilm", "model")
     else:
@@ -826,11 +819,8 @@ def _hf_files(cfg: dict, task) -> tuple[dict, dict]:
 
 
 def _export(fmt: str, out: str, cfg: dict, task, adapted, *, dtype=None, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
-    from jlora import io as jio
 
     if fmt == "hf":
-        import jlora
-        from jlora.io.hf import hf_tensors, save_hf_directory
 
         if cfg["method"] in PROMPT_METHODS:
             raise ValueError(f"a {cfg['method']} run has no merged weights (its prompt is an input, not a weight); "
@@ -896,7 +886,6 @@ def main(argv=None) -> int:
     _add_train_args(p_ins)
     args = parser.parse_args(argv)
 
-    import jlora
 
     if args.command == "train":
         results = train(load_config(args), overwrite=args.overwrite, resume=args.resume)
