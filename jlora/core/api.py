@@ -129,10 +129,16 @@ def apply(params, spec, key=None, *, name: str = DEFAULT_NAME, model=None, examp
     Works on Linen variable dicts (dict / FrozenDict) and NNX ``State``. Calling it again on an
     adapted tree with another ``name`` adds a second adapter to the same bases.
 
-    Example::
+    Example:
 
-        spec = jlora.LoRA(rank=4, alpha=8, targets=r".*/kernel")
-        adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, alpha=4, targets="fc"), key=jax.random.key(0))
+    >>> node = adapted["params"]["fc"]["kernel"]
+    >>> type(node).__name__, node.states["default"].a.shape, node.states["default"].b.shape
+    ('AdaptedWeight', (4, 2), (2, 3))
+    >>> adapted["params"]["fc"]["bias"].shape           # "fc" adapts the module's kernel only
+    (3,)
     """
     if not isinstance(spec, AdapterSpec):
         raise TypeError(f"spec must be a jlora method spec such as jlora.LoRA(...), got {spec!r}")
@@ -228,10 +234,14 @@ def mark_trainable(params, patterns):
     """Marks every floating leaf whose path matches ``patterns`` as trained in full (a
     :class:`Trainable`), with no adapter: e.g. head-only training or full fine-tuning of a subset.
 
-    Example::
+    Example:
 
-        params = jlora.mark_trainable(params, r".*/classifier/(kernel|bias)")
-        trainable, frozen = jlora.partition(params)
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> marked = jlora.mark_trainable(params, r".*/fc/bias")
+    >>> trainable, frozen = jlora.partition(marked)
+    >>> trainable["params"]["fc"]["kernel"] is None, trainable["params"]["fc"]["bias"].shape
+    (True, (3,))
     """
     patterns = normalize_patterns(patterns, "patterns")
     if not patterns:
@@ -259,10 +269,17 @@ def partition(adapted):
     each with ``None`` where the other holds the value. Only ``trainable`` should be given to
     ``jax.grad`` and the optimizer.
 
-    Example::
+    Example:
 
-        trainable, frozen = jlora.partition(adapted)
-        opt_state = optax.adam(1e-3).init(trainable)
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.DoRA(rank=2, targets="fc"), key=jax.random.key(0))
+    >>> trainable, frozen = jlora.partition(adapted)
+    >>> t, f = trainable["params"]["fc"]["kernel"], frozen["params"]["fc"]["kernel"]
+    >>> t.base is None, t.states["default"].m.shape, t.states["default"].w0_sq is None   # DoRA's norm cache is frozen
+    (True, (3,), True)
+    >>> f.base.shape, f.states["default"].a is None
+    ((4, 3), True)
     """
     def split(leaf, train):
         if is_node(leaf):
@@ -277,7 +294,17 @@ def partition(adapted):
 
 
 def combine(trainable, frozen):
-    """Inverse of :func:`partition`: ``combine(*partition(t)) == t``."""
+    """Inverse of :func:`partition`: ``combine(*partition(t)) == t``.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="fc"), key=jax.random.key(0))
+    >>> again = jlora.combine(*jlora.partition(adapted))
+    >>> jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(adapted)
+    True
+    """
     return jax.tree_util.tree_map(
         lambda t, f: f if t is None else t, trainable, frozen,
         is_leaf=lambda x: x is None or isinstance(x, Trainable))
@@ -293,6 +320,19 @@ def merge(adapted, dtype=None, requantize: bool = False):
     A quantised base (QLoRA) is dequantised and the delta added in full precision; with
     ``requantize=True`` the merged weight is quantised again with the base's scheme (lossy: see
     :func:`merge_error`), so the result keeps the 4-bit storage.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, alpha=2, targets="fc"), key=jax.random.key(0))
+    >>> node = adapted["params"]["fc"]["kernel"]
+    >>> adapted["params"]["fc"]["kernel"] = node.with_(states={"default": node.states["default"].replace(
+    ...     b=jnp.ones((2, 3)))})
+    >>> merged = jlora.merge(adapted)                    # W0 + (alpha / r) * A @ B, plain arrays again
+    >>> a = np.asarray(node.states["default"].a)
+    >>> bool(np.allclose(merged["params"]["fc"]["kernel"], 1 + a @ np.ones((2, 3))))
+    True
     """
     adapted = expand(adapted)
 
@@ -319,7 +359,18 @@ def merge_error(adapted) -> dict:
 def unmerge(merged, adapted):
     """Recovers the base weights from ``merged`` by subtracting the active deltas of
     ``adapted`` (the inverse of :func:`merge`, up to float round-off). For a quantised base the
-    original codes held by ``adapted`` are returned exactly."""
+    original codes held by ``adapted`` are returned exactly.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="fc", init="pissa"), key=jax.random.key(0))
+    >>> restored = jlora.unmerge(jlora.merge(adapted), adapted)
+    >>> node = restored["params"]["fc"]["kernel"]
+    >>> bool(np.allclose(node.materialize(), params["params"]["fc"]["kernel"], atol=1e-5))
+    True
+    """
     reserved = reserved_keys(adapted)
     expanded = expand(adapted)
     kept = {k: adapted[k] for k in reserved}
@@ -346,6 +397,17 @@ def unmerge(merged, adapted):
 # multiple adapters
 
 def adapter_names(adapted) -> tuple[str, ...]:
+    """Every adapter name in ``adapted``, in the order they were first added.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="fc"), key=jax.random.key(0))
+    >>> adapted = jlora.apply(adapted, jlora.LoRA(rank=1, targets="fc"), name="small")
+    >>> jlora.adapter_names(adapted)
+    ('default', 'small')
+    """
     names = []
     for leaf in jax.tree_util.tree_leaves(adapted, is_leaf=is_adapter_leaf):
         if is_node(leaf):
@@ -357,7 +419,19 @@ def adapter_names(adapted) -> tuple[str, ...]:
 
 def activate(adapted, names):
     """Chooses which named adapters run (and train). ``names`` is a name or a list;
-    ``[]`` disables all adapters (the base model)."""
+    ``[]`` disables all adapters (the base model).
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="fc"), key=jax.random.key(0))
+    >>> adapted = jlora.apply(adapted, jlora.LoRA(rank=1, targets="fc"), name="small")
+    >>> jlora.activate(adapted, "small")["params"]["fc"]["kernel"].active
+    ('small',)
+    >>> jlora.activate(adapted, [])["params"]["fc"]["kernel"].active   # the base model
+    ()
+    """
     names = (names,) if isinstance(names, str) else tuple(names)
     known = adapter_names(adapted)
     unknown = [n for n in names if n not in known]
@@ -373,7 +447,18 @@ def activate(adapted, names):
 
 
 def delete_adapter(adapted, name: str):
-    """Removes a named adapter everywhere (nodes left with none become plain leaves)."""
+    """Removes a named adapter everywhere (nodes left with none become plain leaves; a quantised
+    base stays an adapted weight with no adapter, since only lift / merge can run it).
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="fc"), key=jax.random.key(0))
+    >>> plain = jlora.delete_adapter(adapted, "default")
+    >>> type(plain["params"]["fc"]["kernel"]).__name__
+    'ArrayImpl'
+    """
     if name not in adapter_names(adapted):
         raise ValueError(f"no adapter named {name!r}; this tree has {list(adapter_names(adapted))}")
 
@@ -404,6 +489,17 @@ def combine_adapters(adapted, weights: Mapping[str, float], method: str = "linea
     rsLoRA sources: PEFT gives the combined adapter ``lora_alpha = r_new`` and the first source's
     ``use_rslora``, so its scaling is ``sqrt(r_new)``, not 1, and its delta is ``sqrt(r_new)`` times
     the one here (the same factors); jlora keeps scale 1, the weighted combination itself.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="fc"), key=jax.random.key(0))
+    >>> adapted = jlora.apply(adapted, jlora.LoRA(rank=1, targets="fc"), jax.random.key(1), name="other")
+    >>> mixed = jlora.combine_adapters(adapted, {"default": 0.5, "other": 0.5}, method="cat", name="mix")
+    >>> node = mixed["params"]["fc"]["kernel"]
+    >>> node.meta["mix"].rank, node.active                 # added, not activated
+    (3, ('default', 'other'))
     """
     if method not in ("linear", "cat", "svd"):
         raise ValueError(f"method must be 'linear', 'cat' or 'svd', got {method!r}")
@@ -469,7 +565,16 @@ def _nbytes(x):
 
 def count(adapted) -> dict:
     """``{"trainable": n, "total": n, "trainable_bytes": b, "frozen_bytes": b}`` (a quantised base
-    counts its logical parameters in ``total`` and its packed bytes in ``frozen_bytes``)."""
+    counts its logical parameters in ``total`` and its packed bytes in ``frozen_bytes``).
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="fc"), key=jax.random.key(0))
+    >>> jlora.count(adapted)                               # A (4x2) + B (2x3) of the 15 + 14
+    {'trainable': 14, 'total': 29, 'trainable_bytes': 56, 'frozen_bytes': 60}
+    """
     trainable, frozen = partition(adapted)
     t_leaves = [x for x in jax.tree_util.tree_leaves(trainable) if _is_array(x)]
     f_items = jax.tree_util.tree_leaves(frozen, is_leaf=is_quantized)
@@ -482,7 +587,16 @@ def count(adapted) -> dict:
 
 def summary(adapted, print_fn=None) -> str:
     """A table of adapted leaves: path, base shape, method, rank, trainable count, bytes,
-    and the total trainable share. Returns the text (and prints it if ``print_fn``)."""
+    and the total trainable share. Returns the text (and prints it if ``print_fn``).
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jlora
+    >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="fc"), key=jax.random.key(0))
+    >>> print(jlora.summary(adapted).splitlines()[2])
+    params/fc/kernel  (4, 3)      lora    default:2  14         56
+    """
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     shared = tuple(k + "/" for k in reserved_keys(adapted))   # listed by the method's own summary
     rows = []

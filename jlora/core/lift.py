@@ -476,10 +476,20 @@ def lift(fn, strict: bool = False):
     and no full-size weight gradient is formed. Pass ``jlora_rng=key`` to the lifted function to
     enable adapter dropout (training); without it dropout is off (evaluation).
 
-    Example::
+    Example:
 
-        forward = jlora.lift(model.apply)
-        logits = forward({"params": jlora.combine(trainable, frozen)}, x)
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, jlora
+    >>> model, x = nn.Dense(3), jnp.ones((2, 4))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> adapted = jlora.apply(params, jlora.LoRA(rank=2, targets="kernel"), key=jax.random.key(1))
+    >>> trainable, frozen = jlora.partition(adapted)
+    >>> forward = jlora.lift(model.apply, strict=True)      # x @ W0 + s (x @ A) @ B, never W0 + s A B
+    >>> y = forward(jlora.combine(trainable, frozen), x)
+    >>> bool(np.allclose(y, model.apply(jlora.merge(adapted), x), atol=1e-6))
+    True
+    >>> grads = jax.grad(lambda t: forward(jlora.combine(t, frozen), x).sum())(trainable)
+    >>> grads["params"]["kernel"].states["default"].a.shape    # gradients for A and B only
+    (4, 2)
 
     Non-array arguments (Python numbers, strings, flags) are treated as static. The traced
     program is cached per (tree structure, static values, shapes/dtypes), so eager calls don't

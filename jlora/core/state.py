@@ -24,6 +24,17 @@ With several active adapters on one kernel the adapted op is::
 where ``in`` / ``out`` multiply over the adapters that scale inputs / outputs, ``shift`` sums over
 those that shift W0's gain (DoRA: ``g - 1``) and ``term_k`` is 1 unless the adapter scales its own
 term (DoRA: ``g``).
+
+Example:
+
+>>> import jax.numpy as jnp
+>>> from jlora.core.nodes import Layout
+>>> from jlora.core.state import LoRAState
+>>> state, layout = LoRAState(a=jnp.ones((4, 2)), b=jnp.zeros((2, 3))), Layout(0, 1, 1)
+>>> [x.shape for x in state.factors(layout)], state.scales_base, state.trainable_fields()
+([(4, 2), (2, 3)], False, ('a', 'b'))
+>>> [x.shape for x in state.transposed(layout).factors(layout.transposed())]   # on W0^T: (3, 4)
+[(3, 2), (2, 4)]
 """
 
 from __future__ import annotations

@@ -85,10 +85,9 @@ from jlora.core.paths import flatten_with_paths
 from jlora.io.checkpoint import REWRITES_BASE
 from jlora.methods import _peft as peft_format
 from jlora.io._peft_files import (  # noqa: F401 (CONFIG_NAME ... and the safetensors helpers are used from here)
-    CONFIG_NAME, Naming, PREFIX, WEIGHTS_NAME, _PROMPT_TYPES, _call_naming, _is_embedding, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _target_match, _try_naming, _verify_integrity, _write_adapter_dir, _write_safetensors, default_naming)
+    CONFIG_NAME, Naming, PREFIX, WEIGHTS_NAME, _call_naming, _is_embedding, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _target_match, _try_naming, _verify_integrity, _write_adapter_dir, _write_safetensors, default_naming, tree_codec_for_tree, tree_codec_for_type, tree_peft_types)
 from jlora.methods import adalora as _adalora, dora as _dora, ia3 as _ia3, lora as _lora  # noqa: F401 (their codecs)
-from jlora.io.peft_prompt import save_peft_prompt
-from jlora.io.peft_prompt import load_peft_prompt
+from jlora.io import peft_prompt as _peft_prompt  # noqa: F401 (registers the prompt-learning file form)
 
 
 __all__ = ["save_peft", "load_peft", "read_peft_config", "default_naming", "PeftFormatError",
@@ -155,10 +154,10 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     provenance = _provenance(base_model_name_or_path, revision)
     if not callable(naming):
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
-    if isinstance(adapted, collections.abc.Mapping) and "jlora_prompt" in adapted:   # prompt / prefix / P-tuning
-
-        return save_peft_prompt(path, adapted, naming, base_model_name_or_path=base_model_name_or_path,
-                                revision=revision, task_type=task_type, overwrite=overwrite)
+    whole_tree = tree_codec_for_tree(adapted)   # prompt / prefix / P-tuning: one form for the whole tree
+    if whole_tree is not None:
+        return whole_tree[0](path, adapted, naming, base_model_name_or_path=base_model_name_or_path,
+                             revision=revision, task_type=task_type, overwrite=overwrite)
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, peft_format.PeftModule] = {}
@@ -309,13 +308,12 @@ def read_peft_config(path) -> dict:
     if not isinstance(config, dict):
         raise PeftFormatError(f"{file} does not hold a JSON object")
     peft_type = config.get("peft_type")
-    if str(peft_type).upper() in _PROMPT_TYPES:
+    if tree_codec_for_type(peft_type) is not None:   # checked by that form's load
         return config
     codec = peft_format.codec_for_config(config)
     if codec is None:
         raise PeftFormatError(f"{file}: unknown or unsupported peft_type {peft_type!r}; jlora.io.load_peft reads "
-                              f"{', '.join(repr(t) for t in peft_format.peft_types())} and prompt-learning "
-                              f"({', '.join(_PROMPT_TYPES)}) adapters")
+                              f"{', '.join(repr(t) for t in peft_format.peft_types() + tree_peft_types())} adapters")
     codec.check_config(config, file)
     return config
 
@@ -367,9 +365,9 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     if not isinstance(adapter, str) or not adapter or "/" in adapter:
         raise ValueError(f"adapter name must be a non-empty string without '/', got {adapter!r}")
     config = read_peft_config(path)
-    if str(config["peft_type"]).upper() in _PROMPT_TYPES:
-
-        return load_peft_prompt(path, params, naming, config)
+    whole_tree = tree_codec_for_type(config["peft_type"])
+    if whole_tree is not None:
+        return whole_tree[1](path, params, naming, config)
     path = os.path.abspath(os.fspath(path))
     weights_file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_file):

@@ -33,11 +33,11 @@ import numpy as np
 
 from jlora.core.nodes import AdaptedWeight, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
-from jlora.io._peft_files import PeftFormatError, WEIGHTS_NAME, _PROMPT_TYPES, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _verify_integrity, _write_adapter_dir
+from jlora.io._peft_files import PeftFormatError, WEIGHTS_NAME, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _verify_integrity, _write_adapter_dir, register_tree_codec
 from jlora.methods.prompt import PROMPT_KEY, _with_entry, _wrap, export_prompt, prompt_params
 
 PREFIX = "base_model."          # prompt-learning PeftModels wrap the transformers model directly
-PROMPT_TYPES = _PROMPT_TYPES
+PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 EMBEDDINGS = "prompt_embeddings"
 #: PEFT task types whose PeftModel subclass injects a prompt (decoder-only / encoder-only models)
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -144,3 +144,6 @@ def load_peft_prompt(path, params, naming, config: dict):
     leaves = [placements.get(i, leaf) for i, (_, leaf) in enumerate(flat)]
     out = jax.tree_util.tree_unflatten(treedef, leaves)
     return _with_entry(out, _wrap(jax.tree_util.tree_map(jnp.asarray, entry), PROMPT_KEY))
+
+
+register_tree_codec(PROMPT_KEY, PROMPT_TYPES, save_peft_prompt, load_peft_prompt)

@@ -41,10 +41,17 @@ def _pattern_value(patterns, path: str, default):
 class LoRA(AdapterSpec):
     """Low-rank adaptation spec.
 
-    Example::
+    Example:
 
-        spec = jlora.LoRA(rank=8, alpha=16, targets=r".*/(query|value)/kernel")
-        adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"params": {"query": {"kernel": jnp.ones((8, 8))}, "value": {"kernel": jnp.ones((8, 8))},
+    ...                      "key": {"kernel": jnp.ones((8, 8))}}}
+    >>> spec = jlora.LoRA(rank=4, alpha=16, targets=r".*/(query|value)/kernel", rank_pattern={"value": 2})
+    >>> adapted = jlora.apply(params, spec, key=jax.random.key(0))
+    >>> [(k, adapted["params"][k]["kernel"].meta["default"].rank) for k in ("query", "value")]
+    [('query', 4), ('value', 2)]
+    >>> spec.scale_for("params/query/kernel"), type(adapted["params"]["key"]["kernel"]).__name__
+    (4.0, 'ArrayImpl')
 
     Args:
       rank: adapter rank r (> 0).
