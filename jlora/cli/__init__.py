@@ -29,34 +29,52 @@ import shutil
 import signal
 import sys
 import time
-from jlora.data.files import DataFileError
-from jlora.cli.tasks import make_task as _make
+import types
+
 import jax
-import jlora
-from jlora.methods.ia3 import DEFAULTS as IA3_DEFAULTS
 import jax.numpy as jnp
-from jlora.core.paths import flatten_with_paths, matches
-import optax
-from jlora.data.files import looks_like_file
 import numpy as np
-from jlora import io as jio
-from jlora.data import batches
+import optax
+
+import jlora
 import jlora.train
-from jlora.train import init_opt_state, make_step, plot_history
-from jlora.methods.adalora import kept_ranks
-from jlora.data import files
-from jlora.models.hf_export import llama_config_json
 from jlora import assets
-from jlora.models.hf_export import hf_tensors, save_hf_directory
+from jlora import io as jio
+from jlora.cli.tasks import make_task as _make
+from jlora.core.paths import flatten_with_paths, matches
+from jlora.core.spec import AdapterSpec
+from jlora.data import batches, files
+from jlora.data.files import DataFileError, looks_like_file
+from jlora.methods.adalora import kept_ranks
+from jlora.models.hf_export import hf_tensors, llama_config_json, save_hf_directory
+from jlora.train import init_opt_state, make_step, plot_history
+
+#: the methods the command offers: each spec class declares its --method name, its own settings
+#: (cli_fields) and how it is built from them (from_cli); "head" trains only a new head
+METHOD_SPECS = {cls.cli_method: cls for cls in (jlora.LoRA, jlora.QLoRA, jlora.DoRA, jlora.AdaLoRA, jlora.IA3,
+                                                jlora.TCURLoRA, jlora.PromptTuning, jlora.PrefixTuning, jlora.PTuning)}
+PROMPT_METHODS = tuple(m for m, cls in METHOD_SPECS.items() if not issubclass(cls, AdapterSpec))
+METHODS = tuple(m for m in METHOD_SPECS if m not in PROMPT_METHODS) + ("head",) + PROMPT_METHODS
+
+
+def _method_fields() -> dict:
+    """``{name: CliField}`` over every method (a field shared by several methods is declared once)."""
+    fields = {}
+    for cls in METHOD_SPECS.values():
+        for field in cls.cli_fields:
+            if fields.setdefault(field.name, field) != field:
+                raise RuntimeError(f"{cls.__name__} declares the CLI field {field.name!r} differently from another method")
+    return fields
+
+
+METHOD_FIELDS = _method_fields()
 
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
                 seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
-                eval_limit=None, quant="nf4", double_quant=True, quantize_frozen=None, param_dtype="float32",
-                virtual_tokens=20, prefix_projection=None, ptuning_encoder="mlp", ptuning_hidden=None,
-                prompt_init="random", prompt_init_text=None, prefix_init="random",
-                init_r=12, target_r=8, tinit=0, tfinal=0, delta_t=1, orth_reg_weight=0.5,
-                selection="norm", tcur_scale=1.0, budget=None, calib_batches=4,
+                eval_limit=None, param_dtype="float32",
+                # the methods' own settings (their cli_fields)
+                **{name: field.default for name, field in METHOD_FIELDS.items()},
                 # your data (jlora.cli.options.DATA_OPTIONS)
                 text_column=None, label_column="label", prompt_column=None, response_column=None,
                 messages_column=None, validation_file=None, test_file=None, packing=False, image_column=None,
@@ -70,8 +88,6 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
 DATA_KEYS = ("text_column", "label_column", "prompt_column", "response_column", "messages_column",
              "validation_file", "test_file", "packing", "image_column")
-PROMPT_METHODS = ("prompt", "prefix", "ptuning")
-METHODS = ("lora", "qlora", "dora", "adalora", "ia3", "tcur", "head") + PROMPT_METHODS
 
 
 def _add_train_args(p: argparse.ArgumentParser):
@@ -118,31 +134,17 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--method", choices=METHODS, help="lora, qlora (4-bit frozen base), dora, adalora, ia3, tcur (tCURLoRA), head (train "
                    "only the new head: baseline), prompt (prompt tuning), prefix (prefix tuning / P-tuning v2), "
                    "ptuning (P-tuning v1)")
-    p.add_argument("--init-r", type=int, help="adalora: initial rank of every module (default 12)")
-    p.add_argument("--target-r", type=int, help="adalora: average rank the budget falls to (default 8)")
-    p.add_argument("--tinit", type=int, help="adalora: warm-up steps before any rank is masked")
-    p.add_argument("--tfinal", type=int, help="adalora: final steps with the budget fixed at the target")
-    p.add_argument("--delta-t", type=int, help="adalora: mask every N steps in between")
-    p.add_argument("--orth-reg-weight", type=float, help="adalora: weight of the orthogonality regulariser")
-    p.add_argument("--selection", choices=("norm", "gradient", "fisher", "random", "svd"),
-                   help="tcur: how fibres are chosen (norm: the paper's; gradient/fisher calibrate on training batches)")
-    p.add_argument("--tcur-scale", type=float, help="tcur: multiplies the update (default 1, the paper's)")
-    p.add_argument("--budget", type=int, help="tcur: total core parameters; ranks per tensor then follow importance "
-                   "(--rank is ignored)")
-    p.add_argument("--calib-batches", type=int, help="tcur: training batches for gradient/fisher selection (default 4)")
-    p.add_argument("--virtual-tokens", type=int, help="prompt/prefix/ptuning: number of virtual tokens")
-    p.add_argument("--prefix-projection", type=int,
-                   help="prefix: hidden size of Li & Liang's MLP reparameterisation (default: none, deep prompts)")
-    p.add_argument("--ptuning-encoder", choices=("mlp", "lstm"), help="ptuning: the prompt encoder")
-    p.add_argument("--ptuning-hidden", type=int, help="ptuning: encoder hidden size (default: the model's)")
-    p.add_argument("--prompt-init", choices=("random", "vocab", "text"), help="prompt: initialisation")
-    p.add_argument("--prompt-init-text", help="prompt: the text for --prompt-init text (also --prefix-init text)")
-    p.add_argument("--prefix-init", choices=("random", "vocab", "text"),
-                   help="prefix (deep prompts, Llama): random = PEFT's N(0,1); vocab / text = the keys/values the "
-                        "frozen model computes for random tokens / --prompt-init-text")
-    p.add_argument("--quant", choices=("nf4", "int4", "int4_asym", "int8"), help="qlora: frozen-base scheme")
-    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None)
-    p.add_argument("--quantize-frozen", help="qlora: also quantise frozen kernels: 'all-linear' or a regex")
+    for field in METHOD_FIELDS.values():   # each method's own settings
+        flag = "--" + field.name.replace("_", "-")
+        if field.kind == "flag_off":
+            p.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false", default=None,
+                           help=field.help)
+        elif field.kind == "choice":
+            p.add_argument(flag, choices=field.choices, help=field.help)
+        else:
+            kind = int if field.kind.endswith("int") or field.kind == "int>=0" else \
+                float if field.kind.endswith("number") or field.kind == "number>=0" else str
+            p.add_argument(flag, type=kind, help=field.help)
     p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
                    help="store the frozen pretrained weights in this dtype (e.g. bf16 LoRA); new heads stay float32")
     p.add_argument("--rank", type=int)
@@ -211,17 +213,17 @@ def _validate(cfg: dict) -> None:
     for key in ("model", "data"):
         if not isinstance(cfg[key], str) or not cfg[key]:
             bad(key, cfg[key], "a name or a path")
-    for key in ("steps", "batch", "rank", "max_length", "accum_steps", "virtual_tokens", "init_r", "target_r",
-                "delta_t", "calib_batches", "log_every", "keep_checkpoints", "max_nonfinite"):
+    for key in ("steps", "batch", "rank", "max_length", "accum_steps", "log_every", "keep_checkpoints",
+                "max_nonfinite"):
         if not _is_int(cfg[key]) or cfg[key] < 1:
             bad(key, cfg[key], "a positive integer")
-    for key in ("eval_every", "checkpoint_every", "early_stopping", "seed", "tinit", "tfinal"):
+    for key in ("eval_every", "checkpoint_every", "early_stopping", "seed"):
         if not _is_int(cfg[key]) or cfg[key] < 0:
             bad(key, cfg[key], "an integer >= 0")
-    for key in ("lr", "tcur_scale", "alpha"):
+    for key in ("lr", "alpha"):
         if not _is_number(cfg[key]) or cfg[key] <= 0:
             bad(key, cfg[key], "a positive number")
-    for key in ("weight_decay", "clip_norm", "orth_reg_weight"):
+    for key in ("weight_decay", "clip_norm"):
         if not _is_number(cfg[key]) or cfg[key] < 0:
             bad(key, cfg[key], "a number >= 0")
     if not _is_number(cfg["dropout"]) or not 0 <= cfg["dropout"] < 1:
@@ -230,7 +232,7 @@ def _validate(cfg: dict) -> None:
         bad("warmup_ratio", cfg["warmup_ratio"], "a number in [0, 1)")
     if cfg["warmup_steps"] is not None and (not _is_int(cfg["warmup_steps"]) or not 0 <= cfg["warmup_steps"] < cfg["steps"]):
         bad("warmup_steps", cfg["warmup_steps"], f"an integer in [0, --steps={cfg['steps']})")
-    for key in ("budget", "eval_limit", "prefix_projection", "ptuning_hidden"):
+    for key in ("eval_limit",):
         if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] < 1):
             bad(key, cfg[key], "a positive integer")
     for key in ("text_column", "prompt_column", "response_column", "messages_column", "validation_file", "test_file",
@@ -238,6 +240,8 @@ def _validate(cfg: dict) -> None:
                 "logdir", "label_column", "out"):
         if cfg[key] is not None and (not isinstance(cfg[key], str) or not cfg[key]):
             bad(key, cfg[key], "a non-empty string")
+    for field in METHOD_FIELDS.values():
+        _check_field(field, cfg[field.name], bad)
     if cfg["batch"] % cfg["accum_steps"]:
         raise SystemExit(f"jlora: --batch {cfg['batch']} is not divisible by --accum-steps {cfg['accum_steps']}")
     if cfg["best_metric"] is not None:
@@ -247,6 +251,27 @@ def _validate(cfg: dict) -> None:
             raise SystemExit("jlora: --best-metric needs --eval-every N (the metric is measured every N steps)")
     if cfg["early_stopping"] and cfg["best_metric"] is None:
         raise SystemExit("jlora: --early-stopping needs --best-metric (the metric whose improvement it waits for)")
+
+
+def _check_field(field, value, bad) -> None:
+    """A method's setting checked against its CliField kind (the message names the flag)."""
+    name, kind = field.name, field.kind
+    if kind == "positive_int" and (not _is_int(value) or value < 1):
+        bad(name, value, "a positive integer")
+    elif kind == "int>=0" and (not _is_int(value) or value < 0):
+        bad(name, value, "an integer >= 0")
+    elif kind == "optional_positive_int" and value is not None and (not _is_int(value) or value < 1):
+        bad(name, value, "a positive integer")
+    elif kind == "positive_number" and (not _is_number(value) or value <= 0):
+        bad(name, value, "a positive number")
+    elif kind == "number>=0" and (not _is_number(value) or value < 0):
+        bad(name, value, "a number >= 0")
+    elif kind == "choice" and value not in field.choices:
+        bad(name, value, f"one of {field.choices}")
+    elif kind == "optional_str" and value is not None and (not isinstance(value, str) or not value):
+        bad(name, value, "a non-empty string")
+    elif kind == "flag_off" and not isinstance(value, bool):
+        bad(name, value, "true or false")
 
 
 #: validation metrics --best-metric can select on, and whether larger is better
@@ -292,34 +317,9 @@ def build(cfg: dict, task=None):
 
 
 def _method_spec(cfg: dict, common: dict, task):
-    """The jlora spec for a weight-adapting --method (lora, qlora, dora, adalora, ia3, tcur)."""
-
-    method = cfg["method"]
-    if method == "qlora":
-        return jlora.QLoRA(**common, quant=cfg["quant"], double_quant=cfg["double_quant"] and cfg["quant"] != "int8",
-                           quantize_frozen=cfg["quantize_frozen"])
-    if method == "dora":
-        return jlora.DoRA(**common)
-    if method == "adalora":
-        return jlora.AdaLoRA(init_r=cfg["init_r"], target_r=cfg["target_r"], tinit=cfg["tinit"], tfinal=cfg["tfinal"],
-                             delta_t=cfg["delta_t"], orth_reg_weight=cfg["orth_reg_weight"], total_steps=cfg["steps"],
-                             alpha=cfg["alpha"], dropout=cfg["dropout"], targets=common["targets"],
-                             exclude=common["exclude"], train_also=common["train_also"])
-    if method == "tcur":
-        return jlora.TCURLoRA(rank="auto" if cfg["budget"] else cfg["rank"], budget=cfg["budget"],
-                              selection=cfg["selection"], scale=cfg["tcur_scale"], exclude=common["exclude"],
-                              calibration=_calibration(cfg, task) if cfg["selection"] in ("gradient", "fisher") else None,
-                              train_also=common["train_also"])
-    if method == "ia3":
-        if task.family not in IA3_DEFAULTS and cfg["targets"] == "default":
-            raise ValueError(f"IA3 has no default targets for a {task.family} model (PEFT's table covers "
-                             f"{sorted(IA3_DEFAULTS)}); name them with --targets")
-        targets, feedforward = IA3_DEFAULTS.get(task.family, (None, None))
-        if cfg["targets"] != "default":
-            targets = common["targets"]
-        return jlora.IA3(targets=targets, feedforward=feedforward, exclude=common["exclude"],
-                         train_also=common["train_also"])
-    return jlora.LoRA(**common)
+    """The jlora spec for --method, built by the method's own ``from_cli``."""
+    context = types.SimpleNamespace(family=task.family, task=task, calibration=lambda: _calibration(cfg, task))
+    return METHOD_SPECS[cfg["method"]].from_cli(cfg, common, context)
 
 
 def _calibration(cfg: dict, task):
@@ -339,15 +339,8 @@ def _build_prompt(cfg: dict, task, params):
     classification head trains in full alongside the prompt (PEFT's modules_to_save)."""
 
 
-    n = cfg["virtual_tokens"]
     try:
-        if cfg["method"] == "prompt":
-            spec = jlora.PromptTuning(n, init=cfg["prompt_init"], init_text=cfg["prompt_init_text"])
-        elif cfg["method"] == "prefix":
-            spec = jlora.PrefixTuning(n, projection_hidden=cfg["prefix_projection"], init=cfg["prefix_init"],
-                                      init_text=cfg["prompt_init_text"] if cfg["prefix_init"] == "text" else None)
-        else:
-            spec = jlora.PTuning(n, encoder=cfg["ptuning_encoder"], hidden=cfg["ptuning_hidden"])
+        spec = _method_spec(cfg, {}, task)
     except ValueError as e:
         raise SystemExit(f"jlora: {e}") from None
     if task.head is not None:

@@ -51,8 +51,47 @@ def resolve_hint(hint, shape, path: str) -> Layout:
     return layout
 
 
+#: what a CliField's value must be (the ``jlora`` command checks it and names the flag when it is not)
+CLI_KINDS = ("positive_int", "int>=0", "optional_positive_int", "positive_number", "number>=0", "choice",
+             "optional_str", "flag_off")
+
+
 @dataclasses.dataclass(frozen=True)
-class AdapterSpec:
+class CliField:
+    """A setting a method adds to ``jlora train``: the config key ``name`` (flag ``--name`` with
+    dashes; ``flag_off`` kinds are ``--no-name``), its default, its help text and its ``kind``
+    (one of :data:`CLI_KINDS`; ``choices`` for ``"choice"``)."""
+
+    name: str
+    default: Any
+    help: str
+    kind: str = "optional_str"
+    choices: tuple = ()
+
+    def __post_init__(self):
+        if self.kind not in CLI_KINDS:
+            raise ValueError(f"CliField {self.name!r}: kind must be one of {CLI_KINDS}, got {self.kind!r}")
+
+
+class CliMethod:
+    """What a method contributes to the ``jlora`` command (mixed into every spec class):
+    ``cli_method`` (its ``--method`` name, None when not offered), ``cli_fields`` (its own settings)
+    and :meth:`from_cli` (the spec for a validated command configuration)."""
+
+    cli_method: ClassVar[str | None] = None
+    cli_fields: ClassVar[tuple] = ()
+
+    @classmethod
+    def from_cli(cls, settings: Mapping, common: Mapping, context):
+        """The spec for ``jlora train --method <cli_method>``. ``settings``: the command's validated
+        settings (``cli_fields`` among them); ``common``: the arguments every low-rank method shares
+        (rank, alpha, targets, exclude, rslora, init, dropout, train_also); ``context``: what the
+        command knows of the run (``context.family``, ``context.calibration()``)."""
+        return cls(**common)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec(CliMethod):
     """Fields every method shares. Subclasses add their own hyper-parameters."""
 
     targets: Any = None

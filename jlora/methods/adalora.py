@@ -61,7 +61,7 @@ from jax import lax
 from jlora.core.errors import PeftFormatError
 from jlora.core.nodes import AdapterMeta, Layout, is_adapter_leaf, is_node
 from jlora.core.paths import flatten_with_paths
-from jlora.core.spec import AdapterSpec
+from jlora.core.spec import AdapterSpec, CliField
 from jlora.core.state import AdapterState, register_state_type
 from jlora.methods import _peft as peft_format
 from jlora.methods.lora import _peft_dropout, check_lora_config_fields, read_lora_factors
@@ -123,6 +123,22 @@ class AdaLoRA(AdapterSpec):
     rank_pattern: Mapping[str, Any] | None = None
 
     method = "adalora"
+    cli_method = "adalora"
+    cli_fields = (
+        CliField("init_r", 12, "adalora: initial rank of every module (default 12)", "positive_int"),
+        CliField("target_r", 8, "adalora: average rank the budget falls to (default 8)", "positive_int"),
+        CliField("tinit", 0, "adalora: warm-up steps before any rank is masked", "int>=0"),
+        CliField("tfinal", 0, "adalora: final steps with the budget fixed at the target", "int>=0"),
+        CliField("delta_t", 1, "adalora: mask every N steps in between", "positive_int"),
+        CliField("orth_reg_weight", 0.5, "adalora: weight of the orthogonality regulariser", "number>=0"),
+    )
+
+    @classmethod
+    def from_cli(cls, settings, common, context):
+        return cls(init_r=settings["init_r"], target_r=settings["target_r"], tinit=settings["tinit"],
+                   tfinal=settings["tfinal"], delta_t=settings["delta_t"], orth_reg_weight=settings["orth_reg_weight"],
+                   total_steps=settings["steps"], alpha=settings["alpha"], dropout=settings["dropout"],
+                   targets=common["targets"], exclude=common["exclude"], train_also=common["train_also"])
 
     def __post_init__(self):
         self._validate_common()

@@ -125,6 +125,7 @@ class DoRA(_Magnitude, LoRA):
     the magnitude ``m`` is trained with the factors."""
 
     method = "dora"
+    cli_method = "dora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,7 @@ class QDoRA(_Magnitude, QLoRA):
     base once, at apply time."""
 
     method = "dora"
+    cli_method = None   # not a --method of its own
 
 
 # ------------------------------------------------------------------------------------------

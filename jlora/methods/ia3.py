@@ -77,6 +77,18 @@ class IA3(AdapterSpec):
     dtype: Any = jnp.float32
 
     method = "ia3"
+    cli_method = "ia3"
+
+    @classmethod
+    def from_cli(cls, settings, common, context):
+        """``--targets default`` is PEFT's table for the model family (:data:`DEFAULTS`)."""
+        if context.family not in DEFAULTS and settings["targets"] == "default":
+            raise ValueError(f"IA3 has no default targets for a {context.family} model (PEFT's table covers "
+                             f"{sorted(DEFAULTS)}); name them with --targets")
+        targets, feedforward = DEFAULTS.get(context.family, (None, None))
+        if settings["targets"] != "default":
+            targets = common["targets"]
+        return cls(targets=targets, feedforward=feedforward, exclude=common["exclude"], train_also=common["train_also"])
 
     def __post_init__(self):
         self._validate_common()

@@ -79,6 +79,7 @@ class LoRA(AdapterSpec):
     dtype: Any = jnp.float32
 
     method = "lora"
+    cli_method = "lora"
 
     def __post_init__(self):
         self._validate_common()

@@ -60,6 +60,7 @@ import numpy as np
 from jlora.core import api as _api
 from jlora.core.nodes import Trainable, is_adapter_leaf, unwrap
 from jlora.core.paths import flatten_with_paths, matches
+from jlora.core.spec import CliField, CliMethod
 
 PROMPT_KEY = "jlora_prompt"
 IGNORE_INDEX = -100
@@ -76,7 +77,11 @@ def _positive_int(value, owner: str, name: str) -> int:
     return int(value)
 
 
-class _PromptSpec:
+_VIRTUAL_TOKENS = CliField("virtual_tokens", 20, "prompt/prefix/ptuning: number of virtual tokens", "positive_int")
+_INIT_TEXT = CliField("prompt_init_text", None, "prompt: the text for --prompt-init text (also --prefix-init text)")
+
+
+class _PromptSpec(CliMethod):
     method = "prompt"
     kind = "prompt_tuning"
 
@@ -114,6 +119,15 @@ class PromptTuning(_PromptSpec):
     method = "prompt_tuning"
     kind = "prompt_tuning"
 
+
+    cli_method = "prompt"
+    cli_fields = (_VIRTUAL_TOKENS,
+                  CliField("prompt_init", "random", "prompt: initialisation", "choice", ("random", "vocab", "text")),
+                  _INIT_TEXT)
+
+    @classmethod
+    def from_cli(cls, settings, common, context):
+        return cls(settings["virtual_tokens"], init=settings["prompt_init"], init_text=settings["prompt_init_text"])
     def __post_init__(self):
         object.__setattr__(self, "num_virtual_tokens",
                            _positive_int(self.num_virtual_tokens, "PromptTuning", "num_virtual_tokens"))
@@ -163,6 +177,21 @@ class PrefixTuning(_PromptSpec):
     method = "prefix_tuning"
     kind = "prefix_tuning"
 
+
+    cli_method = "prefix"
+    cli_fields = (_VIRTUAL_TOKENS,
+                  CliField("prefix_projection", None, "prefix: hidden size of Li & Liang's MLP reparameterisation "
+                           "(default: none, deep prompts)", "optional_positive_int"),
+                  CliField("prefix_init", "random", "prefix (deep prompts, Llama): random = PEFT's N(0,1); vocab / "
+                           "text = the keys/values the frozen model computes for random tokens / --prompt-init-text",
+                           "choice", ("random", "vocab", "text")),
+                  _INIT_TEXT)
+
+    @classmethod
+    def from_cli(cls, settings, common, context):
+        return cls(settings["virtual_tokens"], projection_hidden=settings["prefix_projection"],
+                   init=settings["prefix_init"],
+                   init_text=settings["prompt_init_text"] if settings["prefix_init"] == "text" else None)
     def __post_init__(self):
         object.__setattr__(self, "num_virtual_tokens",
                            _positive_int(self.num_virtual_tokens, "PrefixTuning", "num_virtual_tokens"))
@@ -204,6 +233,16 @@ class PTuning(_PromptSpec):
     method = "p_tuning"
     kind = "p_tuning"
 
+
+    cli_method = "ptuning"
+    cli_fields = (_VIRTUAL_TOKENS,
+                  CliField("ptuning_encoder", "mlp", "ptuning: the prompt encoder", "choice", ("mlp", "lstm")),
+                  CliField("ptuning_hidden", None, "ptuning: encoder hidden size (default: the model's)",
+                           "optional_positive_int"))
+
+    @classmethod
+    def from_cli(cls, settings, common, context):
+        return cls(settings["virtual_tokens"], encoder=settings["ptuning_encoder"], hidden=settings["ptuning_hidden"])
     def __post_init__(self):
         object.__setattr__(self, "num_virtual_tokens",
                            _positive_int(self.num_virtual_tokens, "PTuning", "num_virtual_tokens"))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jlora.core.nodes import Layout
 from jlora.core.paths import normalize_patterns
+from jlora.core.spec import CliField
 from jlora.core.state import LoRAState, register_state_type
 from jlora.methods.lora import LoRA
 from jlora.quant import quantize
@@ -55,6 +56,17 @@ class QLoRA(LoRA):
     quantize_frozen: Any = None
 
     method = "qlora"
+    cli_method = "qlora"
+    cli_fields = (
+        CliField("quant", "nf4", "qlora: frozen-base scheme", "choice", QUANT_SCHEMES),
+        CliField("double_quant", True, "qlora: do not quantise the block scales again", "flag_off"),
+        CliField("quantize_frozen", None, "qlora: also quantise frozen kernels: 'all-linear' or a regex"),
+    )
+
+    @classmethod
+    def from_cli(cls, settings, common, context):
+        return cls(**common, quant=settings["quant"], double_quant=settings["double_quant"] and settings["quant"] != "int8",
+                   quantize_frozen=settings["quantize_frozen"])
 
     def __post_init__(self):
         super().__post_init__()

@@ -57,7 +57,7 @@ from jlora.core import axes as axes_mod
 from jlora.core.nodes import AdapterMeta, AdaptedWeight, Trainable, is_adapter_leaf, is_node, unwrap
 from jlora.core.state import LoRAState, register_state_type
 from jlora.core.paths import flatten_with_paths, matches, near_misses, normalize_patterns
-from jlora.core.spec import AdapterSpec
+from jlora.core.spec import AdapterSpec, CliField
 
 RESERVED = "jlora_tcur"
 SELECTIONS = ("norm", "gradient", "fisher", "random", "svd")
@@ -349,6 +349,22 @@ class TCURLoRA(AdapterSpec):
 
     method = "tcur"
     shares_parameters = True
+    cli_method = "tcur"
+    cli_fields = (
+        CliField("selection", "norm", "tcur: how fibres are chosen (norm: the paper's; gradient/fisher calibrate on "
+                 "training batches)", "choice", SELECTIONS),
+        CliField("tcur_scale", 1.0, "tcur: multiplies the update (default 1, the paper's)", "positive_number"),
+        CliField("budget", None, "tcur: total core parameters; ranks per tensor then follow importance (--rank is "
+                 "ignored)", "optional_positive_int"),
+        CliField("calib_batches", 4, "tcur: training batches for gradient/fisher selection (default 4)", "positive_int"),
+    )
+
+    @classmethod
+    def from_cli(cls, settings, common, context):
+        calibrated = settings["selection"] in ("gradient", "fisher")
+        return cls(rank="auto" if settings["budget"] else settings["rank"], budget=settings["budget"],
+                   selection=settings["selection"], scale=settings["tcur_scale"], exclude=common["exclude"],
+                   calibration=context.calibration() if calibrated else None, train_also=common["train_also"])
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
