@@ -167,6 +167,19 @@ class LoRAState(AdapterState):
 
 
 _STATE_TYPES: dict = {}
+_BASE_REWRITING_INITS: set = set()
+
+
+def register_base_rewriting_init(*inits: str) -> None:
+    """Declares initialisations (``AdapterMeta.init``) that rewrite the base weight, e.g. LoRA's PiSSA
+    and OLoRA (the base becomes a residual): savers then keep the base, and PEFT files refuse them."""
+    _BASE_REWRITING_INITS.update(inits)
+
+
+def rewrites_base(meta) -> bool:
+    """True when this adapter's initialisation rewrote its node's base (see
+    :func:`register_base_rewriting_init`)."""
+    return meta.init in _BASE_REWRITING_INITS
 
 
 def register_state_type(method: str, cls) -> None:

@@ -56,6 +56,7 @@ from jlora.core.api import merge as _merge, reserved_keys, saved_entries, with_e
 from jlora.core.errors import CheckpointError, CorruptCheckpointError, NonFiniteError
 from jlora.core.nodes import AdapterMeta, Layout, AdaptedWeight, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
+from jlora.core.state import rewrites_base
 from jlora._version import __version__
 import warnings
 
@@ -67,8 +68,6 @@ ARRAYS_DIR = "arrays"
 STATE_FORMAT = "jlora.train_state"
 STATE_FORMAT_VERSION = 1
 
-# Initialisations that rewrite the base weight (AdapterMeta.init); their nodes save the base.
-REWRITES_BASE = frozenset({"pissa", "olora"})
 
 _STATE_ITEMS = ("trainable", "opt_state", "rng")
 _STATE_META_ITEM = "jlora"
@@ -231,7 +230,7 @@ def _node_record(path: str, node: AdaptedWeight, arrays: dict) -> dict:
         if cache:
             rec["cache"] = cache
         adapters.append(rec)
-    inits = sorted({meta[n].init for n in names} & REWRITES_BASE)
+    inits = sorted({meta[n].init for n in names if rewrites_base(meta[n])})
     record = {
         "path": path,
         "base_shape": list(node.shape),

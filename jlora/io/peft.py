@@ -82,7 +82,7 @@ from jlora.core import axes as axes_mod
 from jlora.core.errors import PeftFormatError
 from jlora.core.nodes import AdaptedWeight, Layout, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
-from jlora.io.checkpoint import REWRITES_BASE
+from jlora.core.state import rewrites_base
 from jlora.methods import _peft as peft_format
 from jlora.io._peft_files import (  # noqa: F401 (CONFIG_NAME ... and the safetensors helpers are used from here)
     CONFIG_NAME, Naming, PREFIX, WEIGHTS_NAME, _call_naming, _is_embedding, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _target_match, _try_naming, _verify_integrity, _write_adapter_dir, _write_safetensors, default_naming, tree_codec_for_tree, tree_codec_for_type, tree_peft_types)
@@ -233,7 +233,7 @@ def _export_codec(leaf, leaf_path, adapter, meta):
         raise ValueError(f"{leaf_path!r}: adapter {adapter!r} is a {meta.method!r} adapter; PEFT files written by "
                          f"save_peft hold {', '.join(peft_format.method_names())} adapters (export the merged weights "
                          f"instead)")
-    if meta.init in REWRITES_BASE:
+    if rewrites_base(meta):
         raise ValueError(
             f"{leaf_path!r}: adapter {adapter!r} was initialised with {meta.init!r}, which rewrote the base "
             f"weight into a residual; a PEFT file only holds the factors and would be applied to the original "

@@ -18,10 +18,11 @@ import numpy as np
 from jlora.core.errors import PeftFormatError
 from jlora.core.nodes import AdapterMeta, Layout
 from jlora.core.spec import AdapterSpec
-from jlora.core.state import LoRAState
+from jlora.core.state import LoRAState, register_base_rewriting_init
 from jlora.methods import _peft as peft_format
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "zeros_b_normal")
+register_base_rewriting_init("pissa", "olora")   # their base is W - s * A0 @ B0
 
 
 def _pattern_value(patterns, path: str, default):
