@@ -1,11 +1,11 @@
 """What every PEFT file codec shares: module naming, the safetensors reader / writer, jlora's
 integrity record, ``modules_to_save`` in PyTorch layout and the atomic adapter-directory write.
-Used by :mod:`jlora.io.peft` (adapter methods) and :mod:`jlora.io.peft_prompt` (prompt learning)."""
+Used by :mod:`jlora.io.peft`, which hands this module to the whole-tree forms (prompt learning:
+:mod:`jlora.methods.prompt_peft`) as their ``files``."""
 
 from __future__ import annotations
 
 import collections
-import collections.abc
 import difflib
 import json
 import math
@@ -32,33 +32,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-#: whole-tree file forms (prompt learning: jlora.io.peft_prompt): the reserved top-level key of the
-#: adapted tree they write -> (the peft_types they read, save(path, adapted, naming, **kw),
-#: load(path, params, naming, config))
-_TREE_CODECS: dict = {}
 
-
-def register_tree_codec(key: str, peft_types, save, load) -> None:
-    """Registers a PEFT file form that covers a whole tree (its reserved entry ``key``) instead of
-    per-kernel modules: :func:`jlora.io.save_peft` hands trees holding ``key`` to ``save`` and
-    :func:`jlora.io.load_peft` hands files of ``peft_types`` to ``load``."""
-    _TREE_CODECS[key] = (tuple(t.upper() for t in peft_types), save, load)
-
-
-def tree_codec_for_tree(tree):
-    """``(save, load)`` of the whole-tree form whose reserved entry ``tree`` holds, or None."""
-    if not isinstance(tree, collections.abc.Mapping):
-        return None
-    return next(((save, load) for key, (_, save, load) in _TREE_CODECS.items() if key in tree), None)
-
-
-def tree_codec_for_type(peft_type):
-    """``(save, load)`` of the whole-tree form that reads ``peft_type``, or None."""
-    return next(((save, load) for types, save, load in _TREE_CODECS.values() if str(peft_type).upper() in types), None)
-
-
-def tree_peft_types() -> tuple:
-    return tuple(t for types, _, _ in _TREE_CODECS.values() for t in types)
 
 
 Naming = Callable[[str, "int | None"], str]

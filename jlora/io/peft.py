@@ -1,5 +1,5 @@
 """Hugging Face PEFT adapter files (LoRA, DoRA, IA3): export jlora adapters, import PEFT-trained ones.
-(Prompt tuning / prefix tuning / P-tuning files: :mod:`jlora.io.peft_prompt`, which :func:`save_peft`
+(Prompt tuning / prefix tuning / P-tuning files: :mod:`jlora.methods.prompt_peft`, which :func:`save_peft`
 and :func:`load_peft` hand over to when the tree carries a prompt or the file is a prompt-learning one.)
 
 A PEFT adapter is a directory with two files, which :func:`save_peft` writes and
@@ -85,9 +85,11 @@ from jlora.core.paths import flatten_with_paths
 from jlora.core.state import rewrites_base
 from jlora.methods import _peft as peft_format
 from jlora.io._peft_files import (  # noqa: F401 (CONFIG_NAME ... and the safetensors helpers are used from here)
-    CONFIG_NAME, Naming, PREFIX, WEIGHTS_NAME, _call_naming, _is_embedding, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _target_match, _try_naming, _verify_integrity, _write_adapter_dir, _write_safetensors, default_naming, tree_codec_for_tree, tree_codec_for_type, tree_peft_types)
+    CONFIG_NAME, Naming, PREFIX, WEIGHTS_NAME, _call_naming, _is_embedding, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _target_match, _try_naming, _verify_integrity, _write_adapter_dir, _write_safetensors, default_naming)
 from jlora.methods import adalora as _adalora, dora as _dora, ia3 as _ia3, lora as _lora  # noqa: F401 (their codecs)
-from jlora.io import peft_prompt as _peft_prompt  # noqa: F401 (registers the prompt-learning file form)
+from jlora.io import _peft_files
+from jlora.methods import prompt_peft as _prompt_peft  # noqa: F401 (registers the prompt-learning file form)
+from jlora.methods._peft import tree_codec_for_tree, tree_codec_for_type, tree_peft_types
 
 
 __all__ = ["save_peft", "load_peft", "read_peft_config", "default_naming", "PeftFormatError",
@@ -156,7 +158,7 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
     whole_tree = tree_codec_for_tree(adapted)   # prompt / prefix / P-tuning: one form for the whole tree
     if whole_tree is not None:
-        return whole_tree[0](path, adapted, naming, base_model_name_or_path=base_model_name_or_path,
+        return whole_tree[0](path, adapted, naming, _peft_files, base_model_name_or_path=base_model_name_or_path,
                              revision=revision, task_type=task_type, overwrite=overwrite)
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
     tensors: dict[str, np.ndarray] = {}
@@ -367,7 +369,7 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
     config = read_peft_config(path)
     whole_tree = tree_codec_for_type(config["peft_type"])
     if whole_tree is not None:
-        return whole_tree[1](path, params, naming, config)
+        return whole_tree[1](path, params, naming, config, _peft_files)
     path = os.path.abspath(os.fspath(path))
     weights_file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_file):
@@ -398,11 +400,9 @@ def load_peft(path, params, naming: Naming, *, adapter: str = "default", model=N
             f"{outside[:4]}{' ...' if len(outside) > 4 else ''}; PEFT would skip them, so the config and the weights "
             f"disagree")
 
-    if str(config.get("init_lora_weights")).lower() in ("pissa", "olora", "corda", "eva", "loftq") or \
-            str(config.get("init_lora_weights")).lower().startswith("pissa"):
-        warnings.warn(f"{path}: this adapter was initialised with init_lora_weights={config['init_lora_weights']!r}, "
-                      f"which changes the base weights; unless it was saved with path_initial_model_for_weight_conversion "
-                      f"it only reproduces the trained model on top of those changed weights", stacklevel=2)
+    caveat = codec.load_warning(config)   # e.g. an init that changed the base weights
+    if caveat:
+        warnings.warn(f"{path}: {caveat}", stacklevel=2)
 
     # -- map the params' kernels to module names --------------------------------------------
     flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)

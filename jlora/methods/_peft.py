@@ -14,6 +14,7 @@ split of a kernel's axes from flat PyTorch sizes, attaching a read adapter to a 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 import math
 import re
@@ -119,6 +120,10 @@ class PeftCodec:
         True, returns False for a tensor that is not an adapter weight (``modules_to_save``), or
         raises for an adapter tensor this codec does not know."""
         raise NotImplementedError
+
+    def load_warning(self, config: Mapping) -> str | None:
+        """A caveat about what loading this file gives (a warning), or None."""
+        return None
 
     def check_parts(self, module: str, parts: Mapping, weights_file: str) -> None:
         """Refuses a module whose collected tensors are incomplete."""
@@ -245,3 +250,36 @@ def attach(leaf, leaf_path: str, layout: Layout, adapter: str, meta: AdapterMeta
             raise PeftFormatError(f"{e} (load onto the plain params)") from None
     node = AdaptedWeight(base=leaf, states={}, layout=layout, adapters=(), active=(), path=leaf_path)
     return node.add_adapter(adapter, state, meta)
+
+
+# ------------------------------------------------------------------------------------------
+# whole-tree forms
+
+#: whole-tree file forms (prompt learning: jlora.methods.prompt_peft): the reserved top-level key of
+#: the adapted tree they write -> (the peft_types they read, save(path, adapted, naming, files, **kw),
+#: load(path, params, naming, config, files)); ``files`` is io's PEFT file toolkit
+#: (jlora.io._peft_files: safetensors, modules_to_save, integrity records, atomic writes)
+_TREE_CODECS: dict = {}
+
+
+def register_tree_codec(key: str, peft_types, save, load) -> None:
+    """Registers a PEFT file form that covers a whole tree (its reserved entry ``key``) instead of
+    per-kernel modules: :func:`jlora.io.save_peft` hands trees holding ``key`` to ``save`` and
+    :func:`jlora.io.load_peft` hands files of ``peft_types`` to ``load``, each with io's file toolkit."""
+    _TREE_CODECS[key] = (tuple(t.upper() for t in peft_types), save, load)
+
+
+def tree_codec_for_tree(tree):
+    """``(save, load)`` of the whole-tree form whose reserved entry ``tree`` holds, or None."""
+    if not isinstance(tree, collections.abc.Mapping):
+        return None
+    return next(((save, load) for key, (_, save, load) in _TREE_CODECS.items() if key in tree), None)
+
+
+def tree_codec_for_type(peft_type):
+    """``(save, load)`` of the whole-tree form that reads ``peft_type``, or None."""
+    return next(((save, load) for types, save, load in _TREE_CODECS.values() if str(peft_type).upper() in types), None)
+
+
+def tree_peft_types() -> tuple:
+    return tuple(t for types, _, _ in _TREE_CODECS.values() for t in types)

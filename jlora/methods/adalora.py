@@ -64,7 +64,7 @@ from jlora.core.paths import flatten_with_paths
 from jlora.core.spec import AdapterSpec, CliField
 from jlora.core.state import AdapterState, register_state_type
 from jlora.methods import _peft as peft_format
-from jlora.methods.lora import _peft_dropout, check_lora_config_fields, read_lora_factors
+from jlora.methods.lora import _peft_dropout, check_lora_config_fields, init_changed_base_warning, read_lora_factors
 
 __all__ = ["AdaLoRA", "AdaLoRAState", "AdaLoRAAllocator", "adalora_allocator", "budget_schedule",
            "update_importance", "triplet_scores", "mask_threshold", "orthogonal_regularizer",
@@ -637,6 +637,9 @@ class AdaLoRACodec(peft_format.PeftCodec):
 
     def check_config(self, config, file):
         check_lora_config_fields(config, file)
+
+    def load_warning(self, config):
+        return init_changed_base_warning(config)
 
     def parse(self, key, value, modules, weights_file):
         m = re.fullmatch(r"(.+)\.lora_(A|B|E)", key)

@@ -229,6 +229,17 @@ def check_lora_config_fields(config: dict, file: str) -> None:
         bad("layers_to_transform", "a layer index or a list of them")
 
 
+def init_changed_base_warning(config) -> str | None:
+    """PEFT inits that rewrite the base weights (PiSSA, OLoRA, CorDA, EVA, LoftQ): the file alone only
+    reproduces the trained model on top of those changed weights."""
+    init = str(config.get("init_lora_weights")).lower()
+    if init in ("pissa", "olora", "corda", "eva", "loftq") or init.startswith("pissa"):
+        return (f"this adapter was initialised with init_lora_weights={config['init_lora_weights']!r}, which changes "
+                f"the base weights; unless it was saved with path_initial_model_for_weight_conversion it only "
+                f"reproduces the trained model on top of those changed weights")
+    return None
+
+
 def lora_factor_tensors(node, adapter, leaf_path, stack, n_in, n_out, embedding):
     """``({"lora_A.weight": (r, in), "lora_B.weight": (out, r)}, r)`` (``lora_embedding_A/B`` for an
     embedding table; stacked over layers when ``stack``) of a low-rank adapter."""
@@ -363,6 +374,9 @@ class LoRACodec(peft_format.PeftCodec):
 
     def check_config(self, config, file):
         check_lora_config_fields(config, file)
+
+    def load_warning(self, config):
+        return init_changed_base_warning(config)
 
     def parse(self, key, value, modules, weights_file):
         m = (re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.io import peft_prompt
+from jlora.methods import prompt_peft as peft_prompt
 from jlora.methods import prompt as jp
 from jlora.models import bert, llama
 
@@ -148,4 +148,4 @@ def test_prompt_file_errors(tmp_path):
     cfg_file.write_text(json.dumps({**cfg, "num_transformer_submodules": 2}))
     with pytest.raises(jlora.io.PeftFormatError, match="encoder-decoder"):
         jlora.io.load_peft(tmp_path / "pre", params, BERT_NAMING)
-    assert set(peft_prompt.PROMPT_TYPES) <= set(jlora.io._peft_files.tree_peft_types())
+    assert set(peft_prompt.PROMPT_TYPES) <= set(jlora.methods._peft.tree_peft_types())

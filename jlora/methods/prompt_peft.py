@@ -19,7 +19,8 @@ prompt-tuning prompt for the same reason.
 
 Only decoder-only / encoder-only models (``num_transformer_submodules`` 1); encoder-decoder
 prompts (2) are refused. Used by :func:`jlora.io.save_peft` / :func:`jlora.io.load_peft` when the
-tree carries a prompt or the file is a prompt-learning one.
+tree carries a prompt or the file is a prompt-learning one; ``files`` is io's PEFT file toolkit
+(:mod:`jlora.io._peft_files`), which they pass in.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import numpy as np
 
 from jlora.core.nodes import AdaptedWeight, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
-from jlora.io._peft_files import PeftFormatError, WEIGHTS_NAME, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _verify_integrity, _write_adapter_dir, register_tree_codec
+from jlora.core.errors import PeftFormatError
+from jlora.methods._peft import register_tree_codec
 from jlora.methods.prompt import PROMPT_KEY, _with_entry, _wrap, export_prompt, prompt_params
 
 PREFIX = "base_model."          # prompt-learning PeftModels wrap the transformers model directly
@@ -43,13 +45,13 @@ EMBEDDINGS = "prompt_embeddings"
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
-def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, revision=None, task_type=None,
+def save_peft_prompt(path, adapted, naming, files, *, base_model_name_or_path=None, revision=None, task_type=None,
                      overwrite=False):
     """Writes the prompt of ``adapted`` (and its ``Trainable`` head as ``modules_to_save``) as a
     PEFT prompt-learning adapter directory. Returns the path. ``base_model_name_or_path`` and
     ``revision`` go to ``adapter_config.json`` as in :func:`jlora.io.save_peft`."""
 
-    provenance = _provenance(base_model_name_or_path, revision)
+    provenance = files._provenance(base_model_name_or_path, revision)
 
     if not callable(naming):
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
@@ -86,14 +88,14 @@ def save_peft_prompt(path, adapted, naming, *, base_model_name_or_path=None, rev
     else:
         raise ValueError(f"save_peft: cannot write the prompt kind {kind!r}")
     tensors = {EMBEDDINGS: np.ascontiguousarray(emb)}
-    save_modules = _modules_to_save_tensors(flat, naming, tensors, PREFIX)
+    save_modules = files._modules_to_save_tensors(flat, naming, tensors, PREFIX)
     config.update({"auto_mapping": None, **provenance, "inference_mode": True,
                    "modules_to_save": sorted(set(save_modules)) or None, "num_transformer_submodules": 1,
                    "num_virtual_tokens": int(n_virtual), "task_type": task_type, "token_dim": int(token_dim)})
-    return _write_adapter_dir(path, overwrite, tensors, config)
+    return files._write_adapter_dir(path, overwrite, tensors, config)
 
 
-def load_peft_prompt(path, params, naming, config: dict):
+def load_peft_prompt(path, params, naming, config: dict, files):
     """``params`` with the prompt of the PEFT prompt-learning adapter at ``path`` (whose checked
     ``config`` is given) and its ``modules_to_save`` as ``Trainable`` leaves."""
 
@@ -103,12 +105,12 @@ def load_peft_prompt(path, params, naming, config: dict):
     if PROMPT_KEY in params:
         raise ValueError(f"params already carry a prompt ({PROMPT_KEY!r}); pass the model's params without it")
     path = os.path.abspath(os.fspath(path))
-    weights_file = os.path.join(path, WEIGHTS_NAME)
+    weights_file = os.path.join(path, files.WEIGHTS_NAME)
     if not os.path.isfile(weights_file):
         raise FileNotFoundError(f"no PEFT adapter weights at {weights_file}")
     metadata: dict = {}
-    raw = _read_safetensors(weights_file, metadata)
-    _verify_integrity(weights_file, raw, metadata, config)
+    raw = files._read_safetensors(weights_file, metadata)
+    files._verify_integrity(weights_file, raw, metadata, config)
     peft_type = str(config["peft_type"]).upper()
     subs = config.get("num_transformer_submodules") or 1
     if subs != 1:
@@ -140,7 +142,7 @@ def load_peft_prompt(path, params, naming, config: dict):
         extra[key[len(PREFIX):]] = value
     flat, treedef = flatten_with_paths(params, is_leaf=is_adapter_leaf)
     placements = {}
-    _place_modules_to_save(flat, naming, extra, placements, weights_file, PREFIX)
+    files._place_modules_to_save(flat, naming, extra, placements, weights_file, PREFIX)
     leaves = [placements.get(i, leaf) for i, (_, leaf) in enumerate(flat)]
     out = jax.tree_util.tree_unflatten(treedef, leaves)
     return _with_entry(out, _wrap(jax.tree_util.tree_map(jnp.asarray, entry), PROMPT_KEY))
