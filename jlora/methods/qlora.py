@@ -4,7 +4,9 @@
 targeted kernel's base becomes a :class:`jlora.quant.QuantizedArray` (NF4 with double
 quantisation by default, blocks of 64 along the input dimension as bitsandbytes does), and with
 ``quantize_frozen`` other frozen kernels too. ``jlora.lift`` dequantises a base inside the matmul
-that uses it (one layer at a time under ``scan``) to ``compute_dtype``; gradients flow through the
+that uses it (one layer at a time under ``scan``), to ``compute_dtype`` or to the dtype the program
+casts the weight to (a float32 model promotes it: no bfloat16 rounding then, while :func:`jlora.merge`
+returns the merged weight in ``compute_dtype``); gradients flow through the
 dequantised weight to the activations, never to the codes. The LoRA factors stay in ``dtype``
 (float32 by default).
 
