@@ -142,9 +142,7 @@ def _add_train_args(p: argparse.ArgumentParser):
         elif field.kind == "choice":
             p.add_argument(flag, choices=field.choices, help=field.help)
         else:
-            kind = int if field.kind.endswith("int") or field.kind == "int>=0" else \
-                float if field.kind.endswith("number") or field.kind == "number>=0" else str
-            p.add_argument(flag, type=kind, help=field.help)
+            p.add_argument(flag, type=_KIND_TYPES[field.kind], help=field.help)
     p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
                    help="store the frozen pretrained weights in this dtype (e.g. bf16 LoRA); new heads stay float32")
     p.add_argument("--rank", type=int)
@@ -213,35 +211,25 @@ def _validate(cfg: dict) -> None:
     for key in ("model", "data"):
         if not isinstance(cfg[key], str) or not cfg[key]:
             bad(key, cfg[key], "a name or a path")
-    for key in ("steps", "batch", "rank", "max_length", "accum_steps", "log_every", "keep_checkpoints",
-                "max_nonfinite"):
-        if not _is_int(cfg[key]) or cfg[key] < 1:
-            bad(key, cfg[key], "a positive integer")
-    for key in ("eval_every", "checkpoint_every", "early_stopping", "seed"):
-        if not _is_int(cfg[key]) or cfg[key] < 0:
-            bad(key, cfg[key], "an integer >= 0")
-    for key in ("lr", "alpha"):
-        if not _is_number(cfg[key]) or cfg[key] <= 0:
-            bad(key, cfg[key], "a positive number")
-    for key in ("weight_decay", "clip_norm"):
-        if not _is_number(cfg[key]) or cfg[key] < 0:
-            bad(key, cfg[key], "a number >= 0")
+    for kind, keys in (("positive_int", ("steps", "batch", "rank", "max_length", "accum_steps", "log_every",
+                                          "keep_checkpoints", "max_nonfinite")),
+                       ("int>=0", ("eval_every", "checkpoint_every", "early_stopping", "seed")),
+                       ("positive_number", ("lr", "alpha")),
+                       ("number>=0", ("weight_decay", "clip_norm"))):
+        for key in keys:
+            _check_value(key, kind, cfg[key], bad)
     if not _is_number(cfg["dropout"]) or not 0 <= cfg["dropout"] < 1:
         bad("dropout", cfg["dropout"], "a number in [0, 1)")
     if not _is_number(cfg["warmup_ratio"]) or not 0 <= cfg["warmup_ratio"] < 1:
         bad("warmup_ratio", cfg["warmup_ratio"], "a number in [0, 1)")
     if cfg["warmup_steps"] is not None and (not _is_int(cfg["warmup_steps"]) or not 0 <= cfg["warmup_steps"] < cfg["steps"]):
         bad("warmup_steps", cfg["warmup_steps"], f"an integer in [0, --steps={cfg['steps']})")
-    for key in ("eval_limit",):
-        if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] < 1):
-            bad(key, cfg[key], "a positive integer")
+    _check_value("eval_limit", "optional_positive_int", cfg["eval_limit"], bad)
     for key in ("text_column", "prompt_column", "response_column", "messages_column", "validation_file", "test_file",
-                "image_column",
-                "logdir", "label_column", "out"):
-        if cfg[key] is not None and (not isinstance(cfg[key], str) or not cfg[key]):
-            bad(key, cfg[key], "a non-empty string")
-    for field in METHOD_FIELDS.values():
-        _check_field(field, cfg[field.name], bad)
+                "image_column", "logdir", "label_column", "out"):
+        _check_value(key, "optional_str", cfg[key], bad)
+    for field in METHOD_FIELDS.values():   # each method's own settings, by the kind it declares
+        _check_value(field.name, field.kind, cfg[field.name], bad, field.choices)
     if cfg["batch"] % cfg["accum_steps"]:
         raise SystemExit(f"jlora: --batch {cfg['batch']} is not divisible by --accum-steps {cfg['accum_steps']}")
     if cfg["best_metric"] is not None:
@@ -253,9 +241,8 @@ def _validate(cfg: dict) -> None:
         raise SystemExit("jlora: --early-stopping needs --best-metric (the metric whose improvement it waits for)")
 
 
-def _check_field(field, value, bad) -> None:
-    """A method's setting checked against its CliField kind (the message names the flag)."""
-    name, kind = field.name, field.kind
+def _check_value(name: str, kind: str, value, bad, choices=()) -> None:
+    """``value`` checked against a ``CliField`` kind (jlora.core.spec.CLI_KINDS); ``bad`` names the flag."""
     if kind == "positive_int" and (not _is_int(value) or value < 1):
         bad(name, value, "a positive integer")
     elif kind == "int>=0" and (not _is_int(value) or value < 0):
@@ -266,12 +253,17 @@ def _check_field(field, value, bad) -> None:
         bad(name, value, "a positive number")
     elif kind == "number>=0" and (not _is_number(value) or value < 0):
         bad(name, value, "a number >= 0")
-    elif kind == "choice" and value not in field.choices:
-        bad(name, value, f"one of {field.choices}")
+    elif kind == "choice" and value not in choices:
+        bad(name, value, f"one of {choices}")
     elif kind == "optional_str" and value is not None and (not isinstance(value, str) or not value):
         bad(name, value, "a non-empty string")
     elif kind == "flag_off" and not isinstance(value, bool):
         bad(name, value, "true or false")
+
+
+#: the argparse type of each CliField kind that takes a value (choices and flag_off are handled apart)
+_KIND_TYPES = {"positive_int": int, "int>=0": int, "optional_positive_int": int, "positive_number": float,
+               "number>=0": float, "optional_str": str}
 
 
 #: validation metrics --best-metric can select on, and whether larger is better

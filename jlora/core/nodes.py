@@ -306,25 +306,22 @@ class AdaptedWeight:
         states = _states_from_parts(tuple(adapters), {}, a=a or {}, b=b or {}, extra=extra or {}, cache=cache or {})
         return cls(base=base, states=states, layout=layout, adapters=tuple(adapters), active=tuple(active), path=path)
 
-    # -- pre-0.2 read-only views ---------------------------------------------------------------
+    # -- pre-0.2 read-only views (the same grouping the pytree key paths use) -------------------
     @property
     def a(self) -> dict:
-        return {n: s.a for n, s in self.states.items() if "a" in s.arrays()}
+        return _grouped(self)["a"]
 
     @property
     def b(self) -> dict:
-        return {n: s.b for n, s in self.states.items() if "b" in s.arrays()}
+        return _grouped(self)["b"]
 
     @property
     def extra(self) -> dict:
-        out = {n: {k: v for k, v in s.arrays().items() if k not in ("a", "b") and k not in s.frozen}
-               for n, s in self.states.items()}
-        return {n: d for n, d in out.items() if d}
+        return _grouped(self)["extra"]
 
     @property
     def cache(self) -> dict:
-        out = {n: {k: v for k, v in s.arrays().items() if k in s.frozen} for n, s in self.states.items()}
-        return {n: d for n, d in out.items() if d}
+        return _grouped(self)["cache"]
 
 
 #: the pre-0.2 name (one release)

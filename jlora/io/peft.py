@@ -204,25 +204,21 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
                  if save_modules else " Did you pass the plain params?")
         raise ValueError(f"save_peft: no LoRA node carries an adapter named {adapter!r}{hint}.{extra}")
     codec.check_modules(modules)
-    leaf_paths = {p for p, _ in flat}
-    with_bias = [m for m, info in modules.items()
-                 if codec.differs_on_bias(_meta_of(flat, info.path, adapter))
-                 and f"{info.path.rsplit('/', 1)[0]}/bias" in leaf_paths]
+    leaves = dict(flat)
+    with_bias = list(dict.fromkeys(   # leaf paths (one per stacked kernel, not per layer)
+        info.path for info in modules.values()
+        if codec.differs_on_bias(leaves[info.path].meta[adapter]) and f"{info.path.rsplit('/', 1)[0]}/bias" in leaves))
     if with_bias:
-        warnings.warn(codec.bias_warning([modules[m].path for m in with_bias], saving=True), stacklevel=2)
-    ctx = peft_format.ConfigContext(target_modules=_target_modules(list(modules), sorted(set(save_modules)), flat, naming),
-                                    modules_to_save=sorted(set(save_modules)), spec=spec, provenance=provenance,
-                                    task_type=task_type)
+        warnings.warn(codec.bias_warning(with_bias, saving=True), stacklevel=2)
+    to_save = sorted(set(save_modules))
+    ctx = peft_format.ConfigContext(target_modules=_target_modules(list(modules), to_save, flat, naming),
+                                    modules_to_save=to_save, spec=spec, provenance=provenance, task_type=task_type)
     config = codec.config(modules, ctx)
     if lora_biases:
         if not codec.trains_bias:
             raise ValueError(f"save_peft: {codec.title} files hold no trained biases; {lora_biases[:3]} train theirs")
         config["bias"] = "lora_only"
     return _write_adapter_dir(path, overwrite, tensors, config)
-
-
-def _meta_of(flat, leaf_path, adapter):
-    return dict(flat)[leaf_path].meta[adapter]
 
 
 def _export_codec(leaf, leaf_path, adapter, meta):
