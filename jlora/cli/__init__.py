@@ -48,6 +48,7 @@ from jlora.data.files import DataFileError, looks_like_file
 from jlora.methods.adalora import kept_ranks
 from jlora.models.hf_export import hf_tensors, llama_config_json, save_hf_directory
 from jlora.train import init_opt_state, make_step, plot_history
+from jlora.distributed import load_rules, make_mesh, resolve_rules, shard
 
 #: the methods the command offers: each spec class declares its --method name, its own settings
 #: (cli_fields) and how it is built from them (from_cli); "head" trains only a new head
@@ -81,7 +82,9 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 # the trainer
                 optimizer="adamw", schedule="cosine", warmup_ratio=0.1, warmup_steps=None, clip_norm=0.0,
                 log_every=10, logdir=None, checkpoint_every=100, keep_checkpoints=2, best_metric=None,
-                early_stopping=0, max_nonfinite=5)
+                early_stopping=0, max_nonfinite=5,
+                # sharding over this machine's devices
+                mesh=None, rules=None)
 #: settings that may differ when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit")
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
@@ -122,10 +125,17 @@ def _add_train_args(p: argparse.ArgumentParser):
     t.add_argument("--best-metric", help="with --eval-every: keep the adapter with the best validation metric "
                                          "(loss, accuracy, perplexity) instead of the last")
     t.add_argument("--early-stopping", type=int, help="with --best-metric: stop after N evaluations without improvement")
+    t.add_argument("--mesh", help="shard the run over this machine's devices: named mesh axes, e.g. data=2,fsdp=4 "
+                                  "(one size may be -1: the rest); the batch is split over data and fsdp, the "
+                                  "weights by the model's partition rules (or --rules)")
+    t.add_argument("--rules", help="with --mesh: a JSON file of partition rules [[\"regex\", [\"fsdp\", null]], ...] "
+                                   "instead of the model's own")
     t.add_argument("--max-nonfinite", type=int, help="steps in a row whose loss or gradients are NaN / Inf are skipped; "
                                                       "this many stop the run, checked at each log record (default 5; "
                                                       "1 with --log-every 1: stop at the first)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--dry-run", action="store_true", help="build everything, print each array's per-device shape and "
+                                                          "the compiled step's memory per device, train nothing")
     p.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
                    help="continue the interrupted run in --out (the default when there is one; with this flag, "
                         "its absence is an error)")
@@ -237,8 +247,90 @@ def _validate(cfg: dict) -> None:
             bad("best_metric", cfg["best_metric"], f"one of {tuple(BEST_METRICS)}")
         if not cfg["eval_every"]:
             raise SystemExit("jlora: --best-metric needs --eval-every N (the metric is measured every N steps)")
+    _check_value("rules", "optional_str", cfg["rules"], bad)
+    if cfg["mesh"] is not None:
+        parse_mesh(cfg["mesh"])
+    elif cfg["rules"] is not None:
+        raise SystemExit("jlora: --rules needs --mesh (the mesh whose axes the rules name)")
     if cfg["early_stopping"] and cfg["best_metric"] is None:
         raise SystemExit("jlora: --early-stopping needs --best-metric (the metric whose improvement it waits for)")
+
+
+def parse_mesh(text) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``"data=2,fsdp=4"`` -> ``((2, 4), ("data", "fsdp"))``; a clear error for anything else."""
+    def bad(why):
+        raise SystemExit(f"jlora: --mesh must be name=size pairs like data=2,fsdp=4 ({why}), got {text!r}")
+
+    if not isinstance(text, str) or not text.strip():
+        bad("empty")
+    shape, names = [], []
+    for part in text.split(","):
+        name, sep, size = part.strip().partition("=")
+        if not sep or not name.strip().isidentifier():
+            bad(f"{part.strip()!r} is not name=size")
+        try:
+            n = int(size)
+        except ValueError:
+            bad(f"size {size!r} of {name.strip()!r} is not an integer")
+        if n < 1 and n != -1:
+            bad(f"size {n} of {name.strip()!r} is not positive (or -1)")
+        names.append(name.strip())
+        shape.append(n)
+    if len(set(names)) != len(names):
+        bad("an axis is named twice")
+    if shape.count(-1) > 1:
+        bad("at most one size may be -1")
+    return tuple(shape), tuple(names)
+
+
+def _sharding(cfg: dict, task):
+    """(mesh, rules, batch_axes) for --mesh / --rules, or (None, None, ("data",))."""
+    if cfg["mesh"] is None:
+        return None, None, ("data",)
+    shape, names = parse_mesh(cfg["mesh"])
+    try:
+        mesh = make_mesh(shape, names)
+    except ValueError as e:
+        raise SystemExit(f"jlora: --mesh {cfg['mesh']}: {e}") from None
+    if cfg["rules"]:
+        try:
+            rules = load_rules(cfg["rules"])
+        except ValueError as e:
+            raise SystemExit(f"jlora: --rules: {e}") from None
+    else:
+        config = getattr(task.model, "config", None)
+        if not hasattr(config, "partition_rules"):
+            raise SystemExit(f"jlora: --mesh: the model {cfg['model']!r} has no partition rules; pass --rules FILE")
+        rules = resolve_rules(config.partition_rules(), mesh)
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape) or (names[0],)
+    return mesh, rules, batch_axes
+
+
+def _dry_run(cfg: dict, task, step, trainable, frozen, opt_state, log=print) -> dict:
+    """Prints each array's global and per-device shape and the compiled step's memory per device."""
+    example = next(batches(task.arrays["train"], cfg["batch"], seed=cfg["seed"], epochs=None))
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), example)
+    if step.shardings is not None:
+        t_sh, f_sh = step.shardings(trainable, frozen, opt_state, abstract)[:2]
+    else:
+        t_sh = f_sh = None
+    for half, tree, shardings in (("trainable", trainable, t_sh), ("frozen", frozen, f_sh)):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        shard_leaves = (jax.tree_util.tree_leaves(shardings) if shardings is not None else [None] * len(leaves))
+        for (path, x), sh in zip(leaves, shard_leaves):
+            shape = tuple(np.shape(x))
+            local = tuple(sh.shard_shape(shape)) if sh is not None else shape
+            spec = tuple(sh.spec) if sh is not None else ()
+            log(f"{half:9s} {jax.tree_util.keystr(path):70s} {str(shape):18s} per device {str(local):18s} {spec}")
+    try:
+        mem = step.memory(trainable, frozen, opt_state, abstract, jax.random.key(0))
+    except Exception as e:   # noqa: BLE001 - say what failed; nothing was trained
+        raise SystemExit(f"jlora: --dry-run: the step does not compile: {str(e).splitlines()[0]}") from None
+    gib = lambda b: f"{b / 2 ** 30:.3f} GiB"
+    log(f"compiled step, per device: arguments {gib(mem['argument'])}, outputs {gib(mem['output'])} "
+        f"({gib(mem['alias'])} written over donated inputs), temporaries {gib(mem['temp'])}, peak {gib(mem['peak'])} "
+        f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
+    return mem
 
 
 def _check_value(name: str, kind: str, value, bad, choices=()) -> None:
@@ -495,7 +587,8 @@ def _read_history(path: pathlib.Path, upto: int) -> list[dict]:
     return kept
 
 
-def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: bool | None = None) -> dict:
+def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: bool | None = None,
+          dry_run: bool = False) -> dict:
     """Runs one training configuration end to end; returns the results dict.
 
     Into a directory that holds an interrupted run (``config.json`` but no ``results.json``) with the
@@ -507,6 +600,15 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     out = pathlib.Path(cfg["out"]) if cfg["out"] else _default_out(cfg)
     t0 = time.perf_counter()
     task, adapted, spec = build(cfg, task)   # bad models, data and settings fail before anything is written
+    mesh, rules, batch_axes = _sharding(cfg, task)
+    if dry_run:
+        optimizer, _ = make_optimizer(cfg)
+        trainable, frozen = jlora.partition(adapted)
+        alloc = jlora.adalora_allocator(spec) if cfg["method"] == "adalora" else None
+        step = make_step(task.loss_fn(jlora.lift(task.model.apply)), optimizer, accum_steps=cfg["accum_steps"],
+                         adapter_update=alloc, mesh=mesh, rules=rules, batch_axes=batch_axes)
+        opt_state = jax.eval_shape(step.init, trainable)
+        return {"dry_run": _dry_run(cfg, task, step, trainable, frozen, opt_state, log)}
     resuming = _prepare_out(out, _portable(cfg), overwrite, resume)
     summary = jlora.summary(adapted)
     (out / "summary.txt").write_text(summary + "\n")
@@ -516,8 +618,11 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     optimizer, schedule = make_optimizer(cfg)
     trainable, frozen = jlora.partition(adapted)
     alloc = jlora.adalora_allocator(spec) if cfg["method"] == "adalora" else None  # runs inside the step
-    opt_state = init_opt_state(optimizer, trainable, adapter_update=alloc)
-    step = make_step(task.loss_fn(lifted), optimizer, accum_steps=cfg["accum_steps"], adapter_update=alloc)
+    step = make_step(task.loss_fn(lifted), optimizer, accum_steps=cfg["accum_steps"], adapter_update=alloc,
+                     mesh=mesh, rules=rules, batch_axes=batch_axes)
+    if mesh is not None:   # the frozen weights laid out once, not re-placed every step
+        trainable, frozen = shard(trainable, mesh, rules), shard(frozen, mesh, rules)
+    opt_state = init_opt_state(optimizer, trainable, adapter_update=alloc, mesh=mesh, rules=rules)
     key = jax.random.key(cfg["seed"] + 1)
     best_metric = cfg["best_metric"]
     larger_better = BEST_METRICS.get(best_metric, False)
@@ -873,7 +978,9 @@ def main(argv=None) -> int:
 
 
     if args.command == "train":
-        results = train(load_config(args), overwrite=args.overwrite, resume=args.resume)
+        results = train(load_config(args), overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run)
+        if args.dry_run:
+            return 0
         print(json.dumps({k: v for k, v in results.items() if not k.startswith("_") and k != "config"}, indent=2))
     elif args.command == "eval":
         cfg, task, adapted = _load_run(args.run)

@@ -22,6 +22,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jlora import assets  # noqa: E402
+from jlora.distributed.runtime import process_rows  # noqa: E402
 
 SPLIT_NAMES = ("train", "validation", "test")
 RT_LABELS = ("rotten", "fresh")          # label 0 = rotten, 1 = fresh
@@ -209,8 +210,15 @@ def tokenize_classification(dataset_dict: Mapping[str, datasets.Dataset], tokeni
 
 
 def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0, epochs: int | None = 1,
-            shuffle: bool = True, drop_remainder: bool = True, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+            shuffle: bool = True, drop_remainder: bool = True, start: int = 0, *,
+            process_index: int | None = None, process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Iterates ``{name: array[idx]}`` batches over the leading axis, deterministically.
+
+    With many processes (``jax.distributed``), ``batch_size`` is the *global* batch and each process
+    gets its own contiguous share of every global batch (``batch_size / process_count`` rows; see
+    :func:`jlora.distributed.process_rows`): disjoint, the same on every run, and together exactly
+    the batches one process would see. ``process_index`` / ``process_count`` default to JAX's.
+    :func:`jlora.train.make_step` with a mesh turns each process's rows into the global batch.
 
     Epoch ``e`` uses the permutation ``numpy.random.default_rng([seed, e])``, so a given
     ``(seed, epoch)`` always yields the same batches, and each row appears at most once per epoch.
@@ -238,6 +246,10 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0, ep
         raise ValueError(f"{n} rows give no batch of {batch_size} (drop_remainder={drop_remainder}); "
                          "epochs=None would loop forever")
 
+    rows = process_rows(batch_size, process_index=process_index, process_count=process_count)
+    if rows.stop - rows.start < batch_size and not drop_remainder:
+        raise ValueError("drop_remainder=False with several processes would give the last batch of an epoch an "
+                         "uneven split; keep drop_remainder=True")
     per_epoch = len(range(0, stop, batch_size))
     first_epoch, skip = divmod(int(start), per_epoch) if per_epoch else (0, 0)
 
@@ -247,7 +259,7 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0, ep
             order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
             offset = skip * batch_size if epoch == first_epoch else 0
             for s in range(offset, stop, batch_size):
-                idx = order[s:s + batch_size]
+                idx = order[s:s + batch_size][rows] if drop_remainder else order[s:s + batch_size]
                 yield {k: v[idx] for k, v in arrays.items()}
             epoch += 1
 

@@ -29,8 +29,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import threading
 from typing import Sequence
 
 import jax
@@ -42,7 +44,8 @@ from jlora.core.paths import flatten_with_paths
 
 __all__ = [
     "make_mesh", "normalize_rules", "spec_for_path", "partition_specs", "shardings_for",
-    "batch_specs", "batch_shardings", "opt_state_shardings", "replicated", "shard",
+    "batch_specs", "batch_shardings", "opt_state_shardings", "replicated", "shard", "place",
+    "activation_sharding", "constrain_batch", "factor_specs",
 ]
 
 
@@ -157,6 +160,15 @@ def _state_specs(state, a_spec: P, b_spec: P, vector_spec: P):
     return state.replace(**{k: None if v is None else pick.get(k, vector_spec) for k, v in state.arrays().items()})
 
 
+def factor_specs(base_spec: P, layout) -> tuple[P, P, P]:
+    """``(a_spec, b_spec, vector_spec)`` of the adapter arrays on a kernel laid out as ``base_spec``
+    (stack + inputs + outputs; see the module docstring): A keeps the stack and input axes, B the
+    stack and output axes, per-adapter vectors (magnitudes, scales) the stack axes."""
+    entries = tuple(base_spec) + (None,) * (layout.ndim - len(tuple(base_spec)))
+    s, i = layout.stack, layout.stack + layout.inputs
+    return P(*entries[:i], None), P(*entries[:s], None, *entries[i:]), P(*entries[:s])
+
+
 def _node_specs(node: AdaptedWeight, spec: P | None, path: str):
     """(base_spec, a_spec, b_spec) for a node; the factors inherit the base's axes."""
     layout = node.layout
@@ -164,10 +176,42 @@ def _node_specs(node: AdaptedWeight, spec: P | None, path: str):
     if spec is None:
         return P(), P(), P()
     entries = _padded(spec, layout.ndim, path, shape if shape is not None else f"<{layout.ndim} axes>")
-    s, i = layout.stack, layout.stack + layout.inputs
-    a = entries[:i] + (None,)
-    b = entries[:s] + (None,) + entries[i:]
-    return P(*entries), P(*a), P(*b)
+    a, b, _ = factor_specs(P(*entries), layout)
+    return P(*entries), a, b
+
+
+def _quantized_specs(q, kernel_spec: P, stack: int):
+    """Per-field specs of a quantised base from its kernel's spec. Every field is ``stack + (n,)``
+    (codes, block scales, double-quant scales; the double-quant offset is ``stack + ()``), the
+    flattened kernel in C order: its stack axes take the kernel's stack entries, and the flat axis
+    takes every mesh axis of the kernel's matrix axes (input axes first). Splitting the flat codes
+    by the input axis alone is exactly the kernel's row split; with more axes it is a storage split
+    (FSDP: each device holds 1/N of the codes and the step gathers them before dequantising). Where
+    a field's length does not divide, :func:`shardings_for` falls back to fewer axes."""
+    entries = tuple(kernel_spec)
+    names = tuple(n for e in entries[stack:] for n in _axis_names(e))
+    flat = None if not names else names[0] if len(names) == 1 else names
+
+    def one(x):
+        nd = len(np.shape(x))
+        return P(*entries[:stack], *((flat,) if nd > stack else ()))
+
+    return jax.tree_util.tree_map(one, q)
+
+
+def _fit_quantized(spec: P, shape, mesh: Mesh, stack: int) -> P:
+    """``spec`` with its flat-axis entry cut back (whole tuple, then its first axis, then nothing)
+    until the field's flat length divides by the mesh axes' sizes."""
+    entries = tuple(spec)
+    if len(entries) <= stack:
+        return spec
+    names = _axis_names(entries[stack])
+    n = tuple(shape)[stack]
+    for k in range(len(names), 0, -1):
+        if n % math.prod(mesh.shape[a] for a in names[:k] if a in mesh.shape) == 0:
+            kept = names[:k]
+            return P(*entries[:stack], kept[0] if len(kept) == 1 else kept)
+    return P(*entries[:stack], None)
 
 
 def _is_spec(x) -> bool:
@@ -197,8 +241,8 @@ def partition_specs(tree, rules):
         if is_node(leaf):
             base_s, a_s, b_s = _node_specs(leaf, spec, path)
             v_s = _vector_spec(leaf, spec, path)
-            if is_quantized(leaf.base):   # every array of a QuantizedArray has the stack axes leading
-                base_s = jax.tree_util.tree_map(lambda _: v_s, leaf.base)
+            if is_quantized(leaf.base):
+                base_s = _quantized_specs(leaf.base, base_s, leaf.layout.stack)
             return leaf.with_(base=None if leaf.base is None else base_s,
                               states={n: _state_specs(st, a_s, b_s, v_s) for n, st in leaf.states.items()})
         if isinstance(leaf, Trainable):
@@ -280,9 +324,13 @@ def shardings_for(tree, mesh: Mesh, rules):
         if is_node(leaf):
             r = rule_of(path)
             if is_quantized(leaf.base):
-                for part, value in zip(jax.tree_util.tree_leaves(spec.base, is_leaf=_is_spec),
-                                       jax.tree_util.tree_leaves(leaf.base)):
+                stack = leaf.layout.stack
+                fitted = [_fit_quantized(part, np.shape(value), mesh, stack) for part, value in
+                          zip(jax.tree_util.tree_leaves(spec.base, is_leaf=_is_spec), jax.tree_util.tree_leaves(leaf.base))]
+                for part, value in zip(fitted, jax.tree_util.tree_leaves(leaf.base)):
                     _check_spec(part, np.shape(value), mesh, f"{path}/base", r)
+                spec = spec.with_(base=jax.tree_util.tree_unflatten(
+                    jax.tree_util.tree_structure(spec.base, is_leaf=_is_spec), fitted))
             elif leaf.base is not None:
                 _check_spec(spec.base, leaf.base.shape, mesh, path, r)
             for name, state in leaf.states.items():
@@ -304,9 +352,45 @@ def shardings_for(tree, mesh: Mesh, rules):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _host_local_to_global(x, sharding):
+    """A global array on ``sharding`` from a value every process holds in full (the same on each)."""
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        data = np.asarray(jax.device_get(jax.random.key_data(x)))
+        arr = jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx])
+        return jax.random.wrap_key_data(arr, impl=jax.random.key_impl(x))
+    value = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def place(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also works with many processes: a leaf that every
+    process holds in full (a numpy array, or a ``jax.Array`` on this process's devices, as
+    ``jlora.apply`` or a checkpoint load on each process gives) becomes one global array laid out by
+    its sharding, each process filling in its own devices' pieces. The values must be the same on
+    every process (same seed, same file). Leaves already laid out as asked are not copied;
+    ``None`` shardings leave their leaf alone.
+
+    Example::
+
+        trainable = place(trainable, shardings_for(trainable, mesh, rules))
+    """
+    def one(s, x):
+        if s is None or x is None or isinstance(x, jax.core.Tracer):   # traced: the jit's in_shardings place it
+            return x
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        if (jax.process_count() == 1 or s.is_fully_addressable
+                or (isinstance(x, jax.Array) and not x.is_fully_addressable)):
+            return jax.device_put(x, s)
+        return _host_local_to_global(x, s)
+
+    return jax.tree_util.tree_map(one, shardings, tree,
+                                  is_leaf=lambda s: s is None or isinstance(s, jax.sharding.Sharding))
+
+
 def shard(tree, mesh: Mesh, rules):
-    """``jax.device_put(tree, shardings_for(tree, mesh, rules))``."""
-    return jax.device_put(tree, shardings_for(tree, mesh, rules))
+    """``place(tree, shardings_for(tree, mesh, rules))``: the tree laid out on ``mesh`` by ``rules``."""
+    return place(tree, shardings_for(tree, mesh, rules))
 
 
 # ------------------------------------------------------------------------------------------
@@ -378,3 +462,59 @@ def opt_state_shardings(opt_state, trainable, trainable_shardings, mesh: Mesh):
         return jax.tree_util.tree_map(lambda _: rep, x)
 
     return jax.tree_util.tree_map(one, opt_state, is_leaf=like_params)
+
+
+# ------------------------------------------------------------------------------------------
+# activations
+
+_ACTIVATIONS = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, batch_axes=("data",)):
+    """While tracing inside this context, :func:`constrain_batch` pins activations' leading (batch)
+    dim to ``batch_axes`` of ``mesh``. :func:`jlora.train.make_step` enters it around the loss when
+    it has a mesh, so a model that calls :func:`constrain_batch` at its layer boundaries keeps every
+    layer's activations split over the batch axes, whichever axes (``data``, ``fsdp``) those are.
+
+    Without it GSPMD may propagate a parameter's ``fsdp`` sharding into the activations and run
+    the layers on the whole global batch (model parallelism in disguise: activation memory that
+    does not fall as devices are added).
+    """
+    axes = _batch_axes(mesh, batch_axes)
+    previous = getattr(_ACTIVATIONS, "value", None)
+    _ACTIVATIONS.value = (mesh, axes)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.value = previous
+
+
+def constrain_batch(x):
+    """The hook a model calls on its activations (``(batch, ...)`` arrays) at layer boundaries: inside
+    :func:`activation_sharding` (which ``make_step(mesh=...)`` enters) it is
+    ``jax.lax.with_sharding_constraint(x, P(batch_axes, UNCONSTRAINED, ...))``; outside, and when the
+    batch dim does not divide over the batch axes (a single example in generation), it returns ``x``.
+    jlora's Llama, BERT and ViT call it on every layer's input and output.
+
+    Example (a Flax module of your own)::
+
+        from jlora.distributed import constrain_batch
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = constrain_batch(layer(x))
+            return x
+    """
+    ctx = getattr(_ACTIVATIONS, "value", None)
+    if ctx is None:
+        return x
+    mesh, axes = ctx
+    ndim = len(np.shape(x))
+    if not axes or ndim < 1:
+        return x
+    size = math.prod(mesh.shape[a] for a in axes)
+    if size == 1 or np.shape(x)[0] % size:
+        return x
+    entry = axes[0] if len(axes) == 1 else tuple(axes)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(entry, *(P.UNCONSTRAINED,) * (ndim - 1))))

@@ -23,12 +23,20 @@ Three kinds of checkpoint:
 
 * **Training state** (:func:`checkpoint_manager`, :func:`save_state`, :func:`restore_state`):
   trainable tree, optimizer state and PRNG key(s) per step in an ``ocp.CheckpointManager``;
-  resuming is bit-for-bit.
+  resuming is bit-for-bit, onto another mesh or another number of processes too (the templates'
+  shardings decide the layout). Remote directories (``gs://...``) go to Orbax as they are.
+
+**Many processes** (``jax.distributed``): every process calls the same save with the same tree
+(global arrays, or host values that are equal on every process); the directory must be one that
+all processes see (a bucket, NFS). Orbax writes each array shard from the process that holds it;
+process 0 writes the JSON and the PEFT files and renames the finished directory into place
+after a barrier, so there is one writer for each single file and a killed run leaves the previous
+checkpoint intact.
 
 :func:`save_adapter` and :func:`save_merged` write into a temporary sibling directory and rename
 it into place, so a save that fails midway leaves an existing checkpoint at ``path`` untouched;
 they refuse to replace an existing ``path`` unless ``overwrite=True``. They target a local (or
-locally mounted) filesystem from a single process.
+locally mounted) filesystem, shared by all processes in a multi-process run.
 
 Nothing non-finite is written (every save checks its floating arrays, :class:`NonFiniteError`), and
 nothing damaged is read: each array's sha256 is recorded at save and compared at load, the adapter
@@ -58,6 +66,9 @@ from jlora.core.nodes import AdapterMeta, Layout, AdaptedWeight, Trainable, is_a
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
 from jlora.core.state import rewrites_base
 from jlora._version import __version__
+from jlora.distributed.runtime import is_main_process, to_host
+from jlora.distributed.sharding import factor_specs
+from jax.experimental import multihost_utils
 import warnings
 
 FORMAT = "jlora.adapter"
@@ -74,15 +85,27 @@ _STATE_META_ITEM = "jlora"
 
 
 def array_digest(x) -> str:
-    """sha256 of an array's values (C order, its own dtype), the digest save and load compare."""
-    return hashlib.sha256(np.ascontiguousarray(jax.device_get(x)).tobytes()).hexdigest()
+    """sha256 of an array's values (C order, its own dtype), the digest save and load compare. An
+    array spread over several processes is gathered first (every process must call it)."""
+    return hashlib.sha256(np.ascontiguousarray(to_host(x)).tobytes()).hexdigest()
 
 
 def _digests(arrays: dict) -> dict:
-    """``{key: array_digest}`` for the arrays this host holds whole (a multi-host shard is not
-    hashed), fetched from the devices in one transfer rather than one round trip per array."""
-    whole = {k: v for k, v in arrays.items() if getattr(v, "is_fully_addressable", True)}
-    return {k: array_digest(v) for k, v in jax.device_get(whole).items()}
+    """``{key: array_digest}``, fetched in one transfer (arrays spread over several processes are
+    gathered from all of them: the same digests on every process, whatever the mesh)."""
+    return {k: array_digest(v) for k, v in to_host(dict(arrays)).items()}
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _host_local(x) -> bool:
+    """A jax.Array on this process's devices only, in a run of many processes (a PRNG key made on
+    each process, a tree built by ``jlora.apply`` before it was placed on the mesh)."""
+    return jax.process_count() > 1 and isinstance(x, jax.Array) and x.is_fully_addressable
 
 
 def _meta_digest(meta: dict) -> str:
@@ -140,6 +163,17 @@ def _sharding_of(x):
     return s if isinstance(s, jax.sharding.Sharding) else _default_sharding()
 
 
+def _factor_sharding(base, layout: Layout, field: str):
+    """Where a restored adapter array goes: split like the kernel's sharding says (A keeps the
+    kernel's stack + input axes, B its stack + output axes, vectors its stack axes), so a tree laid
+    out by partition rules gets its factors laid out by the same rules; replicated otherwise."""
+    s = getattr(base, "sharding", None)
+    if isinstance(s, jax.sharding.NamedSharding) and len(tuple(s.spec)) <= layout.ndim:
+        a, b, vector = factor_specs(s.spec, layout)
+        return jax.sharding.NamedSharding(s.mesh, {"a": a, "b": b}.get(field, vector))
+    return _replicated_like(base)
+
+
 def _replicated_like(x):
     """A sharding for a factor stored next to base ``x``: replicated over the base's devices."""
     s = getattr(x, "sharding", None)
@@ -156,22 +190,20 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
-def _single_process(what: str):
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"{what} writes from a single process; in a multi-process run use "
-            f"jlora.io.checkpoint_manager / save_state (Orbax coordinates those across hosts)")
-
-
-def _atomic_write(path, overwrite: bool, write):
+def _atomic_write(path, overwrite: bool, write, *, collective: bool = False):
     """Calls ``write(tmp_dir)`` on a fresh temporary sibling of ``path`` and renames it into place.
 
-    On any failure the temporary directory is removed and ``path`` is left as it was.
+    On any failure the temporary directory is removed and ``path`` is left as it was. With many
+    processes the temporary directory's name comes from process 0, ``write`` runs on process 0
+    only (or on every process with ``collective``, for Orbax saves, which coordinate themselves;
+    ``write`` then writes its single files on process 0), and process 0 renames it after a barrier.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     parent, name = os.path.split(path)
+    if jax.process_count() > 1:
+        return _atomic_write_many(path, parent, name, write, collective)
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=f".{name}.jlora-tmp-", dir=parent)
     try:
@@ -189,6 +221,40 @@ def _atomic_write(path, overwrite: bool, write):
             os.rename(target, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def _rename_into_place(target: str, path: str, scratch: str) -> None:
+    if os.path.lexists(path):
+        old = os.path.join(scratch, "old")
+        os.rename(path, old)
+        try:
+            os.rename(target, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+    else:
+        os.rename(target, path)
+
+
+def _atomic_write_many(path, parent, name, write, collective):
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.uint32))
+    scratch = os.path.join(parent, f".{name}.jlora-tmp-{''.join(f'{int(t):08x}' for t in np.asarray(token))}")
+    target = os.path.join(scratch, "new")
+    main = is_main_process()
+    try:
+        if main:
+            os.makedirs(scratch)
+        _sync(f"jlora-write-begin-{name}")
+        if collective or main:
+            write(target)
+        _sync(f"jlora-write-end-{name}")
+        if main:
+            _rename_into_place(target, path, scratch)
+        _sync(f"jlora-write-renamed-{name}")
+    finally:
+        if main:
+            shutil.rmtree(scratch, ignore_errors=True)
     return path
 
 
@@ -271,7 +337,6 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
         adapted = jlora.apply(params, jlora.LoRA(rank=8, targets="kernel"), key=jax.random.key(0))
         jlora.io.save_adapter("out/adapter", adapted, spec=spec)
     """
-    _single_process("save_adapter")
     for state_type in _state_types(adapted):   # e.g. AdaLoRA drops its masked triplets
         adapted, spec = state_type.before_save(adapted, spec)
     flat, _ = flatten_with_paths(adapted, is_leaf=is_adapter_leaf)
@@ -304,20 +369,25 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
     if spec is not None and not hasattr(spec, "to_json"):
         raise TypeError(f"spec must be a jlora spec with .to_json(), got {spec!r}")
     check_finite(arrays, f"save_adapter({os.fspath(path)!r})")
+    if jax.process_count() > 1:   # adapters are small: every process holds them whole, process 0 writes
+        arrays = to_host(arrays)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "jlora_version": __version__,
+            "nodes": nodes, "trainables": trainables, **({"shared": shared} if shared else {}),
+            "spec": None if spec is None else spec.to_json(),
+            "sha256": _digests(arrays)}
+    meta["meta_sha256"] = _meta_digest(meta)
+    text = json.dumps(meta, indent=1)  # raises before anything lands at `path`
 
     def write(target):
-        os.makedirs(target)
+        if is_main_process():
+            os.makedirs(target)
+        _sync("jlora-save-adapter-dir")
         _checkpointer().save(os.path.join(target, ARRAYS_DIR), args=ocp.args.StandardSave(arrays))
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "jlora_version": __version__,
-                "nodes": nodes, "trainables": trainables, **({"shared": shared} if shared else {}),
-                "spec": None if spec is None else spec.to_json(),
-                "sha256": _digests(arrays)}
-        meta["meta_sha256"] = _meta_digest(meta)
-        text = json.dumps(meta, indent=1)  # raises before anything lands at `path`
-        with open(os.path.join(target, META_FILE), "w") as f:
-            f.write(text)
+        if is_main_process():
+            with open(os.path.join(target, META_FILE), "w") as f:
+                f.write(text)
 
-    return _atomic_write(path, overwrite, write)
+    return _atomic_write(path, overwrite, write, collective=True)
 
 
 def read_adapter_metadata(path) -> dict:
@@ -413,12 +483,13 @@ def load_adapter(path, params):
     abstract = {}
     for record in meta["nodes"]:
         base = bases[record["path"]]
+        layout = Layout(**record["layout"])
         for ad in record["adapters"]:
-            entries = [ad[f] for f in ("a", "b") if f in ad]
-            entries += [e for kind in ("extra", "cache") for e in ad.get(kind, {}).values()]
-            for e in entries:
+            entries = [(f, ad[f]) for f in ("a", "b") if f in ad]
+            entries += [("vector", e) for kind in ("extra", "cache") for e in ad.get(kind, {}).values()]
+            for field, e in entries:
                 abstract[e["key"]] = jax.ShapeDtypeStruct(
-                    tuple(e["shape"]), jnp.dtype(e["dtype"]), sharding=_replicated_like(base))
+                    tuple(e["shape"]), jnp.dtype(e["dtype"]), sharding=_factor_sharding(base, layout, field))
         if record.get("base_key"):
             abstract[record["base_key"]] = jax.ShapeDtypeStruct(
                 tuple(record["base_shape"]), jnp.dtype(record["base_dtype"]), sharding=_sharding_of(base))
@@ -511,14 +582,14 @@ def save_merged(path, adapted, *, dtype=None, overwrite: bool = False) -> str:
     topology: one trained on a GPU or a TPU slice restores without a target tree on any
     machine (device arrays would make plain Orbax refuse with "Topology mismatch").
     """
-    _single_process("save_merged")
-    merged = jax.device_get(_to_pure(_merge(adapted, dtype)))
+    merged = _to_pure(_merge(adapted, dtype))
     check_finite(merged, f"save_merged({os.fspath(path)!r})")
+    merged = to_host(merged)   # gathered on every process; Orbax writes host arrays from process 0
 
     def write(target):
         _checkpointer().save(target, args=ocp.args.StandardSave(merged))
 
-    return _atomic_write(path, overwrite, write)
+    return _atomic_write(path, overwrite, write, collective=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -541,7 +612,18 @@ def checkpoint_manager(directory, max_to_keep: int | None = 3, **options) -> ocp
         manager = jlora.io.checkpoint_manager("out/train", max_to_keep=3)
     """
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options)
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=opts)
+    return ocp.CheckpointManager(checkpoint_directory(directory), options=opts)
+
+
+def checkpoint_directory(directory):
+    """What :func:`checkpoint_manager` hands Orbax: a remote path (``gs://bucket/run``, any
+    ``scheme://``) untouched, for Orbax's own path layer (``etils.epath``); a local one made absolute."""
+    text = os.fspath(directory)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"checkpoint directory must be a non-empty path, got {directory!r}")
+    if "://" in text:
+        return text
+    return os.path.abspath(text)
 
 
 def _is_key(x) -> bool:
@@ -589,9 +671,13 @@ def save_state(manager: ocp.CheckpointManager, step: int, trainable, opt_state, 
         description[item] = {k: _describe(flat[k]) for k in keys}
         data = {k: (jax.random.key_data(v) if _is_key(v) else v if hasattr(v, "dtype") else np.asarray(v))
                 for k, v in flat.items()}
-        check_finite(data, f"save_state step {step} {item}")
+        # with many processes, a value on this process's devices only (a PRNG key made on each
+        # process) is saved as the host value it is (Orbax refuses host-local device arrays)
+        data = {k: np.asarray(v) if _host_local(v) else v for k, v in data.items()}
         data = {k: v for k, v in data.items() if np.size(v) > 0}   # Orbax refuses zero-size arrays;
-        for k, digest in _digests(data).items():                       # they restore from their shape
+        host = to_host(data)                                            # they restore from their shape
+        check_finite(host, f"save_state step {step} {item}")        # checked and hashed on the host: one
+        for k, digest in _digests(host).items():                       # gather per array, none per check
             description[item][k]["sha256"] = digest
         if data:  # Orbax refuses empty items
             args[item] = ocp.args.StandardSave(data)
@@ -685,6 +771,10 @@ def _restore_step(manager, step: int, trainable_template, opt_state_template, rn
             sharding = getattr(leaf, "sharding", None)
             if not isinstance(sharding, jax.sharding.Sharding) or want.get("prng_key"):
                 sharding = _default_sharding()
+            if jax.process_count() > 1 and sharding.is_fully_addressable:
+                # a host-local template (a key made on each process): restore the host value
+                abstract[k] = np.zeros(tuple(want["shape"]), jnp.dtype(want["dtype"]))
+                continue
             abstract[k] = jax.ShapeDtypeStruct(tuple(want["shape"]), jnp.dtype(want["dtype"]), sharding=sharding)
         plans[item] = (flat, treedef, keys)
         if abstract:

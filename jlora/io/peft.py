@@ -83,6 +83,7 @@ from jlora.core.errors import PeftFormatError
 from jlora.core.nodes import AdaptedWeight, Layout, Trainable, is_adapter_leaf
 from jlora.core.paths import flatten_with_paths
 from jlora.core.state import rewrites_base
+from jlora.distributed.runtime import to_host
 from jlora.methods import _peft as peft_format
 from jlora.io._peft_files import (  # noqa: F401 (CONFIG_NAME ... and the safetensors helpers are used from here)
     CONFIG_NAME, Naming, PREFIX, WEIGHTS_NAME, _call_naming, _is_embedding, _modules_to_save_tensors, _place_modules_to_save, _provenance, _read_safetensors, _target_match, _try_naming, _verify_integrity, _write_adapter_dir, _write_safetensors, default_naming)
@@ -156,6 +157,8 @@ def save_peft(path, adapted, naming: Naming, *, adapter: str = "default", base_m
     provenance = _provenance(base_model_name_or_path, revision)
     if not callable(naming):
         raise TypeError(f"naming must be a function (path, layer) -> module name, got {naming!r}")
+    if jax.process_count() > 1:   # arrays spread over processes: every process gathers, process 0 writes
+        adapted = to_host(adapted)
     whole_tree = tree_codec_for_tree(adapted)   # prompt / prefix / P-tuning: one form for the whole tree
     if whole_tree is not None:
         return whole_tree[0](path, adapted, naming, _peft_files, base_model_name_or_path=base_model_name_or_path,

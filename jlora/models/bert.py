@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.distributed.sharding import constrain_batch
 from jlora.methods.prompt import check_prefix
 from jlora.models import _hf
 from flax.core import unfreeze
@@ -54,7 +55,7 @@ from jlora import assets
 __all__ = [
     "BertConfig", "BertModel", "BertForSequenceClassification", "BertEmbeddings", "BertLayer",
     "BertEncoder", "BertPooler", "load_hf_params", "load_pretrained", "stack_layers", "unstack_layers",
-    "hf_module_name", "encode", "check_inputs", "mean_pool", "DEFAULT_TARGETS", "ALL_LINEAR_EXCLUDE", "ACTIVATIONS",
+    "hf_module_name", "encode", "check_inputs", "mean_pool", "DEFAULT_TARGETS", "partition_rules", "ALL_LINEAR_EXCLUDE", "ACTIVATIONS",
 ]
 
 #: LoRA target regexes over jlora paths. ``"default"`` is PEFT's BERT default (query and value);
@@ -131,6 +132,11 @@ class BertConfig:
     @property
     def classifier_dropout_prob(self) -> float:
         return self.hidden_dropout_prob if self.classifier_dropout is None else self.classifier_dropout
+
+    def partition_rules(self) -> list:
+        """This model's logical partition rules (:func:`partition_rules`); resolve them for a mesh
+        with :func:`jlora.distributed.resolve_rules`."""
+        return partition_rules(self)
 
     def replace(self, **changes) -> "BertConfig":
         return dataclasses.replace(self, **changes)
@@ -259,10 +265,11 @@ class BertLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask_bias, prefix=None):
-        x = BertAttention(self.config, self.deterministic, name="attention")(x, mask_bias, prefix)
+        x = constrain_batch(x)   # activations stay split over the batch axes (see jlora.distributed)
+        x = constrain_batch(BertAttention(self.config, self.deterministic, name="attention")(x, mask_bias, prefix))
         h = BertIntermediate(self.config, name="intermediate")(x)
         x = _DenseLayerNormOutput(self.config, self.deterministic, name="output")(h, x)
-        return x, None
+        return constrain_batch(x), None
 
 
 class BertEncoder(nn.Module):
@@ -676,3 +683,21 @@ def mean_pool(sequence_output, attention_mask):
     x = jnp.asarray(sequence_output, jnp.float32)
     m = jnp.asarray(attention_mask, jnp.float32)[..., None]
     return (x * m).sum(-2) / jnp.clip(m.sum(-2), 1e-9)
+
+
+def partition_rules(config: BertConfig) -> list:
+    """Logical partition rules for this model's parameters (see
+    :func:`jlora.models.llama.partition_rules`); with ``scan_layers`` the encoder's weights have the
+    stacked ``layers`` axis first. Embeddings split along ``embed``, the attention and MLP kernels
+    along ``embed`` and ``heads`` / ``mlp``; LayerNorms, the pooler and the classifier are replicated."""
+    s = ("layers",) if config.scan_layers else ()
+    return [
+        (r"embeddings/word_embeddings/embedding$", ("vocab", "embed")),
+        (r"embeddings/(position|token_type)_embeddings/embedding$", (None, "embed")),
+        (r"attention/self/(query|key|value)/kernel$", s + ("embed", "heads")),
+        (r"attention/self/(query|key|value)/bias$", s + ("heads",)),
+        (r"attention/output/dense/kernel$", s + ("heads", "embed")),
+        (r"intermediate/dense/kernel$", s + ("embed", "mlp")),
+        (r"intermediate/dense/bias$", s + ("mlp",)),
+        (r"encoder/layers?(_\d+)?/output/dense/kernel$", s + ("mlp", "embed")),
+    ]

@@ -42,6 +42,7 @@ import numpy as np
 
 from jlora.core.errors import CheckpointError
 from jlora.core.lift import lift
+from jlora.distributed.sharding import constrain_batch
 from jlora.methods.prompt import check_prefix
 from jlora.models import _hf
 from safetensors import safe_open
@@ -51,7 +52,7 @@ __all__ = [
     "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "RMSNorm",
     "init_cache", "generate", "check_inputs", "load_hf_params", "params_from_hf_tensors", "load_gguf",
     "load_pretrained", "tokenizer_from_gguf", "chat_prompt", "gguf_permute", "gguf_unpermute", "stack_layers",
-    "unstack_layers", "hf_module_name", "hf_param_name", "DEFAULT_TARGETS", "CheckpointError",
+    "unstack_layers", "hf_module_name", "hf_param_name", "DEFAULT_TARGETS", "partition_rules", "CheckpointError",
 ]
 
 DEFAULT_TARGETS = {
@@ -150,6 +151,11 @@ class LlamaConfig:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {v!r}")
         object.__setattr__(self, name, int(v))
+
+    def partition_rules(self) -> list:
+        """This model's logical partition rules (:func:`partition_rules`); resolve them for a mesh
+        with :func:`jlora.distributed.resolve_rules`."""
+        return partition_rules(self)
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -363,10 +369,11 @@ class LlamaDecoderLayer(nn.Module):
     def __call__(self, x, kv, ctx):
         c = self.config
         norm = functools.partial(RMSNorm, c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype)
+        x = constrain_batch(x)   # activations stay split over the batch axes (see jlora.distributed)
         h, kv = LlamaAttention(c, name="self_attn")(norm(name="input_layernorm")(x), ctx, kv)
-        x = x + h
+        x = constrain_batch(x + h)
         x = x + LlamaMLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
-        return x, kv
+        return constrain_batch(x), kv
 
 
 class LlamaModel(nn.Module):
@@ -1100,3 +1107,22 @@ def load_pretrained(name_or_path: str = "smollm2", *, scan_layers: bool = False,
 
         tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     return LlamaForCausalLM(config), params, tok
+
+
+def partition_rules(config: LlamaConfig) -> list:
+    """Logical partition rules for this model's parameters (``[(regex, (logical axes...))]``; turn
+    them into a mesh's ``PartitionSpec`` s with :func:`jlora.distributed.resolve_rules`). Kernels are
+    split along ``embed`` (FSDP's axis by default) and ``heads`` / ``mlp`` / ``vocab`` (tensor
+    parallelism's); norms are replicated. With ``scan_layers`` every layer weight has the stacked
+    ``layers`` axis first. Adapter factors inherit their kernel's split."""
+    s = ("layers",) if config.scan_layers else ()
+    return [
+        (r"model/embed_tokens/embedding$", ("vocab", "embed")),
+        (r"lm_head/kernel$", ("embed", "vocab")),
+        (r"self_attn/[qkv]_proj/kernel$", s + ("embed", "heads")),
+        (r"self_attn/[qkv]_proj/bias$", s + ("heads",)),
+        (r"self_attn/o_proj/kernel$", s + ("heads", "embed")),
+        (r"mlp/(gate|up)_proj/kernel$", s + ("embed", "mlp")),
+        (r"mlp/(gate|up)_proj/bias$", s + ("mlp",)),
+        (r"mlp/down_proj/kernel$", s + ("mlp", "embed")),
+    ]

@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.distributed.sharding import constrain_batch
 from jlora.models.bert import ACTIVATIONS
 from jlora.models import _hf
 from jlora.models import bert as _bert
@@ -71,7 +72,7 @@ from jlora.models import bert as _bert
 __all__ = [
     "ViTConfig", "ViTModel", "ViTForImageClassification", "ViTEmbeddings", "ViTPatchEmbeddings",
     "ViTLayer", "ViTEncoder", "load_hf_params", "load_pretrained", "stack_layers", "unstack_layers",
-    "hf_module_name", "DEFAULT_TARGETS", "ALL_LINEAR_EXCLUDE", "ACTIVATIONS",
+    "hf_module_name", "DEFAULT_TARGETS", "partition_rules", "ALL_LINEAR_EXCLUDE", "ACTIVATIONS",
 ]
 
 #: LoRA target regexes over jlora paths. ``"default"`` is PEFT's usual ViT choice (query and
@@ -181,6 +182,11 @@ class ViTConfig:
     def seq_len(self) -> int:
         """Tokens per image: the CLS token and one per patch."""
         return self.num_patches + 1
+
+    def partition_rules(self) -> list:
+        """This model's logical partition rules (:func:`partition_rules`); resolve them for a mesh
+        with :func:`jlora.distributed.resolve_rules`."""
+        return partition_rules(self)
 
     def replace(self, **changes) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
@@ -309,10 +315,12 @@ class ViTLayer(nn.Module):
     @nn.compact
     def __call__(self, x, _=None):
         cfg = self.config
+        x = constrain_batch(x)   # activations stay split over the batch axes (see jlora.distributed)
         x = x + ViTAttention(cfg, self.deterministic, name="attention")(_layer_norm(cfg, "layernorm_before")(x))
+        x = constrain_batch(x)
         h = ViTIntermediate(cfg, name="intermediate")(_layer_norm(cfg, "layernorm_after")(x))
         x = x + _DenseDropout(cfg, self.deterministic, name="output")(h)
-        return x, None
+        return constrain_batch(x), None
 
 
 class ViTEncoder(nn.Module):
@@ -585,3 +593,21 @@ def load_pretrained(directory, num_labels: int | None = None, scan_layers: bool 
         model = ViTForImageClassification(cfg)
         _hf.add_new_classifier(params, cfg, seed)
     return model, params
+
+
+def partition_rules(config: ViTConfig) -> list:
+    """Logical partition rules for this model's parameters (see
+    :func:`jlora.models.llama.partition_rules`); with ``scan_layers`` the encoder's weights have the
+    stacked ``layers`` axis first. The patch projection splits its output (``embed``) axis; the
+    attention and MLP kernels split along ``embed`` and ``heads`` / ``mlp``; norms, embeddings and
+    the classifier are replicated."""
+    s = ("layers",) if config.scan_layers else ()
+    return [
+        (r"patch_embeddings/projection/kernel$", (None, None, None, "embed")),
+        (r"attention/attention/(query|key|value)/kernel$", s + ("embed", "heads")),
+        (r"attention/attention/(query|key|value)/bias$", s + ("heads",)),
+        (r"attention/output/dense/kernel$", s + ("heads", "embed")),
+        (r"intermediate/dense/kernel$", s + ("embed", "mlp")),
+        (r"intermediate/dense/bias$", s + ("mlp",)),
+        (r"encoder/layers?(_\d+)?/output/dense/kernel$", s + ("mlp", "embed")),
+    ]

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_steps: int, key, *,
@@ -72,9 +73,11 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
         raise ValueError(f"start_step must be an int in [0, num_steps={num_steps}), got {start_step!r}")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive int (or None), got {checkpoint_every!r}")
-    log = open(log_path, "a") if log_path else None
+    main = jax.process_index() == 0   # with many processes, process 0 logs and shows progress
+    log = open(log_path, "a") if log_path and main else None
     history = []
-    bar = _progress_bar(num_steps, start_step, desc, progress)
+    bar = _progress_bar(num_steps, start_step, desc, progress and main)
+    should_stop = _agreed(should_stop, log_every) if should_stop is not None and jax.process_count() > 1 else should_stop
     start = last_t = time.perf_counter()
     last_step = start_step
     # device-side counters (no host sync per step): skips so far, the current run of consecutive
@@ -156,6 +159,25 @@ def fit(step: Callable, trainable, frozen, opt_state, batches: Iterator, num_ste
         if log:
             log.close()
     return trainable, opt_state, history
+
+
+def _agreed(should_stop, every: int):
+    """``should_stop`` for a run of many processes: asked every ``every`` steps (a host round trip),
+    and the first reason any process gives stops all of them at the same step (one that stopped
+    alone would leave the others waiting in the next collective)."""
+    count = [0]
+
+    def agreed():
+        count[0] += 1
+        reason = should_stop() if count[0] % every == 0 else None
+        if count[0] % every:
+            return None
+        flags = multihost_utils.process_allgather(np.asarray(reason is not None, np.int32))
+        if not np.any(flags):
+            return None
+        return reason or f"stopped by process {int(np.argmax(np.asarray(flags)))}"
+
+    return agreed
 
 
 def _fresh_counters():

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jlora.core.api import combine
 from jlora.core.nodes import is_adapter_leaf, is_node
 from jlora.core.paths import flatten_with_paths
-from jlora.distributed import sharding as shd
+from jlora.distributed import runtime, sharding as shd
 from jax.sharding import Mesh
 
 __all__ = ["make_step", "init_opt_state", "StepState"]
@@ -287,6 +287,12 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         return loss, aux, grads
 
     def _step(trainable, frozen, opt_state, batch, key):
+        if mesh is None:
+            return _update(trainable, frozen, opt_state, batch, key)
+        with shd.activation_sharding(mesh, batch_axes):   # models' constrain_batch hooks see the mesh
+            return _update(trainable, frozen, opt_state, batch, key)
+
+    def _update(trainable, frozen, opt_state, batch, key):
         old_trainable, old_state = trainable, opt_state
         if adapter_update is not None:
             opt_state, adapter_state, count = opt_state
@@ -324,9 +330,12 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         b_sh = shd.batch_shardings(batch, mesh, batch_axes)
         return t_sh, f_sh, o_sh, b_sh
 
-    def step(trainable, frozen, opt_state, batch, key=None):
+    def _prepare(trainable, frozen, opt_state, batch, key):
         if isinstance(key, int) and not isinstance(key, bool):
             key = jax.random.key(key)
+        abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(batch))
+        if mesh is not None and jax.process_count() > 1 and not abstract:   # each process passes its own rows
+            batch = runtime.global_batch(batch, mesh, batch_axes)
         sig = jax.tree_util.tree_structure((trainable, frozen, batch))
         shapes = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
         if (sig, shapes) not in checked:
@@ -334,21 +343,52 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
             _check_batch(batch, accum_steps)
             checked.add((sig, shapes))
         _check_state(opt_state)
-        if mesh is None:
-            return jitted(trainable, frozen, opt_state, batch, key)
-        args = (trainable, frozen, opt_state, batch, key)
+        return trainable, frozen, opt_state, batch, key
+
+    def _sharded(args):
+        """The jitted step and its input shardings for these argument shapes (built once per shape)."""
         leaves, treedef = jax.tree_util.tree_flatten(args)
         cache_key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
         entry = sharded.get(cache_key)
         if entry is None:
+            trainable, frozen, opt_state, batch, key = args
             t_sh, f_sh, o_sh, b_sh = _shardings(trainable, frozen, opt_state, batch)
             rep = shd.replicated(mesh)
             in_sh = (t_sh, f_sh, o_sh, b_sh, None if key is None else rep)
             fn = jax.jit(_step, in_shardings=in_sh, out_shardings=(t_sh, o_sh, rep),
                          donate_argnums=donate_argnums)
             entry = sharded[cache_key] = (fn, in_sh)
-        fn, in_sh = entry
-        return fn(*jax.device_put(args, in_sh))
+        return entry
+
+    def step(trainable, frozen, opt_state, batch, key=None):
+        args = _prepare(trainable, frozen, opt_state, batch, key)
+        if mesh is None:
+            return jitted(*args)
+        fn, in_sh = _sharded(args)
+        return fn(*shd.place(args, in_sh))
+
+    def lower(trainable, frozen, opt_state, batch, key=None):
+        """The step lowered for these inputs (arrays or ``jax.ShapeDtypeStruct`` s: nothing needs to be
+        materialised, and with a mesh the batch's shapes are global), as ``jax.jit(...).lower`` gives:
+        ``.as_text()`` is the StableHLO, ``.compile()`` the executable."""
+        args = _prepare(trainable, frozen, opt_state, batch, key)
+        if mesh is None:
+            return jitted.lower(*args)
+        return _sharded(args)[0].lower(*args)
+
+    def memory(trainable, frozen, opt_state, batch, key=None) -> dict:
+        """The compiler's memory analysis of the step for these inputs, in bytes per device:
+        ``argument``, ``output``, ``alias`` (outputs written over donated inputs), ``temp``
+        (activations and scratch), ``generated_code``, and ``peak`` = argument + output - alias +
+        temp (what one device holds while the step runs, the compiler's accounting)."""
+        stats = lower(trainable, frozen, opt_state, batch, key).compile().memory_analysis()
+        if stats is None:   # pragma: no cover - a backend without memory analysis
+            raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis for a compiled program")
+        out = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
+               "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes),
+               "generated_code": int(stats.generated_code_size_in_bytes)}
+        out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+        return out
 
     def _check_state(opt_state):
         if adapter_update is not None and not isinstance(opt_state, StepState):
@@ -364,6 +404,8 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         return init_opt_state(optimizer, trainable, mesh=mesh, rules=rules, adapter_update=adapter_update)
 
     step.init = init
+    step.lower = lower
+    step.memory = memory
     step.log_metrics = (tuple(getattr(adapter_update, "metric_names", ())) +
                         (("adapter_loss",) if extra_loss is not None else ()))
     step.jitted = jitted
@@ -400,4 +442,4 @@ def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, mesh=N
     t_sh = shd.shardings_for(trainable, mesh, rules)
     abstract = jax.eval_shape(optimizer.init, trainable)
     o_sh = shd.opt_state_shardings(abstract, trainable, t_sh, mesh)
-    return jax.jit(optimizer.init, in_shardings=(t_sh,), out_shardings=o_sh)(jax.device_put(trainable, t_sh))
+    return jax.jit(optimizer.init, in_shardings=(t_sh,), out_shardings=o_sh)(shd.place(trainable, t_sh))
