@@ -48,7 +48,7 @@ from jlora.data.files import DataFileError, looks_like_file
 from jlora.methods.adalora import kept_ranks
 from jlora.models.hf_export import hf_tensors, llama_config_json, save_hf_directory
 from jlora.train import init_opt_state, make_step, plot_history
-from jlora.distributed import load_rules, make_mesh, resolve_rules, shard
+from jlora.distributed import barrier, initialize, is_main_process, load_rules, make_mesh, resolve_rules, shard
 
 #: the methods the command offers: each spec class declares its --method name, its own settings
 #: (cli_fields) and how it is built from them (from_cli); "head" trains only a new head
@@ -134,6 +134,10 @@ def _add_train_args(p: argparse.ArgumentParser):
                                                       "this many stop the run, checked at each log record (default 5; "
                                                       "1 with --log-every 1: stop at the first)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of many processes (a TPU slice, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+                        "JAX_PROCESS_ID set, as tpu_scripts/jlora-tpu local N does): join them, shard over every "
+                        "device (--mesh, default data=-1); --out must be a directory all processes see")
     p.add_argument("--dry-run", action="store_true", help="build everything, print each array's per-device shape and "
                                                           "the compiled step's memory per device, train nothing")
     p.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
@@ -284,10 +288,11 @@ def parse_mesh(text) -> tuple[tuple[int, ...], tuple[str, ...]]:
 
 
 def _sharding(cfg: dict, task):
-    """(mesh, rules, batch_axes) for --mesh / --rules, or (None, None, ("data",))."""
-    if cfg["mesh"] is None:
+    """(mesh, rules, batch_axes) for --mesh / --rules, or (None, None, ("data",)). With many
+    processes and no --mesh: data parallelism over every device (data=-1)."""
+    if cfg["mesh"] is None and jax.process_count() == 1:
         return None, None, ("data",)
-    shape, names = parse_mesh(cfg["mesh"])
+    shape, names = parse_mesh(cfg["mesh"] or "data=-1")
     try:
         mesh = make_mesh(shape, names)
     except ValueError as e:
@@ -303,6 +308,12 @@ def _sharding(cfg: dict, task):
             raise SystemExit(f"jlora: --mesh: the model {cfg['model']!r} has no partition rules; pass --rules FILE")
         rules = resolve_rules(config.partition_rules(), mesh)
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape) or (names[0],)
+    split = math.prod(mesh.shape[a] for a in batch_axes)
+    per_micro = cfg["batch"] // cfg["accum_steps"]
+    if per_micro % split or cfg["batch"] % jax.process_count():
+        raise SystemExit(f"jlora: --batch {cfg['batch']} (/ --accum-steps {cfg['accum_steps']}) does not split over the "
+                         f"{split} devices of mesh axes {batch_axes} and {jax.process_count()} process(es); use a multiple "
+                         f"of {math.lcm(split * cfg['accum_steps'], jax.process_count())}")
     return mesh, rules, batch_axes
 
 
@@ -528,9 +539,25 @@ def _prepare_out(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool | N
                                  + ", ".join(f"{k}: {saved.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:6])
                                  + "; use the same settings to resume it, or --overwrite to start again")
             return True
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", cfg)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", cfg)
     return False
+
+
+def _prepare_out_all(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool | None) -> bool:
+    """:func:`_prepare_out` on every process: all of them read the directory as it was before any
+    of them writes (process 0 alone writes, after a barrier), so they take the same decision."""
+    if jax.process_count() == 1:
+        return _prepare_out(out, cfg, overwrite, resume)
+    interrupted = (out / "config.json").is_file() and not (out / "results.json").is_file()
+    barrier("jlora-cli-out-read")
+    if is_main_process():
+        resuming = _prepare_out(out, cfg, overwrite, resume)
+    else:   # the same checks, without the writes
+        resuming = interrupted and not overwrite and resume is not False
+    barrier("jlora-cli-out-written")
+    return resuming
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
@@ -581,9 +608,10 @@ def _read_history(path: pathlib.Path, upto: int) -> list[dict]:
             continue
         if record.get("step", math.inf) <= upto:
             kept.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    if is_main_process():   # one writer; the others read the same records
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
     return kept
 
 
@@ -609,9 +637,13 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
                          adapter_update=alloc, mesh=mesh, rules=rules, batch_axes=batch_axes)
         opt_state = jax.eval_shape(step.init, trainable)
         return {"dry_run": _dry_run(cfg, task, step, trainable, frozen, opt_state, log)}
-    resuming = _prepare_out(out, _portable(cfg), overwrite, resume)
+    resuming = _prepare_out_all(out, _portable(cfg), overwrite, resume)
+    main = is_main_process()   # with many processes, process 0 writes the run's files and logs
+    if not main:
+        log = lambda *a, **k: None   # noqa: E731
     summary = jlora.summary(adapted)
-    (out / "summary.txt").write_text(summary + "\n")
+    if main:
+        (out / "summary.txt").write_text(summary + "\n")
     counts = jlora.count(adapted)
     log(summary.splitlines()[-1])
     lifted = jlora.lift(task.model.apply)
@@ -648,7 +680,7 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     best_tree = state["best"]
     stop = _StopFlag()
     writer = None
-    if cfg["logdir"]:
+    if cfg["logdir"] and main:
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(cfg["logdir"], purge_step=start + 1 if start else None)
@@ -751,9 +783,11 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     if cfg["method"] == "adalora":
 
         results["adalora_ranks"] = kept_ranks(adapted)
-    plot_history(history, str(out / "plot.png"), title=f"{cfg['method']} on {pathlib.Path(cfg['model']).name}/"
-                 f"{pathlib.Path(cfg['data']).name}")
-    _write_json(out / "results.json", results)   # last: marks the run finished
+    if main:
+        plot_history(history, str(out / "plot.png"), title=f"{cfg['method']} on {pathlib.Path(cfg['model']).name}/"
+                     f"{pathlib.Path(cfg['data']).name}")
+        _write_json(out / "results.json", results)   # last: marks the run finished
+    barrier("jlora-cli-finished")
     log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  -> {out}" if "accuracy" in test
         else f"test loss {test['loss']:.4f}  -> {out}")
     results["_adapted"] = adapted
@@ -977,9 +1011,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
 
+    if args.command == "train" and args.distributed:
+        try:
+            initialize()
+        except (ValueError, RuntimeError) as e:
+            raise SystemExit(f"jlora: --distributed: {e}") from None
     if args.command == "train":
         results = train(load_config(args), overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run)
-        if args.dry_run:
+        if args.dry_run or not is_main_process():
             return 0
         print(json.dumps({k: v for k, v in results.items() if not k.startswith("_") and k != "config"}, indent=2))
     elif args.command == "eval":

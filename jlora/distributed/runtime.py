@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.distributed.sharding import _batch_axes
 
-__all__ = ["ProcessInfo", "initialize", "process_info", "is_main_process", "global_batch",
+__all__ = ["ProcessInfo", "initialize", "process_info", "is_main_process", "barrier", "global_batch",
            "process_rows", "to_host"]
 
 _ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
@@ -68,6 +68,13 @@ def process_info() -> ProcessInfo:
 def is_main_process() -> bool:
     """True on the process that logs, prints progress and writes single files (process 0)."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier ``name`` (nothing with one process). Use
+    it between a decision every process makes from shared files and process 0's writing them."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _env_int(name: str):

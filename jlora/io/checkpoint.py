@@ -66,7 +66,7 @@ from jlora.core.nodes import AdapterMeta, Layout, AdaptedWeight, Trainable, is_a
 from jlora.core.paths import flatten_with_paths, key_to_str, near_misses
 from jlora.core.state import rewrites_base
 from jlora._version import __version__
-from jlora.distributed.runtime import is_main_process, to_host
+from jlora.distributed.runtime import barrier, is_main_process, to_host
 from jlora.distributed.sharding import factor_specs
 from jax.experimental import multihost_utils
 import warnings
@@ -96,10 +96,7 @@ def _digests(arrays: dict) -> dict:
     return {k: array_digest(v) for k, v in to_host(dict(arrays)).items()}
 
 
-def _sync(name: str) -> None:
-    """A barrier across processes (nothing with one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+_sync = barrier
 
 
 def _host_local(x) -> bool:

@@ -84,11 +84,18 @@ def _tree_files(d: pathlib.Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Both layouts train every method; the 2-process run then saves a training state after steps 1
-    and 2 and is SIGKILLed while saving step 3; both layouts resume from that directory."""
-    out = tmp_path_factory.mktemp("pod")
+def test_pod_training_checkpoints_and_exports(tmp_path):
+    """One test, so that xdist runs these processes once: both layouts train every method; the
+    2-process run then saves a training state after steps 1 and 2 and is SIGKILLed while saving
+    step 3; both layouts resume from that directory; the exports of both are compared."""
+    runs = _pod_runs(tmp_path)
+    for method in ("lora", "qlora", "dora"):
+        _check_two_processes_train_like_one(runs, method)
+    _check_killed_run_resumes_on_either_layout(runs)
+    _check_exports_from_two_processes_equal_one(runs)
+
+
+def _pod_runs(out):
     single = _start("train", out, 1)
     launched = _finish(_start_launcher("train", out))
     assert "DONE 0" in launched[0] and "DONE 1" in (out / "logs-train" / "worker-1.log").read_text()
@@ -100,8 +107,7 @@ def runs(tmp_path_factory):
     return out, killed
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
-def test_two_processes_train_like_one(runs, method):
+def _check_two_processes_train_like_one(runs, method):
     out, _ = runs
     one, two = _npz(out / f"{method}-p1.npz"), _npz(out / f"{method}-p2.npz")
     np.testing.assert_allclose(two["__losses"], one["__losses"], rtol=1e-5)
@@ -117,7 +123,7 @@ def test_two_processes_train_like_one(runs, method):
         assert meta["q_base_sharding"] == [None, "fsdp", None]
 
 
-def test_killed_run_resumes_on_either_layout(runs):
+def _check_killed_run_resumes_on_either_layout(runs):
     out, killed = runs
     assert any("KILLED 0" in o for o in killed)
     steps = sorted(p.name for p in (out / "ckpt").iterdir())
@@ -131,7 +137,7 @@ def test_killed_run_resumes_on_either_layout(runs):
         assert _close(resumed, reference) < 1e-5
 
 
-def test_exports_from_two_processes_equal_one(runs):
+def _check_exports_from_two_processes_equal_one(runs):
     out, _ = runs
     # PEFT: the same bytes
     assert _tree_files(out / "peft-p1") == _tree_files(out / "peft-p2")
@@ -171,3 +177,62 @@ def test_fsdp_activation_memory_falls_with_devices(tmp_path):
         assert mem[shape]["temp"] < one / 4, (shape, mem)
     # fsdp alone is not worse than data parallelism by more than the gathered weights
     assert mem["1x8"]["temp"] < 2 * mem["8"]["temp"], mem
+
+
+# ------------------------------------------------------------------------------------------
+# the jlora command across processes
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    sys.path.insert(0, str(ROOT))
+    from tests._local_models import write_llama_dir
+
+    d = tmp_path_factory.mktemp("cli_pod")
+    write_llama_dir(d / "my_llama")
+    with open(d / "chat.jsonl", "w") as f:
+        for i in range(48):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What comes after {i}?"},
+                                             {"role": "assistant", "content": f"{i + 1}"}]}) + "\n")
+    return d
+
+
+def _jlora(*args):
+    return [sys.executable, "-c", "import sys; from jlora.cli import main; sys.exit(main())", *map(str, args)]
+
+
+def test_jlora_train_distributed_equals_one_process_and_resumes_across_layouts(cli_files):
+    """``jlora-tpu local 2 -- jlora train --distributed --mesh data=2,fsdp=4`` against the same run on
+    1 process x 8 devices; then the 2-process run, cut back to its step-4 checkpoint (as a kill after
+    that save leaves it), resumes on 1 process x 8 devices to the same end."""
+    d = cli_files
+    common = ["train", "--model", d / "my_llama", "--data", d / "chat.jsonl", "--steps", "6", "--batch", "8",
+              "--max-length", "32", "--eval-every", "3", "--checkpoint-every", "2", "--no-progress",
+              "--mesh", "data=2,fsdp=4"]
+    one = subprocess.Popen(_jlora(*common, "--out", d / "one"), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    two = subprocess.Popen([str(ROOT / "tpu_scripts" / "jlora-tpu"), "local", "2", "--devices-per-process", "4",
+                            "--logs", str(d / "logs"), "--timeout", str(TIMEOUT - 20), "--",
+                            *_jlora(*common, "--distributed", "--out", d / "two")],
+                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _finish([one, two])
+    results = {r: json.loads((d / r / "results.json").read_text()) for r in ("one", "two")}
+    np.testing.assert_allclose(results["two"]["test"]["loss"], results["one"]["test"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(results["two"]["final_train_loss"], results["one"]["final_train_loss"], rtol=1e-5)
+    logged = {r: [json.loads(l) for l in (d / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two")}
+    assert [x["step"] for x in logged["two"]] == [x["step"] for x in logged["one"]] == [1, 3, 6]   # one writer
+    np.testing.assert_allclose([x["loss"] for x in logged["two"]], [x["loss"] for x in logged["one"]], rtol=1e-5)
+    assert "worker-1.log" in os.listdir(d / "logs")
+
+    # the 2-process run as a kill right after its step-4 checkpoint leaves it, resumed by one process
+    run = d / "two"
+    (run / "results.json").unlink()
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "6")
+    shutil.rmtree(run / "adapter")
+    _finish([subprocess.Popen(_jlora(*common, "--out", run), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["resumed_from_step"] == 4
+    np.testing.assert_allclose(resumed["test"]["loss"], results["one"]["test"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(resumed["final_train_loss"], results["one"]["final_train_loss"], rtol=1e-5)
