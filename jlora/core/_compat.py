@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from jax.extend import core as jcore
 
+try:   # JAX's own tracing-cache context (meshes, user contexts, dtype and precision settings)
+    from jax._src.config import trace_context as _trace_context
+except ImportError:   # pragma: no cover - a JAX without it: cache on shapes alone
+    _trace_context = None
+
 P = jcore.primitives
 
 scan_p = P.scan_p
@@ -110,3 +115,10 @@ def sub_jaxprs(eqn):
             if isinstance(item, (jcore.ClosedJaxpr, jcore.Jaxpr)):
                 out.append(open_jaxpr(item))
     return out
+
+
+def trace_context():
+    """What JAX adds to its own tracing cache keys (the current mesh, ``jax.make_user_context``
+    values such as jlora's activation sharding, matmul precision, x64, ...): a cache of traced
+    programs keyed on shapes alone would otherwise replay a trace made under other settings."""
+    return _trace_context() if _trace_context is not None else ()

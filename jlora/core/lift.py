@@ -492,7 +492,8 @@ def lift(fn, strict: bool = False):
     (4, 2)
 
     Non-array arguments (Python numbers, strings, flags) are treated as static. The traced
-    program is cached per (tree structure, static values, shapes/dtypes), so eager calls don't
+    program is cached per (tree structure, static values, shapes/dtypes, JAX's trace context: the
+    mesh, user contexts such as the activation sharding of a sharded step), so eager calls don't
     re-trace; put the lifted function under ``jax.jit`` for speed.
 
     Args:
@@ -522,7 +523,8 @@ def lift(fn, strict: bool = False):
                 avals.append(jax.ShapeDtypeStruct(l.shape, l.dtype))
             else:
                 avals.append(jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)))
-        key = (treedef, tuple(i for i in dyn_pos), tuple((a.shape, str(a.dtype)) for a in avals))
+        key = (treedef, tuple(i for i in dyn_pos), tuple((a.shape, str(a.dtype)) for a in avals),
+               C.trace_context())
         try:
             key = key + (static,)
             hash(key)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import threading
 from typing import Sequence
 
 import jax
@@ -467,7 +466,11 @@ def opt_state_shardings(opt_state, trainable, trainable_shardings, mesh: Mesh):
 # ------------------------------------------------------------------------------------------
 # activations
 
-_ACTIVATIONS = threading.local()
+# A JAX user context, not a thread-local: its value is part of JAX's tracing and compilation cache
+# keys, so a function traced once outside a sharded step (jlora.apply's axis inference, an
+# evaluation) and once inside it gets two traces, with and without the constraints. (With a plain
+# thread-local the inner remat / scan traces were reused from the first, unconstrained trace.)
+_ACTIVATIONS = jax.make_user_context(default_value=None)
 
 
 @contextlib.contextmanager
@@ -482,12 +485,8 @@ def activation_sharding(mesh: Mesh, batch_axes=("data",)):
     does not fall as devices are added).
     """
     axes = _batch_axes(mesh, batch_axes)
-    previous = getattr(_ACTIVATIONS, "value", None)
-    _ACTIVATIONS.value = (mesh, axes)
-    try:
+    with _ACTIVATIONS((mesh, axes)):
         yield
-    finally:
-        _ACTIVATIONS.value = previous
 
 
 def constrain_batch(x):
@@ -506,7 +505,7 @@ def constrain_batch(x):
                 x = constrain_batch(layer(x))
             return x
     """
-    ctx = getattr(_ACTIVATIONS, "value", None)
+    ctx = _ACTIVATIONS.value
     if ctx is None:
         return x
     mesh, axes = ctx

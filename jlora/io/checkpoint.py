@@ -96,9 +96,6 @@ def _digests(arrays: dict) -> dict:
     return {k: array_digest(v) for k, v in to_host(dict(arrays)).items()}
 
 
-_sync = barrier
-
-
 def _host_local(x) -> bool:
     """A jax.Array on this process's devices only, in a run of many processes (a PRNG key made on
     each process, a tree built by ``jlora.apply`` before it was placed on the mesh)."""
@@ -206,16 +203,7 @@ def _atomic_write(path, overwrite: bool, write, *, collective: bool = False):
     try:
         target = os.path.join(scratch, "new")
         write(target)
-        if os.path.lexists(path):
-            old = os.path.join(scratch, "old")
-            os.rename(path, old)
-            try:
-                os.rename(target, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-        else:
-            os.rename(target, path)
+        _rename_into_place(target, path, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return path
@@ -242,13 +230,13 @@ def _atomic_write_many(path, parent, name, write, collective):
     try:
         if main:
             os.makedirs(scratch)
-        _sync(f"jlora-write-begin-{name}")
+        barrier(f"jlora-write-begin-{name}")
         if collective or main:
             write(target)
-        _sync(f"jlora-write-end-{name}")
+        barrier(f"jlora-write-end-{name}")
         if main:
             _rename_into_place(target, path, scratch)
-        _sync(f"jlora-write-renamed-{name}")
+        barrier(f"jlora-write-renamed-{name}")
     finally:
         if main:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -365,9 +353,9 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
         raise ValueError("save_adapter: the tree has no adapter nodes or Trainable leaves; did you pass the plain params?")
     if spec is not None and not hasattr(spec, "to_json"):
         raise TypeError(f"spec must be a jlora spec with .to_json(), got {spec!r}")
-    check_finite(arrays, f"save_adapter({os.fspath(path)!r})")
     if jax.process_count() > 1:   # adapters are small: every process holds them whole, process 0 writes
         arrays = to_host(arrays)
+    check_finite(arrays, f"save_adapter({os.fspath(path)!r})")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "jlora_version": __version__,
             "nodes": nodes, "trainables": trainables, **({"shared": shared} if shared else {}),
             "spec": None if spec is None else spec.to_json(),
@@ -378,7 +366,7 @@ def save_adapter(path, adapted, spec=None, *, overwrite: bool = False) -> str:
     def write(target):
         if is_main_process():
             os.makedirs(target)
-        _sync("jlora-save-adapter-dir")
+        barrier("jlora-save-adapter-dir")
         _checkpointer().save(os.path.join(target, ARRAYS_DIR), args=ocp.args.StandardSave(arrays))
         if is_main_process():
             with open(os.path.join(target, META_FILE), "w") as f:
@@ -579,9 +567,8 @@ def save_merged(path, adapted, *, dtype=None, overwrite: bool = False) -> str:
     topology: one trained on a GPU or a TPU slice restores without a target tree on any
     machine (device arrays would make plain Orbax refuse with "Topology mismatch").
     """
-    merged = _to_pure(_merge(adapted, dtype))
+    merged = to_host(_to_pure(_merge(adapted, dtype)))   # on every process; Orbax writes host arrays from process 0
     check_finite(merged, f"save_merged({os.fspath(path)!r})")
-    merged = to_host(merged)   # gathered on every process; Orbax writes host arrays from process 0
 
     def write(target):
         _checkpointer().save(target, args=ocp.args.StandardSave(merged))

@@ -404,7 +404,7 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         new_mask = (jnp.ones((B, T), bool) if attention_mask is None
                     else jnp.broadcast_to(jnp.asarray(attention_mask).astype(bool), (B, T)))
-        x = self.embed_tokens(input_ids)
+        x = constrain_batch(self.embed_tokens(input_ids))
         if prompt_embeddings is not None:   # jlora prompt protocol: virtual tokens in front
             prompt_embeddings = _check_prompt_embeddings(prompt_embeddings, B, c.hidden_size)
             P = prompt_embeddings.shape[1]
@@ -452,7 +452,7 @@ class LlamaModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 x, kv = layer(x, None if layers_cache is None else layers_cache[i], ctx)
                 new_layers.append(kv)
-        x = self.norm(x)
+        x = constrain_batch(self.norm(x))
         if not return_cache:
             return x, None
         return x, {"layers": new_layers, "mask": key_valid, "index": index + T}
@@ -508,6 +508,7 @@ class LlamaForCausalLM(nn.Module):
                  prefix=None):
         h, new_cache = self.model(input_ids, attention_mask, positions, cache, prompt_embeddings, prefix)
         logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        logits = constrain_batch(logits)   # the (batch, T, vocab) logits stay split over the batch axes
         return logits if cache is None else (logits, new_cache)
 
     def init_params(self, key=None):

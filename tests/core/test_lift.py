@@ -343,3 +343,28 @@ def test_trace_is_cached_and_static_args_respected():
     b = lifted(ad, x, False)
     assert len(lifted.cache) == 2
     np.testing.assert_allclose(a, -b)
+
+
+def test_lift_cache_follows_jax_trace_context():
+    """A lifted function traced under one JAX context (a mesh, a ``jax.make_user_context`` value such
+    as the activation sharding a sharded step enters) is traced again under another, as jax.jit
+    would: lift's cache must not replay the first trace (it did, and the sharded step then ran
+    without its batch constraints)."""
+    import jax
+    import jax.numpy as jnp
+    import jlora
+
+    flag = jax.make_user_context(default_value=False)
+
+    def f(params, x):
+        y = x @ params["w"]
+        return y * 2.0 if flag.value else y
+
+    adapted = jlora.apply({"w": jnp.ones((3, 2))}, jlora.LoRA(rank=1, targets="w"), key=jax.random.key(0))
+    lifted = jlora.lift(f)
+    x = jnp.ones((4, 3))
+    plain = lifted(adapted, x)
+    with flag(True):
+        doubled = lifted(adapted, x)
+    assert jnp.allclose(doubled, 2 * plain) and not jnp.allclose(plain, 0)
+    assert jnp.allclose(lifted(adapted, x), plain)   # back outside: the first trace again

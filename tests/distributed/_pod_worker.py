@@ -4,9 +4,12 @@ jlora's Llama (scan_layers, remat), each method on the model's default rules, a 
 
     python _pod_worker.py MODE OUT_DIR [METHODS...]
 
-MODE ``train``: 3 steps per method on mesh (data=2, fsdp=4); writes ``OUT_DIR/<method>.npz`` (the
-trained factors gathered, the losses) from process 0.
-MODE ``memory``: compiled temp bytes per device of the LoRA step on several meshes (one process).
+MODE ``train``: 4 steps per method on mesh (data=2, fsdp=4); writes ``OUT_DIR/<method>-p<N>.npz``
+(the trained factors gathered, the losses) from process 0, and the LoRA exports. With several
+processes the LoRA run saves its training state after steps 1 and 2 into ``ckpt``, and at the end
+every process is SIGKILLed while a third save is under way; with one process it then writes the
+compiled memory per device of the LoRA step on several meshes (``memory.json``).
+MODE ``resume``: restores the newest whole state in ``ckpt`` and runs to step 4.
 """
 
 import os
@@ -110,11 +113,21 @@ def train(out_dir, methods):
     model = LlamaForCausalLM(CONFIG)
     mesh, rules = _mesh_and_rules()
     tag = f"p{jax.process_count()}"
+    many = jax.process_count() > 1
+    manager = checkpoint_manager(os.path.join(out_dir, "ckpt"), max_to_keep=5) if many else None
+    last = None
     for method in methods:
         trainable, frozen = setup(method, model)
         step = make_step(loss_fn_for(model), optax.adam(1e-2), mesh=mesh, rules=rules, batch_axes=("data", "fsdp"))
         opt_state = step.init(trainable)
-        trainable, opt_state, losses = _steps(step, trainable, frozen, opt_state, 1, 4)
+        on_step = None
+        if many and method == "lora":
+            def on_step(i, t, o):
+                if i <= 2:
+                    save_state(manager, i, t, o, jax.random.key(100 + i), wait=True)
+        trainable, opt_state, losses = _steps(step, trainable, frozen, opt_state, 1, 4, on_step)
+        if method == "lora":
+            last = (trainable, opt_state)
         _save_host(out_dir, f"{method}-{tag}", trainable, losses=losses)
         f_sh = step.shardings(trainable, frozen, opt_state, {"input_ids": np.zeros((GLOBAL_BATCH, SEQ), np.int32)})[1]
         q_base = f_sh["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"].base
@@ -140,25 +153,11 @@ def train(out_dir, methods):
                 with open(os.path.join(out_dir, f"loaded-{tag}.json"), "w") as f:
                     json.dump({"a_spec": [e for e in a.sharding.spec], "a_shard_shape":
                                list(a.addressable_shards[0].data.shape)}, f)
-
-
-def kill(out_dir, methods):
-    """LoRA on (data=2, fsdp=4), a training state saved after steps 1 and 2; during step 3's save
-    every process is SIGKILLed."""
-    model = LlamaForCausalLM(CONFIG)
-    mesh, rules = _mesh_and_rules()
-    trainable, frozen = setup("lora", model)
-    step = make_step(loss_fn_for(model), optax.adam(1e-2), mesh=mesh, rules=rules, batch_axes=("data", "fsdp"))
-    opt_state = step.init(trainable)
-    manager = checkpoint_manager(os.path.join(out_dir, "ckpt"), max_to_keep=5)
-
-    def on_step(i, t, o):
-        save_state(manager, i, t, o, jax.random.key(100 + i), wait=i < 3)
-        if i == 3:
-            print("KILLED", jax.process_index(), flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    _steps(step, trainable, frozen, opt_state, 1, 4, on_step)
+    if many:   # a third save under way when every process dies: it must never count as a checkpoint
+        save_state(manager, 3, *last, jax.random.key(103), wait=False)
+        print("KILLED", jax.process_index(), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    memory(out_dir, methods)
 
 
 def resume(out_dir, methods):
@@ -180,7 +179,7 @@ def resume(out_dir, methods):
 def memory(out_dir, methods):
     model = LlamaForCausalLM(CONFIG.replace(num_hidden_layers=4))
     result = {}
-    for shape, names in (((1,), ("data",)), ((8,), ("data",)), ((2, 4), ("data", "fsdp")), ((1, 8), ("data", "fsdp"))):
+    for shape, names in (((1,), ("data",)), ((8,), ("data",)), ((1, 8), ("data", "fsdp"))):
         devices = jax.devices()[:int(np.prod(shape))]
         mesh = make_mesh(shape, names, devices=devices)
         rules = resolve_rules(CONFIG.partition_rules(), mesh)
@@ -197,5 +196,5 @@ def memory(out_dir, methods):
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     methods = sys.argv[3:] or list(SPECS)
-    {"train": train, "kill": kill, "resume": resume, "memory": memory}[mode](out, methods)
+    {"train": train, "resume": resume}[mode](out, methods)
     print("DONE", jax.process_index(), flush=True)

@@ -93,13 +93,27 @@ def test_pod_training_checkpoints_and_exports(tmp_path):
         _check_two_processes_train_like_one(runs, method)
     _check_killed_run_resumes_on_either_layout(runs)
     _check_exports_from_two_processes_equal_one(runs)
+    _check_fsdp_activation_memory_falls_with_devices(runs)
+
+
+def _check_fsdp_activation_memory_falls_with_devices(runs):
+    """Compiled temp bytes per device of the LoRA step (global batch 16 x 64 tokens): splitting the
+    batch over 8 devices, on data or on fsdp alone, cuts activations to about 1/8 (with fsdp, only
+    because the model pins its activations to the batch axes: 9.96 MB instead of 1.78 MB here
+    without the hook, 13.99 MB on one device)."""
+    out, _ = runs
+    mem = json.loads((out / "memory.json").read_text())
+    one = mem["1"]["temp"]
+    for shape in ("8", "1x8"):
+        assert mem[shape]["temp"] < one / 4, (shape, mem)
+    assert mem["1x8"]["temp"] < 2 * mem["8"]["temp"], mem
 
 
 def _pod_runs(out):
     single = _start("train", out, 1)
-    launched = _finish(_start_launcher("train", out))
-    assert "DONE 0" in launched[0] and "DONE 1" in (out / "logs-train" / "worker-1.log").read_text()
-    killed = _finish(_start("kill", out, 2), expect_rc=-9)
+    # the 2 processes SIGKILL themselves at the end (mid-save); the launcher reports 128 + 9
+    killed = _finish(_start_launcher("train", out), expect_rc=137)
+    assert "KILLED" in (out / "logs-train" / "worker-1.log").read_text()
     _finish(single)
     resumed = [_start("resume", out, 2), _start("resume", out, 1)]
     for r in resumed:
@@ -125,7 +139,7 @@ def _check_two_processes_train_like_one(runs, method):
 
 def _check_killed_run_resumes_on_either_layout(runs):
     out, killed = runs
-    assert any("KILLED 0" in o for o in killed)
+    assert any("KILLED 0" in o for o in killed)   # process 0's output, streamed by the launcher
     steps = sorted(p.name for p in (out / "ckpt").iterdir())
     # the step being written when the processes died never became a checkpoint
     assert "1" in steps and "2" in steps and "3" not in steps
@@ -167,18 +181,6 @@ def _flatten(tree, prefix=""):
         yield prefix, tree
 
 
-def test_fsdp_activation_memory_falls_with_devices(tmp_path):
-    """Compiled temp bytes per device of the LoRA step (global batch 16 x 64 tokens): splitting the
-    batch over 8 devices, on data, data x fsdp or fsdp alone, cuts activations to about 1/8."""
-    _finish(_start("memory", tmp_path, 1))
-    mem = json.loads((tmp_path / "memory.json").read_text())
-    one = mem["1"]["temp"]
-    for shape in ("8", "2x4", "1x8"):
-        assert mem[shape]["temp"] < one / 4, (shape, mem)
-    # fsdp alone is not worse than data parallelism by more than the gathered weights
-    assert mem["1x8"]["temp"] < 2 * mem["8"]["temp"], mem
-
-
 # ------------------------------------------------------------------------------------------
 # the jlora command across processes
 
@@ -203,11 +205,11 @@ def _jlora(*args):
 
 def test_jlora_train_distributed_equals_one_process_and_resumes_across_layouts(cli_files):
     """``jlora-tpu local 2 -- jlora train --distributed --mesh data=2,fsdp=4`` against the same run on
-    1 process x 8 devices; then the 2-process run, cut back to its step-4 checkpoint (as a kill after
+    1 process x 8 devices; then the 2-process run, cut back to its step-2 checkpoint (as a kill after
     that save leaves it), resumes on 1 process x 8 devices to the same end."""
     d = cli_files
-    common = ["train", "--model", d / "my_llama", "--data", d / "chat.jsonl", "--steps", "6", "--batch", "8",
-              "--max-length", "32", "--eval-every", "3", "--checkpoint-every", "2", "--no-progress",
+    common = ["train", "--model", d / "my_llama", "--data", d / "chat.jsonl", "--steps", "4", "--batch", "8",
+              "--max-length", "32", "--eval-every", "2", "--checkpoint-every", "2", "--no-progress",
               "--mesh", "data=2,fsdp=4"]
     one = subprocess.Popen(_jlora(*common, "--out", d / "one"), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -220,7 +222,7 @@ def test_jlora_train_distributed_equals_one_process_and_resumes_across_layouts(c
     np.testing.assert_allclose(results["two"]["test"]["loss"], results["one"]["test"]["loss"], rtol=1e-5)
     np.testing.assert_allclose(results["two"]["final_train_loss"], results["one"]["final_train_loss"], rtol=1e-5)
     logged = {r: [json.loads(l) for l in (d / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two")}
-    assert [x["step"] for x in logged["two"]] == [x["step"] for x in logged["one"]] == [1, 3, 6]   # one writer
+    assert [x["step"] for x in logged["two"]] == [x["step"] for x in logged["one"]] == [1, 2, 4]   # one writer
     np.testing.assert_allclose([x["loss"] for x in logged["two"]], [x["loss"] for x in logged["one"]], rtol=1e-5)
     assert "worker-1.log" in os.listdir(d / "logs")
 
@@ -228,11 +230,11 @@ def test_jlora_train_distributed_equals_one_process_and_resumes_across_layouts(c
     run = d / "two"
     (run / "results.json").unlink()
     import shutil
-    shutil.rmtree(run / "checkpoints" / "6")
+    shutil.rmtree(run / "checkpoints" / "4")
     shutil.rmtree(run / "adapter")
     _finish([subprocess.Popen(_jlora(*common, "--out", run), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])
     resumed = json.loads((run / "results.json").read_text())
-    assert resumed["resumed_from_step"] == 4
+    assert resumed["resumed_from_step"] == 2
     np.testing.assert_allclose(resumed["test"]["loss"], results["one"]["test"]["loss"], rtol=1e-5)
     np.testing.assert_allclose(resumed["final_train_loss"], results["one"]["final_train_loss"], rtol=1e-5)

@@ -61,21 +61,27 @@ def test_bad_mesh_flags(mesh, match):
 
 
 def test_dry_run_on_eight_devices(tmp_path):
-    """``jlora train --mesh data=2,fsdp=4 --dry-run`` on MiniLM: per-device shapes by the model's
-    rules and the compiled step's memory; no run directory."""
+    """``jlora train --mesh data=2,fsdp=4 --dry-run`` on a tiny Llama directory: per-device shapes by
+    the model's rules and the compiled step's memory; no run directory."""
+    from tests._local_models import write_llama_dir
+
+    model = write_llama_dir(tmp_path / "my_llama")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} plus one?", "response": str(i + 1)}) + "\n" for i in range(24)))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", "import sys; from jlora.cli import main; sys.exit(main())", "train", "--model", "minilm", "--data", "rotten_tomatoes",
-                           "--mesh", "data=2,fsdp=4", "--batch", "8", "--max-length", "32", "--dry-run", "--out", str(out)],
+    args = ["train", "--model", str(model), "--data", str(data), "--batch", "8", "--max-length", "32"]
+    proc = subprocess.run([sys.executable, "-c", "import sys; from jlora.cli import main; sys.exit(main())", *args,
+                           "--mesh", "data=2,fsdp=4", "--dry-run", "--out", str(out)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    query_a = [l for l in lines if "layer_0']['attention']['self']['query']['kernel'].a" in l]
-    assert query_a and "(384, 8)" in query_a[0] and "per device (96, 8)" in query_a[0] and "('fsdp', None)" in query_a[0]
-    word = [l for l in lines if "word_embeddings" in l]
-    assert word and "per device (30522, 96)" in word[0]
+    q_a = [l for l in lines if "layers_0']['self_attn']['q_proj']['kernel'].a" in l]
+    assert q_a and "(32, 8)" in q_a[0] and "per device (8, 8)" in q_a[0] and "('fsdp', None)" in q_a[0]
+    embed = [l for l in lines if "embed_tokens" in l]
+    assert embed and "per device (49152, 8)" in embed[0]
     assert "compiled step, per device:" in lines[-1] and "on 8 x" in lines[-1]
     assert not out.exists()
     with pytest.raises(SystemExit, match="needs 64 devices, have 1"):
-        cli.train(cli.load_config({"mesh": "data=8,fsdp=8", "steps": 2}), dry_run=True)
+        cli.main([*args, "--mesh", "data=8,fsdp=8", "--dry-run"])
