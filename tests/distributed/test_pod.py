@@ -20,8 +20,16 @@ TIMEOUT = 420
 
 
 def _env(**extra):
+    """The subprocesses' environment: no JAX process settings of our own, and the suite's XLA flags
+    (tests/conftest.py: XLA:CPU without its backend optimisations, which compile time dominates);
+    an ``XLA_FLAGS`` in ``extra`` is appended to them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra)
+    flags = os.environ.get("XLA_FLAGS", "")
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               XLA_FLAGS=flags)
+    if "XLA_FLAGS" in extra:
+        extra = {**extra, "XLA_FLAGS": f"{flags} {extra['XLA_FLAGS']}".strip()}
+    env.update(extra)
     return env
 
 

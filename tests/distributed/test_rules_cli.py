@@ -68,7 +68,8 @@ def test_dry_run_on_eight_devices(tmp_path):
     model = write_llama_dir(tmp_path / "my_llama")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} plus one?", "response": str(i + 1)}) + "\n" for i in range(24)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",   # the suite's XLA flags (conftest) and 8 devices
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "run"
     args = ["train", "--model", str(model), "--data", str(data), "--batch", "8", "--max-length", "32"]
