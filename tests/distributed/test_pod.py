@@ -246,3 +246,44 @@ def test_jlora_train_distributed_equals_one_process_and_resumes_across_layouts(c
     assert resumed["resumed_from_step"] == 2
     np.testing.assert_allclose(resumed["test"]["loss"], results["one"]["test"]["loss"], rtol=1e-5)
     np.testing.assert_allclose(resumed["final_train_loss"], results["one"]["final_train_loss"], rtol=1e-5)
+
+
+def test_sigterm_stops_every_process_at_one_checkpoint_and_the_run_resumes(cli_files):
+    """A preemption notice: SIGTERM to ``jlora-tpu local 2`` reaches both processes of ``jlora train
+    --distributed``; they agree on one step, save it, exit 143; the same command resumes from it."""
+    import signal
+    import time
+
+    d = cli_files
+    run = d / "preempted"
+    cmd = [str(ROOT / "tpu_scripts" / "jlora-tpu"), "local", "2", "--devices-per-process", "4", "--logs",
+           str(d / "logs-preempted"), "--timeout", str(TIMEOUT - 20), "--",
+           *_jlora("train", "--model", d / "my_llama", "--data", d / "chat.jsonl", "--steps", "24", "--batch", "8",
+                   "--max-length", "32", "--log-every", "1", "--checkpoint-every", "0", "--no-progress",
+                   "--mesh", "data=2,fsdp=4", "--distributed", "--out", run)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        metrics = run / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            lines = metrics.read_text().splitlines() if metrics.is_file() else []
+            if any(json.loads(l)["step"] >= 2 for l in lines if l.strip()):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, out[-3000:]
+    saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 2 <= saved[0] < 24 and not (run / "results.json").exists(), (saved, out[-2000:])
+    assert f"SIGTERM at step {saved[0]}" in out
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumed_from_step"] == saved[0] and results["steps_done"] == 24
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))   # one writer; the steps after the checkpoint logged once
