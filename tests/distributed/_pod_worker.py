@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jlora.core.paths import flatten_with_paths  # noqa: E402
+from jlora.methods.dora import QDoRA  # noqa: E402
 from jlora.data import batches  # noqa: E402
 from jlora.distributed import make_mesh, place, resolve_rules, shardings_for, to_host  # noqa: E402
 from jlora.io import (checkpoint_manager, load_adapter, restore_state, save_adapter, save_merged,  # noqa: E402
@@ -50,6 +51,7 @@ SPECS = {
     "lora": lambda: jlora.LoRA(rank=4, alpha=8, targets=TARGETS),
     "qlora": lambda: jlora.QLoRA(rank=4, alpha=8, targets=TARGETS, quant="nf4", double_quant=True, block=64),
     "dora": lambda: jlora.DoRA(rank=4, alpha=8, targets=TARGETS),
+    "qdora": lambda: QDoRA(rank=4, alpha=8, targets=TARGETS, quant="nf4", double_quant=True, block=64),
 }
 GLOBAL_BATCH, SEQ = 16, 16
 

@@ -97,7 +97,7 @@ def test_pod_training_checkpoints_and_exports(tmp_path):
     2-process run then saves a training state after steps 1 and 2 and is SIGKILLed while saving
     step 3; both layouts resume from that directory; the exports of both are compared."""
     runs = _pod_runs(tmp_path)
-    for method in ("lora", "qlora", "dora"):
+    for method in ("lora", "qlora", "dora", "qdora"):
         _check_two_processes_train_like_one(runs, method)
     _check_killed_run_resumes_on_either_layout(runs)
     _check_exports_from_two_processes_equal_one(runs)
@@ -139,7 +139,7 @@ def _check_two_processes_train_like_one(runs, method):
     assert meta["process_count"] == 2 and meta["devices"] == 8
     # the model's rules split the kernel's input (embed) axis over fsdp; the factor A follows it
     assert meta["q_a_shape"] == [2, 64, 4] and meta["q_a_shard_shape"] == [2, 16, 4]
-    if method == "qlora":   # NF4 codes split along the flattened kernel's fsdp axis, stack axis whole
+    if method in ("qlora", "qdora"):   # NF4 codes split along the flattened kernel's fsdp axis, stack axis whole
         assert meta["q_base_sharding"] == [None, "fsdp"]
     else:
         assert meta["q_base_sharding"] == [None, "fsdp", None]
