@@ -319,8 +319,9 @@ def _sharding(cfg: dict, task):
 
 def _dry_run(cfg: dict, task, step, trainable, frozen, opt_state, log=print) -> dict:
     """Prints each array's global and per-device shape and the compiled step's memory per device."""
-    example = next(batches(task.arrays["train"], cfg["batch"], seed=cfg["seed"], epochs=None))
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), example)
+    # the global batch's shapes (with many processes a batches() call would give this process's rows)
+    abstract = {k: jax.ShapeDtypeStruct((cfg["batch"],) + np.shape(v)[1:], np.asarray(v).dtype)
+                for k, v in task.arrays["train"].items()}
     if step.shardings is not None:
         t_sh, f_sh = step.shardings(trainable, frozen, opt_state, abstract)[:2]
     else:
@@ -512,7 +513,22 @@ def _portable(cfg: dict) -> dict:
 
 def _prepare_out(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool | None) -> bool:
     """Creates ``out`` or checks it may be reused; True when an interrupted run is to be resumed
-    (``resume=True`` demands one, ``False`` refuses one, ``None`` resumes one if there is one)."""
+    (``resume=True`` demands one, ``False`` refuses one, ``None`` resumes one if there is one).
+    With many processes every process reads the directory as it was and takes the same decision
+    (or raises the same error); process 0 alone writes, between barriers."""
+    resuming, replace = _out_decision(out, cfg, overwrite, resume)
+    barrier("jlora-cli-out-read")
+    if not resuming and is_main_process():
+        if replace:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", cfg)
+    barrier("jlora-cli-out-written")
+    return resuming
+
+
+def _out_decision(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool | None) -> tuple[bool, bool]:
+    """(resume the run in ``out``, replace what is there) from the files alone; nothing is written."""
     interrupted = (out / "config.json").is_file() and not (out / "results.json").is_file()
     if resume and not overwrite and not interrupted:
         raise SystemExit(f"jlora: --resume: {out} holds no interrupted run "
@@ -522,42 +538,22 @@ def _prepare_out(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool | N
     if out.is_dir() and any(out.iterdir()):
         if not (out / "config.json").is_file():
             raise SystemExit(f"jlora: --out {out} holds files that are not a jlora run; choose another --out")
-        finished = (out / "results.json").is_file()
         if overwrite:
-            shutil.rmtree(out)
-        elif finished:
+            return False, True
+        if (out / "results.json").is_file():
             raise SystemExit(f"jlora: {out} already holds a finished run; choose another --out, or pass --overwrite "
                              "to replace it")
-        elif resume is False:
+        if resume is False:
             raise SystemExit(f"jlora: {out} holds an interrupted run; run without --no-resume to continue it, or "
                              "pass --overwrite to start again")
-        else:
-            saved = json.loads((out / "config.json").read_text())
-            diff = sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k))
-            if diff:
-                raise SystemExit(f"jlora: {out} holds an interrupted run with other settings: "
-                                 + ", ".join(f"{k}: {saved.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:6])
-                                 + "; use the same settings to resume it, or --overwrite to start again")
-            return True
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", cfg)
-    return False
-
-
-def _prepare_out_all(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool | None) -> bool:
-    """:func:`_prepare_out` on every process: all of them read the directory as it was before any
-    of them writes (process 0 alone writes, after a barrier), so they take the same decision."""
-    if jax.process_count() == 1:
-        return _prepare_out(out, cfg, overwrite, resume)
-    interrupted = (out / "config.json").is_file() and not (out / "results.json").is_file()
-    barrier("jlora-cli-out-read")
-    if is_main_process():
-        resuming = _prepare_out(out, cfg, overwrite, resume)
-    else:   # the same checks, without the writes
-        resuming = interrupted and not overwrite and resume is not False
-    barrier("jlora-cli-out-written")
-    return resuming
+        saved = json.loads((out / "config.json").read_text())
+        diff = sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k))
+        if diff:
+            raise SystemExit(f"jlora: {out} holds an interrupted run with other settings: "
+                             + ", ".join(f"{k}: {saved.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:6])
+                             + "; use the same settings to resume it, or --overwrite to start again")
+        return True, False
+    return False, False
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
@@ -629,15 +625,15 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     t0 = time.perf_counter()
     task, adapted, spec = build(cfg, task)   # bad models, data and settings fail before anything is written
     mesh, rules, batch_axes = _sharding(cfg, task)
+    lifted = jlora.lift(task.model.apply)
+    optimizer, schedule = make_optimizer(cfg)
+    trainable, frozen = jlora.partition(adapted)
+    alloc = jlora.adalora_allocator(spec) if cfg["method"] == "adalora" else None  # runs inside the step
+    step = make_step(task.loss_fn(lifted), optimizer, accum_steps=cfg["accum_steps"], adapter_update=alloc,
+                     mesh=mesh, rules=rules, batch_axes=batch_axes)
     if dry_run:
-        optimizer, _ = make_optimizer(cfg)
-        trainable, frozen = jlora.partition(adapted)
-        alloc = jlora.adalora_allocator(spec) if cfg["method"] == "adalora" else None
-        step = make_step(task.loss_fn(jlora.lift(task.model.apply)), optimizer, accum_steps=cfg["accum_steps"],
-                         adapter_update=alloc, mesh=mesh, rules=rules, batch_axes=batch_axes)
-        opt_state = jax.eval_shape(step.init, trainable)
-        return {"dry_run": _dry_run(cfg, task, step, trainable, frozen, opt_state, log)}
-    resuming = _prepare_out_all(out, _portable(cfg), overwrite, resume)
+        return {"dry_run": _dry_run(cfg, task, step, trainable, frozen, jax.eval_shape(step.init, trainable), log)}
+    resuming = _prepare_out(out, _portable(cfg), overwrite, resume)
     main = is_main_process()   # with many processes, process 0 writes the run's files and logs
     if not main:
         log = lambda *a, **k: None   # noqa: E731
@@ -646,12 +642,6 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
         (out / "summary.txt").write_text(summary + "\n")
     counts = jlora.count(adapted)
     log(summary.splitlines()[-1])
-    lifted = jlora.lift(task.model.apply)
-    optimizer, schedule = make_optimizer(cfg)
-    trainable, frozen = jlora.partition(adapted)
-    alloc = jlora.adalora_allocator(spec) if cfg["method"] == "adalora" else None  # runs inside the step
-    step = make_step(task.loss_fn(lifted), optimizer, accum_steps=cfg["accum_steps"], adapter_update=alloc,
-                     mesh=mesh, rules=rules, batch_axes=batch_axes)
     if mesh is not None:   # the frozen weights laid out once, not re-placed every step
         trainable, frozen = shard(trainable, mesh, rules), shard(frozen, mesh, rules)
     opt_state = init_opt_state(optimizer, trainable, adapter_update=alloc, mesh=mesh, rules=rules)

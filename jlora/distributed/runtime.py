@@ -35,7 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jlora.distributed.sharding import _batch_axes
+from jlora.distributed.sharding import _batch_axes, batch_entry
 
 __all__ = ["ProcessInfo", "initialize", "process_info", "is_main_process", "barrier", "global_batch",
            "process_rows", "to_host"]
@@ -171,10 +171,6 @@ def process_rows(global_rows: int, *, process_index: int | None = None, process_
     return slice(index * n, (index + 1) * n)
 
 
-def _entry(axes: tuple):
-    return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
 def global_batch(local_batch, mesh: Mesh, batch_axes=("data",)):
     """One global ``jax.Array`` batch from each process's own rows: every leaf's leading dim is
     this process's share (``global / process_count`` rows), split over the mesh's ``batch_axes``
@@ -200,7 +196,7 @@ def global_batch(local_batch, mesh: Mesh, batch_axes=("data",)):
                 raise ValueError(f"batch leaf {where} is a scalar; a batch built from each process's rows needs a "
                                  f"leading (rows) axis on every leaf")
             return jax.device_put(x, NamedSharding(mesh, P()))
-        spec = P(_entry(axes))
+        spec = P(batch_entry(axes))
         rows = x.shape[0] * count
         if axes and rows % size:
             raise ValueError(f"batch leaf {where}: {x.shape[0]} rows on each of {count} process(es) make a global "

@@ -142,15 +142,6 @@ def _padded(spec: P, ndim: int, path: str, shape) -> tuple:
     return entries + (None,) * (ndim - len(entries))
 
 
-def _vector_spec(node: AdaptedWeight, spec: P | None, path: str) -> P:
-    """Spec of a node's small per-adapter arrays (DoRA magnitude, AdaLoRA singular values, IA3
-    scales, cached norms): the base's stacked-layer axes, everything else replicated."""
-    if spec is None:
-        return P()
-    entries = _padded(spec, node.layout.ndim, path, f"<{node.layout.ndim} axes>")
-    return P(*entries[:node.layout.stack])
-
-
 def _state_specs(state, a_spec: P, b_spec: P, vector_spec: P):
     """A state holding a spec in place of each array: ``a`` (stack + inputs + r) and ``b`` (stack +
     r + outputs) inherit the base's axes; any other array (a magnitude, singular values, scales, a
@@ -169,14 +160,15 @@ def factor_specs(base_spec: P, layout) -> tuple[P, P, P]:
 
 
 def _node_specs(node: AdaptedWeight, spec: P | None, path: str):
-    """(base_spec, a_spec, b_spec) for a node; the factors inherit the base's axes."""
+    """(base_spec, a_spec, b_spec, vector_spec) for a node: the factors inherit the base's axes, its
+    small per-adapter arrays (DoRA magnitude, AdaLoRA singular values, IA3 scales, cached norms) the
+    stacked-layer axes only (:func:`factor_specs`)."""
     layout = node.layout
     shape = node.shape if node.base is not None else None
     if spec is None:
-        return P(), P(), P()
+        return P(), P(), P(), P()
     entries = _padded(spec, layout.ndim, path, shape if shape is not None else f"<{layout.ndim} axes>")
-    a, b, _ = factor_specs(P(*entries), layout)
-    return P(*entries), a, b
+    return (P(*entries), *factor_specs(P(*entries), layout))
 
 
 def _quantized_specs(q, kernel_spec: P, stack: int):
@@ -238,8 +230,7 @@ def partition_specs(tree, rules):
     def one(path, leaf):
         spec = spec_for_path(path, rules)
         if is_node(leaf):
-            base_s, a_s, b_s = _node_specs(leaf, spec, path)
-            v_s = _vector_spec(leaf, spec, path)
+            base_s, a_s, b_s, v_s = _node_specs(leaf, spec, path)
             if is_quantized(leaf.base):
                 base_s = _quantized_specs(leaf.base, base_s, leaf.layout.stack)
             return leaf.with_(base=None if leaf.base is None else base_s,
@@ -404,10 +395,16 @@ def _batch_axes(mesh: Mesh, batch_axes) -> tuple:
     return axes
 
 
+def batch_entry(axes: tuple):
+    """The ``PartitionSpec`` entry that splits one array axis over the mesh axes ``axes``: ``None``
+    for none, the name for one, the tuple for several."""
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
 def batch_specs(batch, batch_axes=("data",)):
     """A ``PartitionSpec`` per batch leaf: its leading dim over ``batch_axes``; scalars replicated."""
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    entry = axes[0] if len(axes) == 1 else (axes or None)
+    entry = batch_entry(axes)
 
     def one(x):
         return P(entry) if axes and np.ndim(x) >= 1 else P()
@@ -515,5 +512,4 @@ def constrain_batch(x):
     size = math.prod(mesh.shape[a] for a in axes)
     if size == 1 or np.shape(x)[0] % size:
         return x
-    entry = axes[0] if len(axes) == 1 else tuple(axes)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(entry, *(P.UNCONSTRAINED,) * (ndim - 1))))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(batch_entry(axes), *(P.UNCONSTRAINED,) * (ndim - 1))))

@@ -257,8 +257,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, acc
         size = math.prod(mesh.shape[a] for a in batch_axes)
         if x.shape[1] % size:
             return x
-        entry = batch_axes[0] if len(batch_axes) == 1 else tuple(batch_axes)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, entry)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.batch_entry(batch_axes))))
 
     def accumulate(trainable, frozen, batch, key):
         k = accum_steps
