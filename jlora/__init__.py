@@ -28,13 +28,15 @@ __all__ = [
     "AdaLoRA", "adalora_allocator",
     "PromptTuning", "PrefixTuning", "PTuning", "apply_prompt", "prompt_kwargs", "export_prompt", "load_prompt_adapter",
     "TCURLoRA",
-    "Error", "FactoringError", "CheckpointError",
+    "Error", "FactoringError", "CheckpointError", "estimate",
 ]
 
 
-def __getattr__(name):  # lazy submodules: `jlora.train`, `jlora.io`, `jlora.distributed`
+def __getattr__(name):  # lazy submodules: `jlora.train`, `jlora.io`, `jlora.distributed`, `jlora.planner`
     if name == "load_prompt_adapter":   # the pre-0.2 name: jlora.io.load_adapter restores a saved prompt itself
         return importlib.import_module("jlora.io").load_adapter
-    if name in ("train", "io", "distributed", "data", "models", "assets", "quant", "cli"):
+    if name == "estimate":   # the memory planner (jlora.planner.estimate; it needs jlora's models)
+        return importlib.import_module("jlora.planner").estimate
+    if name in ("train", "io", "distributed", "data", "models", "assets", "quant", "cli", "planner"):
         return importlib.import_module(f"jlora.{name}")
     raise AttributeError(f"module 'jlora' has no attribute {name!r}")

@@ -96,6 +96,18 @@ def test_llama_directory_on_chat_pair_and_text_files(files, tmp_path, data, extr
     assert "lr" in lines[-1] and lines[0]["lr"] == 0.0              # warm-up starts at 0
 
 
+def test_remat_flag_reaches_the_model(files):
+    """--remat (what jlora estimate suggests when activations do not fit) builds the model with
+    per-layer rematerialisation; a non-boolean value in a config file is refused."""
+    cfg = cli.load_config({"model": str(files / "my_llama"), "data": str(files / "chat.jsonl"), "remat": True,
+                           "scan_layers": True, "max_length": 32})
+    config = cli.make_task(cfg).model.config
+    assert config.remat and config.scan_layers
+    assert "remat" in cli.RESUMABLE_CHANGES          # it changes memory, not what is computed
+    with pytest.raises(SystemExit, match="--remat must be true or false, got 'yes'"):
+        cli.load_config({"remat": "yes"})
+
+
 def test_chat_rows_supervise_exactly_the_assistant_turns(files):
     from jlora.data.chat import TextFormat, tokenize_conversations
     from jlora.data.instruct import IGNORE_INDEX

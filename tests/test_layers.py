@@ -1,6 +1,6 @@
 """jlora's layers, enforced by walking the import graph of the source (no import is executed).
 
-    quant  <-  core  <-  methods, distributed  <-  io, train  <-  models, data, assets  <-  cli
+    quant  <-  core  <-  methods, distributed  <-  io, train  <-  models, data, assets, planner  <-  cli
 
 A module may import (at module level) jlora modules of its own layer or a lower one, never a
 higher one. Imports inside functions are allowed only for the third-party packages of the optional
@@ -32,12 +32,13 @@ LAYERS = {
     "jlora.models": 4,
     "jlora.data": 4,
     "jlora.assets": 4,
+    "jlora.planner": 4,   # the memory planner: jlora's Llama + the training step
     "jlora.cli": 5,
     "jlora.cli.tasks": 5,
     "jlora.cli.tasks_lm": 5,
     "jlora": 2,   # the package root re-exports core and methods (io, train, ... load lazily)
 }
-LAYER_NAMES = ["quant", "core", "methods / distributed", "io / train", "models / data / assets", "cli"]
+LAYER_NAMES = ["quant", "core", "methods / distributed", "io / train", "models / data / assets / planner", "cli"]
 
 #: import names of jlora's core dependencies (pyproject.toml ``dependencies``) and what they bring
 CORE_MODULES = {"jax", "jaxlib", "flax", "optax", "orbax", "chex", "numpy", "safetensors", "ml_dtypes"}

@@ -1,4 +1,5 @@
-"""The ``jlora`` command: ``train`` / ``eval`` / ``export`` / ``inspect``.
+"""The ``jlora`` command: ``train`` / ``eval`` / ``export`` / ``generate`` / ``predict`` / ``inspect`` /
+``estimate``.
 
 Examples::
 
@@ -9,6 +10,7 @@ Examples::
     jlora eval --run runs/rt-lora --split test
     jlora export --run runs/rt-lora --format merged --out runs/rt-lora/merged
     jlora inspect --model minilm --method lora --rank 8 --targets all-linear
+    jlora estimate --model llama-3.1-8b --method qlora --batch 4 --max-length 2048 --remat --hardware rtx4090
 
 A run directory holds ``config.json`` (the resolved settings, written first), ``checkpoints/``
 (Orbax training states every ``--checkpoint-every`` steps and at exit), ``adapter/`` (jlora adapter
@@ -47,8 +49,11 @@ from jlora.data import batches, files
 from jlora.data.files import DataFileError, looks_like_file
 from jlora.methods.adalora import kept_ranks
 from jlora.models.hf_export import hf_tensors, llama_config_json, save_hf_directory
+from jlora.models.llama import DEFAULT_TARGETS as LLAMA_TARGETS
 from jlora.train import init_opt_state, make_step, plot_history
 from jlora.distributed import barrier, initialize, is_main_process, load_rules, make_mesh, resolve_rules, shard
+from jlora.distributed import sharding as shd
+from jlora import planner
 
 #: the methods the command offers: each spec class declares its --method name, its own settings
 #: (cli_fields) and how it is built from them (from_cli); "head" trains only a new head
@@ -72,7 +77,7 @@ METHOD_FIELDS = _method_fields()
 
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
-                seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, out=None, progress=True,
+                seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, remat=False, out=None, progress=True,
                 eval_limit=None, param_dtype="float32",
                 # the methods' own settings (their cli_fields)
                 **{name: field.default for name, field in METHOD_FIELDS.items()},
@@ -86,7 +91,7 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 # sharding over this machine's devices
                 mesh=None, rules=None)
 #: settings that may differ when a run is resumed (they do not change what is computed)
-RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit")
+RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit", "remat")
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
 DATA_KEYS = ("text_column", "label_column", "prompt_column", "response_column", "messages_column",
@@ -175,6 +180,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--eval-limit", type=int, help="evaluate on at most N examples per split")
     p.add_argument("--accum-steps", type=int)
     p.add_argument("--scan-layers", action="store_true", default=None)
+    p.add_argument("--remat", action="store_true", default=None,
+                   help="recompute each layer in the backward pass: activations of one layer instead of all, for about a "
+                        "third more compute (see jlora estimate)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--out", help="run directory (created; must not hold another run)")
 
@@ -239,6 +247,9 @@ def _validate(cfg: dict) -> None:
     if cfg["warmup_steps"] is not None and (not _is_int(cfg["warmup_steps"]) or not 0 <= cfg["warmup_steps"] < cfg["steps"]):
         bad("warmup_steps", cfg["warmup_steps"], f"an integer in [0, --steps={cfg['steps']})")
     _check_value("eval_limit", "optional_positive_int", cfg["eval_limit"], bad)
+    for key in ("scan_layers", "remat"):
+        if not isinstance(cfg[key], bool):
+            bad(key, cfg[key], "true or false")
     for key in ("text_column", "prompt_column", "response_column", "messages_column", "validation_file", "test_file",
                 "image_column", "logdir", "label_column", "out"):
         _check_value(key, "optional_str", cfg[key], bad)
@@ -262,29 +273,10 @@ def _validate(cfg: dict) -> None:
 
 def parse_mesh(text) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """``"data=2,fsdp=4"`` -> ``((2, 4), ("data", "fsdp"))``; a clear error for anything else."""
-    def bad(why):
-        raise SystemExit(f"jlora: --mesh must be name=size pairs like data=2,fsdp=4 ({why}), got {text!r}")
-
-    if not isinstance(text, str) or not text.strip():
-        bad("empty")
-    shape, names = [], []
-    for part in text.split(","):
-        name, sep, size = part.strip().partition("=")
-        if not sep or not name.strip().isidentifier():
-            bad(f"{part.strip()!r} is not name=size")
-        try:
-            n = int(size)
-        except ValueError:
-            bad(f"size {size!r} of {name.strip()!r} is not an integer")
-        if n < 1 and n != -1:
-            bad(f"size {n} of {name.strip()!r} is not positive (or -1)")
-        names.append(name.strip())
-        shape.append(n)
-    if len(set(names)) != len(names):
-        bad("an axis is named twice")
-    if shape.count(-1) > 1:
-        bad("at most one size may be -1")
-    return tuple(shape), tuple(names)
+    try:
+        return shd.parse_mesh(text)
+    except ValueError as e:
+        raise SystemExit(f"jlora: --mesh {e}") from None
 
 
 def _sharding(cfg: dict, task):
@@ -379,7 +371,7 @@ def make_task(cfg: dict):
 
     try:
         return _make(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
-                     scan_layers=cfg["scan_layers"], options={k: cfg[k] for k in DATA_KEYS},
+                     scan_layers=cfg["scan_layers"], remat=cfg["remat"], options={k: cfg[k] for k in DATA_KEYS},
                      param_dtype=cfg["param_dtype"])
     except (ValueError, FileNotFoundError, DataFileError) as e:
         raise SystemExit(f"jlora: {e}") from None
@@ -956,6 +948,83 @@ def _export(fmt: str, out: str, cfg: dict, task, adapted, *, dtype=None, max_sha
                       base_model_name_or_path=_base_model_name(cfg["model"]))
 
 
+def _estimate_spec(cfg: dict):
+    """The adapter spec of --method for jlora's Llama (what build() would make, without the model)."""
+    if cfg["method"] in PROMPT_METHODS or cfg["method"] == "head":
+        raise SystemExit(f"jlora: estimate plans adapter methods ({', '.join(m for m in METHODS if m not in PROMPT_METHODS and m != 'head')}); "
+                         f"got --method {cfg['method']}")
+    common = dict(rank=cfg["rank"], alpha=cfg["alpha"], targets=LLAMA_TARGETS.get(cfg["targets"], cfg["targets"]),
+                  exclude=None, rslora=cfg["rslora"], init=cfg["init"], dropout=cfg["dropout"], train_also=None)
+
+    def no_data():
+        raise SystemExit(f"jlora: --method {cfg['method']} with this selection needs data; estimate the memory with "
+                         f"--method lora at the same rank")
+
+    context = types.SimpleNamespace(family="llama", task=None, calibration=no_data)
+    try:
+        return METHOD_SPECS[cfg["method"]].from_cli(cfg, common, context)
+    except ValueError as e:
+        raise SystemExit(f"jlora: {e}") from None
+
+
+def _estimate_devices(args, cfg) -> int:
+    """How many devices the estimate's mesh needs (to give a compile that many fake CPU devices)."""
+    if cfg["mesh"]:
+        shape, _ = parse_mesh(cfg["mesh"])
+        if -1 in shape:
+            raise SystemExit("jlora: estimate needs explicit --mesh sizes (no -1): there are no devices to fill it")
+        return math.prod(shape)
+    if args.devices:
+        return args.devices
+    if args.hardware:
+        try:
+            return planner.hardware(args.hardware).devices
+        except ValueError as e:
+            raise SystemExit(f"jlora: --hardware: {e}") from None
+    return 1
+
+
+def _estimate(args) -> int:
+    """``jlora estimate``: the analytic breakdown (and the compiled figure with --compile), and with
+    --hardware whether it fits, the largest batch and sequence length, and what to change."""
+    cfg = load_config(args)
+    if args.model is None and not args.config:
+        cfg["model"] = "smollm2"
+    if args.devices is not None and args.devices < 1:
+        raise SystemExit(f"jlora: --devices must be a positive integer, got {args.devices}")
+    n = _estimate_devices(args, cfg)
+    if args.compile and n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # compile on n (fake) CPU devices when this machine has fewer; JAX reads the flag when it starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+    spec = _estimate_spec(cfg)
+    mesh = cfg["mesh"] or ({"fsdp": n} if n > 1 else None)
+    kwargs = dict(batch=cfg["batch"], seq=cfg["max_length"], mesh=mesh, remat=cfg["remat"],
+                  param_dtype=cfg["param_dtype"], optimizer=cfg["optimizer"], accum_steps=cfg["accum_steps"])
+    if cfg["rules"]:
+        raise SystemExit("jlora: estimate uses the model's own partition rules; --rules is not supported yet")
+    try:
+        model = cfg["model"]
+        if args.hardware:
+            hw = planner.hardware(args.hardware, devices=n if (args.devices or cfg["mesh"]) else None)
+            verdict = planner.plan(model, spec, hardware=hw, **kwargs)
+            est = verdict.estimate
+        else:
+            verdict, est = None, planner.estimate(model, spec, **kwargs)
+        if args.compile:
+            est.compiled = planner.estimate(model, spec, compile=True, **kwargs).compiled
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise SystemExit(f"jlora: estimate: {e}") from None
+    if args.json:
+        out = verdict.as_dict() if verdict is not None else {"estimate": est.as_dict()}
+        out["rule_of_thumb"] = planner.rule_of_thumb(est)
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(verdict.report() if verdict is not None else est.table())
+        print(f"the field's rule of thumb ((weights + optimizer + gradients) x 1.3): "
+              f"{planner.rule_of_thumb(est) / 2 ** 30:.3f} GiB per device")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jlora", description="Parameter-efficient fine-tuning for JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -995,11 +1064,21 @@ def main(argv=None) -> int:
     p_pred.add_argument("--image-column", default="image", help="ViT runs: the column of --file with image paths")
     p_pred.add_argument("--batch", type=int, default=64)
     p_pred.add_argument("--out", help="write JSON lines here instead of stdout")
+    p_est = sub.add_parser("estimate", help="memory per device of a training run before running it: fits on your "
+                                            "hardware? (the same flags as train)")
+    _add_train_args(p_est)
+    p_est.add_argument("--hardware", help="answer for this hardware: " + ", ".join(planner.HARDWARE) +
+                       ", a TPU slice (v5e-8, v5e-64, v4-16) or GPUs with a count (h100-80g:8)")
+    p_est.add_argument("--devices", type=int, help="devices to shard over (FSDP, --mesh fsdp=N) when --mesh is not given")
+    p_est.add_argument("--compile", action="store_true",
+                       help="also compile the real step on abstract inputs and print the compiler's figure")
+    p_est.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p_ins = sub.add_parser("inspect", help="print the adapter summary table for a run or a spec")
     p_ins.add_argument("--run")
     _add_train_args(p_ins)
     args = parser.parse_args(argv)
-
+    if args.command == "estimate":
+        return _estimate(args)
 
     if args.command == "train" and args.distributed:
         try:

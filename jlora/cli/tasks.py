@@ -90,6 +90,7 @@ class ClassificationTask:
     seed: int = 0
     scan_layers: bool = False
     model_path: str | None = None      # a Hugging Face BERT directory; None: the bundled MiniLM
+    remat: bool = False                # recompute each layer in the backward pass
     options: dict | None = None        # DATA_OPTIONS for a data file
 
     kind = "classification"
@@ -113,7 +114,8 @@ class ClassificationTask:
                              "or give a CSV / TSV / JSON / JSONL / Parquet file")
         self.label_names = self.splits["train"].features[label_col].names
         self.model, self.params, self.tokenizer = bert.load_pretrained(
-            self.model_path, num_labels=len(self.label_names), scan_layers=self.scan_layers, seed=self.seed)
+            self.model_path, num_labels=len(self.label_names), scan_layers=self.scan_layers, seed=self.seed,
+            remat=self.remat)
         self.arrays = jdata.tokenize_classification(self.splits, self.tokenizer, self.max_length,
                                                     text_column=text_col, label_column=label_col)
         for name, a in self.arrays.items():   # a tokenizer that does not fit the checkpoint: say so, not NaN
@@ -239,7 +241,8 @@ class ImageClassificationTask(ClassificationTask):
                                             flags=("--image-column", "--label-column"))
         self.label_names = self.splits["train"].features[label_col].names
         self.model, self.params = vit.load_pretrained(self.model_path, num_labels=len(self.label_names),
-                                                      scan_layers=self.scan_layers, seed=self.seed)
+                                                      scan_layers=self.scan_layers, seed=self.seed,
+                                                      remat=self.remat)
         self.tokenizer = None
         cfg = self.model.config
         pre = pathlib.Path(self.model_path) / "preprocessor_config.json"

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.data.instruct import IGNORE_INDEX
-from jlora.methods.prompt import pad_labels, prompt_kwargs
+from jlora.methods.prompt import prompt_kwargs
 import pathlib
 from jlora.data.chat import TextFormat
 from jlora import assets
@@ -22,25 +22,7 @@ from jlora.cli.options import DATA_OPTIONS
 from jlora.data import chat, files
 from jlora.data.chat import _special_prefix, generation_prompt
 from jlora.data.instruct import chat_prompt
-
-
-def masked_lm_loss(logits, labels):
-    """Mean next-token cross-entropy over positions whose label is not ``IGNORE_INDEX``
-    (labels are unshifted: position t predicts ``labels[t + 1]``). Returns (loss, n_tokens).
-
-    Logits longer than the labels come from a model run with ``P`` virtual tokens in front
-    (prompt tuning, P-tuning): the labels get ``P`` ignored entries in front, as PEFT does."""
-    extra = logits.shape[1] - labels.shape[1]
-    if extra < 0:
-        raise ValueError(f"logits cover {logits.shape[1]} positions but labels {labels.shape[1]}")
-    labels = pad_labels(labels, extra)
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = labels[:, 1:]
-    valid = target != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits, -1)
-    picked = jnp.take_along_axis(logp, jnp.where(valid, target, 0)[..., None], -1)[..., 0]
-    n = jnp.maximum(valid.sum(), 1)
-    return -(picked * valid).sum() / n, valid.sum()
+from jlora.train.losses import masked_lm_loss
 
 
 #: prompt / response column pairs recognised in a data file, in order of preference
@@ -100,6 +82,7 @@ class InstructionTask:
     model_path: str | None = "smollm2"   # "smollm2", a .gguf file or a Hugging Face directory
     options: dict | None = None          # jlora.cli.options.DATA_OPTIONS for a data file
     param_dtype: str | None = None       # read the weights in this dtype (e.g. "bfloat16"); None: float32
+    remat: bool = False                  # recompute each layer in the backward pass
 
     kind = "instruction"
     family = "llama"
@@ -109,7 +92,7 @@ class InstructionTask:
 
         if self.loaded is None:
             self.loaded = llama.load_pretrained(self.model_path or "smollm2", scan_layers=self.scan_layers,
-                                                param_dtype=jnp.dtype(self.param_dtype or "float32"))
+                                                remat=self.remat, param_dtype=jnp.dtype(self.param_dtype or "float32"))
         self.model, self.params, self.tokenizer = self.loaded
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_path} has no tokenizer.json; the task needs one to read text")

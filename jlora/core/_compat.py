@@ -16,6 +16,11 @@ try:   # JAX's own tracing-cache context (meshes, user contexts, dtype and preci
 except ImportError:   # pragma: no cover - a JAX without it: cache on shapes alone
     _trace_context = None
 
+try:   # what reverse-mode differentiation keeps from the forward pass (jax.ad_checkpoint.print_saved_residuals' source)
+    from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
+except ImportError:   # pragma: no cover - a JAX without it
+    _saved_residuals = None
+
 P = jcore.primitives
 
 scan_p = P.scan_p
@@ -122,3 +127,14 @@ def trace_context():
     values such as jlora's activation sharding, matmul precision, x64, ...): a cache of traced
     programs keyed on shapes alone would otherwise replay a trace made under other settings."""
     return _trace_context() if _trace_context is not None else ()
+
+
+def saved_residuals(f, *args) -> list:
+    """``[(aval, why)]``: the values JAX's autodiff saves from ``f``'s forward pass for its backward
+    pass, given abstract or concrete ``args`` (the list ``jax.ad_checkpoint.print_saved_residuals``
+    prints). ``why`` says where each comes from ("from the argument ...", "from a constant", "output of
+    ..."). Used by :func:`jlora.estimate` for the activations a step keeps."""
+    if _saved_residuals is None:   # pragma: no cover - a JAX without it
+        raise RuntimeError("this JAX has no jax._src.ad_checkpoint.saved_residuals; jlora.estimate needs it "
+                           "(it was checked on jax 0.10)")
+    return list(_saved_residuals(f, *args))

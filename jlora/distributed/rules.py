@@ -18,7 +18,7 @@ import os
 import re
 from typing import Mapping, Sequence
 
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 __all__ = ["DEFAULT_AXIS_MAP", "resolve_rules", "load_rules"]
 
@@ -53,8 +53,9 @@ def resolve_rules(logical_rules: Sequence, mesh: Mesh, axis_map: Mapping | None 
     ...))]``: each logical axis becomes the mesh axes ``axis_map`` (default :data:`DEFAULT_AXIS_MAP`)
     names, less those the mesh does not have and those an earlier axis of the same spec already
     took (one mesh axis can split only one array axis)."""
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh (see jlora.distributed.make_mesh), got {type(mesh).__name__}")
+    if not isinstance(mesh, (Mesh, AbstractMesh)):   # an AbstractMesh: shapes only (planning, jlora.estimate)
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (see jlora.distributed.make_mesh) or AbstractMesh, got "
+                        f"{type(mesh).__name__}")
     axis_map = dict(DEFAULT_AXIS_MAP if axis_map is None else axis_map)
     present = set(mesh.shape)
     out = []

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.core.nodes import AdaptedWeight, Trainable, is_adapter_leaf, is_node, is_quantized
 from jlora.core.paths import flatten_with_paths
@@ -80,6 +80,34 @@ def make_mesh(shape: Sequence[int], names: Sequence[str], *, devices=None) -> Me
         raise ValueError(f"make_mesh: shape {shape} needs {math.prod(shape)} devices, have {n}{hint}")
     auto = (jax.sharding.AxisType.Auto,) * len(shape)
     return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
+
+
+def parse_mesh(text) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``"data=2,fsdp=4"`` -> ``((2, 4), ("data", "fsdp"))`` (one size may be ``-1``: whatever the
+    devices leave, see :func:`make_mesh`); ``ValueError`` naming the bad part for anything else."""
+    def bad(why):
+        raise ValueError(f"must be name=size pairs like data=2,fsdp=4 ({why}), got {text!r}")
+
+    if not isinstance(text, str) or not text.strip():
+        bad("empty")
+    shape, names = [], []
+    for part in text.split(","):
+        name, sep, size = part.strip().partition("=")
+        if not sep or not name.strip().isidentifier():
+            bad(f"{part.strip()!r} is not name=size")
+        try:
+            n = int(size)
+        except ValueError:
+            bad(f"size {size!r} of {name.strip()!r} is not an integer")
+        if n < 1 and n != -1:
+            bad(f"size {n} of {name.strip()!r} is not positive (or -1)")
+        names.append(name.strip())
+        shape.append(n)
+    if len(set(names)) != len(names):
+        bad("an axis is named twice")
+    if shape.count(-1) > 1:
+        bad("at most one size may be -1")
+    return tuple(shape), tuple(names)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -296,8 +324,9 @@ def shardings_for(tree, mesh: Mesh, rules):
         t_sh = shardings_for(trainable, mesh, [(r"kernel$", P("fsdp", None))])
         trainable = jax.device_put(trainable, t_sh)
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh (see jlora.distributed.make_mesh), got {type(mesh).__name__}")
+    if not isinstance(mesh, (Mesh, AbstractMesh)):   # an AbstractMesh: shapes only (planning, jlora.estimate)
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (see jlora.distributed.make_mesh) or AbstractMesh, got "
+                        f"{type(mesh).__name__}")
     rules = normalize_rules(rules)
     flat, _ = flatten_with_paths(tree, is_leaf=is_adapter_leaf)
     specs = partition_specs(tree, rules)
