@@ -29,7 +29,7 @@ Example::
     print(jlora.planner.plan(est, "rtx4090").report())
 
 The model is jlora's Llama (Llama / Mistral / Qwen2 configs), with ``scan_layers`` (one compiled
-layer, as every realistically sized run uses) and explicit (non-fused) attention.
+layer, as every realistically sized run uses) and the attention the config names.
 """
 
 from __future__ import annotations

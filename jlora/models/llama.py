@@ -53,6 +53,7 @@ __all__ = [
     "init_cache", "generate", "check_inputs", "load_hf_params", "params_from_hf_tensors", "load_gguf",
     "load_pretrained", "tokenizer_from_gguf", "chat_prompt", "gguf_permute", "gguf_unpermute", "stack_layers",
     "unstack_layers", "hf_module_name", "hf_param_name", "DEFAULT_TARGETS", "partition_rules", "CheckpointError",
+    "ATTENTION",
 ]
 
 DEFAULT_TARGETS = {
@@ -61,6 +62,8 @@ DEFAULT_TARGETS = {
 }
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: LlamaConfig.attention: how a layer computes softmax(QK^T / sqrt(d)) V
+ATTENTION = ("explicit", "xla", "cudnn")
 
 
 # a checkpoint's tensors that do not fit the config (missing, unexpected or mis-shaped) raise
@@ -83,6 +86,9 @@ class LlamaConfig:
     (default: ``attention_bias``, as in HF Llama) on o_proj; Qwen2 is ``attention_bias=True,
     attention_out_bias=False``. ``sliding_window`` (Mistral) limits attention to the last
     ``sliding_window`` positions. ``dtype`` is the compute dtype, ``param_dtype`` the storage.
+    ``attention``: ``"explicit"`` (softmax(QK^T) written out, the default), ``"xla"``
+    (``jax.nn.dot_product_attention``'s XLA implementation) or ``"cudnn"`` (its cuDNN fused
+    attention: NVIDIA GPUs, 16-bit compute dtypes); the same numbers from each, masks and GQA included.
     """
 
     vocab_size: int = 32000
@@ -108,6 +114,7 @@ class LlamaConfig:
     remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "explicit"
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -139,6 +146,8 @@ class LlamaConfig:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
+        if self.attention not in ATTENTION:
+            raise ValueError(f"LlamaConfig.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.attention_out_bias is None:
             set_("attention_out_bias", self.attention_bias)
         if isinstance(self.eos_token_id, (list, tuple)):
@@ -189,7 +198,7 @@ class LlamaConfig:
         if act not in ("silu", "swish"):
             raise ValueError(f"config.hidden_act={act!r} is not supported (SwiGLU needs 'silu')")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "param_dtype", "scan_layers", "remat")}
+        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "param_dtype", "scan_layers", "remat", "attention")}
 
         rope = d.get("rope_parameters") or {}
         scaling = d.get("rope_scaling") or {}
@@ -340,12 +349,17 @@ class LlamaAttention(nn.Module):
             v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
             new_kv = {"k": k, "v": v}
             k, v = k.astype(c.dtype), v.astype(c.dtype)
-        q = q.reshape(B, T, KV, c.num_kv_groups, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (D ** -0.5)
-        mask = ctx["mask"][:, None, None]                                   # (B, 1, 1, T, S)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
+        if c.attention == "explicit":
+            q = q.reshape(B, T, KV, c.num_kv_groups, D)
+            scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (D ** -0.5)
+            mask = ctx["mask"][:, None, None]                               # (B, 1, 1, T, S)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
+        else:   # GQA by jax.nn.dot_product_attention itself: query head h reads kv head h // (H / KV)
+            out = jax.nn.dot_product_attention(q.astype(c.dtype), k.astype(c.dtype), v.astype(c.dtype),
+                                               mask=ctx["mask"][:, None], scale=D ** -0.5,
+                                               implementation=c.attention).reshape(B, T, H * D)
         return _dense(c, c.hidden_size, c.attention_out_bias, "o_proj")(out), new_kv
 
 

@@ -230,6 +230,50 @@ def test_left_padded_batch_equals_unpadded_generation():
         llama.generate(model, params, ids[:, ::-1], max_new_tokens=2, attention_mask=mask[:, ::-1])
 
 
+@pytest.mark.parametrize("kv_heads,window", [(2, None), (4, None), (1, 3)], ids=["gqa", "mha", "mqa-window"])
+def test_dot_product_attention_equals_the_explicit_softmax(kv_heads, window):
+    """attention="xla" (jax.nn.dot_product_attention) gives the explicit path's logits, gradients
+    and cached generation: causal, left padding, GQA / MHA / MQA, a sliding window, a deep prefix,
+    virtual-token prompts, and LoRA through lift."""
+    kw = dict(num_key_value_heads=kv_heads, sliding_window=window)
+    config = tiny(**kw)
+    params = tiny_params(config, seed=3)
+    explicit = jax.jit(llama.LlamaForCausalLM(config).apply)
+    fused_model = llama.LlamaForCausalLM(config.replace(attention="xla"))
+    fused = jax.jit(fused_model.apply)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 101, (3, 9)))
+    mask = jnp.asarray([[1] * 9, [0, 0] + [1] * 7, [0] * 5 + [1] * 4])
+    np.testing.assert_allclose(fused(params, ids), explicit(params, ids), atol=2e-5)
+    np.testing.assert_allclose(fused(params, ids, attention_mask=mask), explicit(params, ids, attention_mask=mask),
+                               atol=2e-5)
+    prefix = {"k": jnp.asarray(rng.standard_normal((2, 3, 2, kv_heads, 8)), jnp.float32),
+              "v": jnp.asarray(rng.standard_normal((2, 3, 2, kv_heads, 8)), jnp.float32)}
+    np.testing.assert_allclose(fused(params, ids, prefix=prefix), explicit(params, ids, prefix=prefix), atol=2e-5)
+    prompt = jnp.asarray(rng.standard_normal((3, 2, 32)), jnp.float32)
+    np.testing.assert_allclose(fused(params, ids, prompt_embeddings=prompt),
+                               explicit(params, ids, prompt_embeddings=prompt), atol=2e-5)
+    # a KV cache (prefill, then one token at a time) and greedy generation
+    np.testing.assert_array_equal(llama.generate(fused_model, params, [[5, 17, 42, 8]], max_new_tokens=6),
+                                  llama.generate(llama.LlamaForCausalLM(config), params, [[5, 17, 42, 8]],
+                                                 max_new_tokens=6))
+    # gradients of LoRA factors through lift
+    adapted = jlora.apply(params, jlora.LoRA(rank=2, targets=llama.DEFAULT_TARGETS["all-linear"]),
+                          key=jax.random.key(0))
+    adapted = _randomize_factors(adapted)
+    trainable, frozen = jlora.partition(adapted)
+
+    def loss(fn):
+        return lambda t: jnp.mean(jlora.lift(fn)(jlora.combine(t, frozen), ids, attention_mask=mask) ** 2)
+
+    g_fused = jax.grad(loss(fused_model.apply))(trainable)
+    g_explicit = jax.grad(loss(llama.LlamaForCausalLM(config).apply))(trainable)
+    for a, b in zip(jax.tree_util.tree_leaves(g_fused), jax.tree_util.tree_leaves(g_explicit)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="attention must be one of \\('explicit', 'xla', 'cudnn'\\), got 'flash'"):
+        tiny(attention="flash")
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     model, params, fwd = tiny_model()          # same shapes as the cache test: compiled code is reused
     prompt = [1, 2, 3, 4, 5, 6]
