@@ -372,7 +372,7 @@ class Estimate:
     batch: int
     seq: int
     mesh: dict
-    remat: bool
+    remat: bool | str
     compute_dtype: str
     param_dtype: str
     optimizer: str
@@ -407,7 +407,7 @@ class Estimate:
     def table(self) -> str:
         mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items()) or "1 device"
         lines = [f"{self.model}  {self.method}  batch {self.batch} x {self.seq} tokens  mesh {mesh}  "
-                 f"remat {'on' if self.remat else 'off'}  compute {self.compute_dtype}  weights {self.param_dtype}  "
+                 f"remat {'on' if self.remat is True else self.remat or 'off'}  compute {self.compute_dtype}  weights {self.param_dtype}  "
                  f"{self.optimizer}  ({self.backend})",
                  f"{'per device':44s}{'GiB':>10s}"]
         for name, value in self.parts.items():
@@ -469,7 +469,7 @@ def estimate(model, spec: AdapterSpec | None = None, *, batch: int, seq: int, me
       mesh: None (one device), a ``Mesh`` / ``AbstractMesh``, ``"data=2,fsdp=4"`` or a dict. The
         batch splits over ``data`` and ``fsdp`` (or the first axis), as ``jlora train --mesh`` does.
       rules: partition rules (default: the model's own, resolved on the mesh).
-      remat: recompute each layer in the backward pass (default: the config's setting).
+      remat: recompute each layer in the backward pass, or a policy name (default: the config's setting).
       optimizer: a name in :data:`OPTIMIZERS` or an optax transformation.
       param_dtype, compute_dtype: storage and compute dtypes (default: the config's).
       accum_steps: gradient accumulation (micro-batches of ``batch / accum_steps``).
@@ -489,7 +489,7 @@ def estimate(model, spec: AdapterSpec | None = None, *, batch: int, seq: int, me
         raise ValueError(f"seq {seq} exceeds the model's max_position_embeddings ({config.max_position_embeddings})")
     changes = dict(scan_layers=True)
     if remat is not None:
-        changes["remat"] = bool(remat)
+        changes["remat"] = remat   # True / False or a policy name (the config checks it)
     if param_dtype is not None:
         changes["param_dtype"] = jnp.dtype(param_dtype)
     if compute_dtype is not None:

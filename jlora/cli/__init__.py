@@ -50,6 +50,7 @@ from jlora.data.files import DataFileError, looks_like_file
 from jlora.methods.adalora import kept_ranks
 from jlora.models.hf_export import hf_tensors, llama_config_json, save_hf_directory
 from jlora.models.llama import DEFAULT_TARGETS as LLAMA_TARGETS
+from jlora.models._hf import REMAT_POLICIES
 from jlora.train import init_opt_state, make_step, plot_history
 from jlora.distributed import barrier, initialize, is_main_process, load_rules, make_mesh, resolve_rules, shard
 from jlora.distributed import sharding as shd
@@ -180,9 +181,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--eval-limit", type=int, help="evaluate on at most N examples per split")
     p.add_argument("--accum-steps", type=int)
     p.add_argument("--scan-layers", action="store_true", default=None)
-    p.add_argument("--remat", action="store_true", default=None,
+    p.add_argument("--remat", nargs="?", const=True, default=None, metavar="POLICY",
                    help="recompute each layer in the backward pass: activations of one layer instead of all, for about a "
-                        "third more compute (see jlora estimate)")
+                        "third more compute (see jlora estimate); or keep what a policy saves: " + ", ".join(REMAT_POLICIES))
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--out", help="run directory (created; must not hold another run)")
 
@@ -247,9 +248,10 @@ def _validate(cfg: dict) -> None:
     if cfg["warmup_steps"] is not None and (not _is_int(cfg["warmup_steps"]) or not 0 <= cfg["warmup_steps"] < cfg["steps"]):
         bad("warmup_steps", cfg["warmup_steps"], f"an integer in [0, --steps={cfg['steps']})")
     _check_value("eval_limit", "optional_positive_int", cfg["eval_limit"], bad)
-    for key in ("scan_layers", "remat"):
-        if not isinstance(cfg[key], bool):
-            bad(key, cfg[key], "true or false")
+    if not isinstance(cfg["scan_layers"], bool):
+        bad("scan_layers", cfg["scan_layers"], "true or false")
+    if not isinstance(cfg["remat"], bool) and cfg["remat"] not in REMAT_POLICIES:
+        bad("remat", cfg["remat"], f"true, false or a policy in {REMAT_POLICIES}")
     for key in ("text_column", "prompt_column", "response_column", "messages_column", "validation_file", "test_file",
                 "image_column", "logdir", "label_column", "out"):
         _check_value(key, "optional_str", cfg[key], bad)

@@ -20,6 +20,7 @@ import re
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +84,40 @@ def check_bools_and_dtypes(cfg, owner: str, bools: Iterable[str]) -> None:
             raise ValueError(f"{owner}.{f} must be a bool, got {getattr(cfg, f)!r}")
     object.__setattr__(cfg, "dtype", canonical_dtype(cfg.dtype, "dtype", owner))
     object.__setattr__(cfg, "param_dtype", canonical_dtype(cfg.param_dtype, "param_dtype", owner))
+
+
+#: ``remat`` settings by name (what a rematerialised layer keeps from its forward pass; JAX's
+#: ``jax.checkpoint_policies``): ``True`` is ``"nothing_saveable"`` (only the layer's input, every
+#: intermediate recomputed); ``"dots_with_no_batch_dims_saveable"`` keeps the weight matmuls' outputs;
+#: ``"dots_saveable"`` every matmul's (attention scores too); ``"offload_dots_with_no_batch_dims"``
+#: keeps the former in pinned host memory instead of the device's.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable",
+                  "offload_dots_with_no_batch_dims")
+
+
+def check_remat(cfg, owner: str) -> None:
+    """``cfg.remat`` must be a bool or a name in :data:`REMAT_POLICIES`."""
+    value = cfg.remat
+    if isinstance(value, (bool, np.bool_)):
+        object.__setattr__(cfg, "remat", bool(value))
+    elif value not in REMAT_POLICIES:
+        raise ValueError(f"{owner}.remat must be True, False or a policy in {REMAT_POLICIES}, got {value!r}")
+
+
+def remat_policy(remat):
+    """The ``jax.checkpoint`` policy for a ``remat`` setting (None: JAX's default, nothing saved)."""
+    if remat is True or remat == "nothing_saveable":
+        return None
+    if remat == "offload_dots_with_no_batch_dims":
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return getattr(jax.checkpoint_policies, remat)
+
+
+def remat_layer(layer_cls, remat, scan_layers: bool):
+    """``layer_cls`` wrapped in ``nn.remat`` with the policy ``remat`` names (itself when False)."""
+    if not remat:
+        return layer_cls
+    return nn.remat(layer_cls, prevent_cse=not scan_layers, policy=remat_policy(remat))
 
 
 def read_config(config, owner: str, what: str) -> Mapping:

@@ -123,7 +123,8 @@ class BertConfig:
                                                      "classifier_dropout"), optional=("classifier_dropout",))
         if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
             raise ValueError(f"BertConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
-        _hf.check_bools_and_dtypes(self, "BertConfig", ("scan_layers", "remat"))
+        _hf.check_remat(self, "BertConfig")
+        _hf.check_bools_and_dtypes(self, "BertConfig", ("scan_layers",))
 
     @property
     def head_dim(self) -> int:
@@ -279,7 +280,7 @@ class BertEncoder(nn.Module):
     @nn.compact
     def __call__(self, x, mask_bias, prefix=None):
         cfg = self.config
-        layer_cls = nn.remat(BertLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else BertLayer
+        layer_cls = _hf.remat_layer(BertLayer, cfg.remat, cfg.scan_layers)
         if cfg.scan_layers:
             scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, 0), length=cfg.num_hidden_layers)

@@ -86,6 +86,8 @@ class LlamaConfig:
     (default: ``attention_bias``, as in HF Llama) on o_proj; Qwen2 is ``attention_bias=True,
     attention_out_bias=False``. ``sliding_window`` (Mistral) limits attention to the last
     ``sliding_window`` positions. ``dtype`` is the compute dtype, ``param_dtype`` the storage.
+    ``remat``: recompute each layer in the backward pass (True), or keep what a named policy saves
+    (:data:`jlora.models._hf.REMAT_POLICIES`, e.g. ``"dots_with_no_batch_dims_saveable"``).
     ``attention``: ``"explicit"`` (softmax(QK^T) written out, the default), ``"xla"``
     (``jax.nn.dot_product_attention``'s XLA implementation) or ``"cudnn"`` (its cuDNN fused
     attention: NVIDIA GPUs, 16-bit compute dtypes); the same numbers from each, masks and GQA included.
@@ -111,7 +113,7 @@ class LlamaConfig:
     eos_token_id: int | tuple | None = None
     pad_token_id: int | None = None
     scan_layers: bool = False
-    remat: bool = False
+    remat: bool | str = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "explicit"
@@ -142,7 +144,8 @@ class LlamaConfig:
             set_(name, float(v))
         if self.sliding_window is not None:
             self._check_positive_int("sliding_window")
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "scan_layers", "remat"):
+        _hf.check_remat(self, "LlamaConfig")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "scan_layers"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
@@ -399,9 +402,7 @@ class LlamaModel(nn.Module):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                                      embedding_init=nn.initializers.normal(c.initializer_range))
-        layer = LlamaDecoderLayer
-        if c.remat:
-            layer = nn.remat(layer, prevent_cse=not c.scan_layers)
+        layer = _hf.remat_layer(LlamaDecoderLayer, c.remat, c.scan_layers)
         if c.scan_layers:
             self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(0, nn.broadcast), length=c.num_hidden_layers)(c)

@@ -155,7 +155,8 @@ class ViTConfig:
         if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) \
                 or self.initializer_range < 0:
             raise ValueError(f"ViTConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
-        _hf.check_bools_and_dtypes(self, "ViTConfig", ("qkv_bias", "scan_layers", "remat"))
+        _hf.check_remat(self, "ViTConfig")
+        _hf.check_bools_and_dtypes(self, "ViTConfig", ("qkv_bias", "scan_layers"))
 
     @property
     def head_dim(self) -> int:
@@ -330,7 +331,7 @@ class ViTEncoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        layer_cls = nn.remat(ViTLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else ViTLayer
+        layer_cls = _hf.remat_layer(ViTLayer, cfg.remat, cfg.scan_layers)
         if cfg.scan_layers:
             scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                               length=cfg.num_hidden_layers)

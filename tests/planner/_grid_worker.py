@@ -25,10 +25,8 @@ def spec(method, rank):
 
 #: (model, method, rank, batch, seq, remat, mesh)
 GRID = [
-    ("smollm2-135m", "lora", 16, 4, 512, True, None),
     ("smollm2-135m", "qlora", 16, 8, 256, True, "data=2,fsdp=4"),
     ("smollm2-135m", "dora", 8, 2, 256, False, None),
-    (SMALL, "qlora", 8, 16, 256, True, "data=8"),
     (SMALL, "dora", 16, 8, 512, True, "fsdp=4,tensor=2"),
     ("llama-3.1-8b", "qlora", 16, 8, 256, True, "fsdp=8"),
 ]

@@ -142,12 +142,13 @@ def test_plan_suggests_qlora_and_fsdp():
 def test_analytic_within_10_percent_of_compiled_on_a_grid(tmp_path):
     """Methods x ranks x batch x seq x remat x meshes (on 8 fake CPU devices), Llama shapes from a
     4-layer 512-wide model to 8B: the analytic peak per device within 10 % of XLA's, the arguments
-    exact. (benchmarks/estimate_memory.py runs 40 random points up to 70B.)"""
+    exact. (One-device LoRA / QLoRA / DoRA points are in test_arguments_are_exact_and_the_peak_close;
+    benchmarks/estimate_memory.py runs 40 random points up to 70B.)"""
     out = tmp_path / "grid.json"
     subprocess.run([sys.executable, str(ROOT / "tests" / "planner" / "_grid_worker.py"), str(out)], check=True,
                    timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     rows = json.loads(out.read_text())
-    assert len(rows) == 6
+    assert len(rows) == 4
     for row in rows:
         compiled = row["compiled"]
         assert row["analytic_arguments"] == compiled["argument"], row
