@@ -694,12 +694,14 @@ def _quantized(spec):
 
 
 def plan(model, spec: AdapterSpec | None = None, *, hardware: str | Hardware, batch: int, seq: int, mesh=None,
-         suggest: bool = True, search_seq: bool = True, **kwargs) -> Verdict:
+         suggest: bool = True, search_seq: bool = True, compile: bool = False, **kwargs) -> Verdict:
     """Will ``model`` train with ``spec`` at ``batch`` x ``seq`` on ``hardware``? The estimate is for
     the hardware's compiler (``backend``) and, on several devices with no ``mesh``, FSDP over all of
     them (``fsdp=N``). ``kwargs`` go to :func:`estimate` (remat, param_dtype, optimizer, ...).
     ``suggest`` / ``search_seq``: look for changes that fit / the longest sequence that fits (each
     costs a few more estimates; ``largest_seq`` is None without the search, 0 when nothing fits).
+    ``compile``: the verdict's own estimate also carries the compiler's figure (the searches stay
+    analytic).
 
     Example::
 
@@ -711,7 +713,7 @@ def plan(model, spec: AdapterSpec | None = None, *, hardware: str | Hardware, ba
     if mesh is None and hw.devices > 1:
         mesh = {"fsdp": hw.devices}
     base = dict(kwargs, mesh=mesh, batch=batch, seq=seq)
-    est = estimate(model, spec, **base)
+    est = estimate(model, spec, compile=compile, **base)
     if est.devices != hw.devices:
         raise ValueError(f"mesh {est.mesh} has {est.devices} devices but hardware {hw.name!r} has {hw.devices}")
     usable = hw.usable

@@ -1008,12 +1008,10 @@ def _estimate(args) -> int:
         model = cfg["model"]
         if args.hardware:
             hw = planner.hardware(args.hardware, devices=n if (args.devices or cfg["mesh"]) else None)
-            verdict = planner.plan(model, spec, hardware=hw, **kwargs)
+            verdict = planner.plan(model, spec, hardware=hw, compile=args.compile, **kwargs)
             est = verdict.estimate
         else:
-            verdict, est = None, planner.estimate(model, spec, **kwargs)
-        if args.compile:
-            est.compiled = planner.estimate(model, spec, compile=True, **kwargs).compiled
+            verdict, est = None, planner.estimate(model, spec, compile=args.compile, **kwargs)
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise SystemExit(f"jlora: estimate: {e}") from None
     if args.json:

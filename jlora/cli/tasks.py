@@ -90,7 +90,7 @@ class ClassificationTask:
     seed: int = 0
     scan_layers: bool = False
     model_path: str | None = None      # a Hugging Face BERT directory; None: the bundled MiniLM
-    remat: bool = False                # recompute each layer in the backward pass
+    remat: bool | str = False          # recompute each layer in the backward pass (or a policy name)
     options: dict | None = None        # DATA_OPTIONS for a data file
 
     kind = "classification"

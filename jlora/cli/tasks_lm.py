@@ -82,7 +82,7 @@ class InstructionTask:
     model_path: str | None = "smollm2"   # "smollm2", a .gguf file or a Hugging Face directory
     options: dict | None = None          # jlora.cli.options.DATA_OPTIONS for a data file
     param_dtype: str | None = None       # read the weights in this dtype (e.g. "bfloat16"); None: float32
-    remat: bool = False                  # recompute each layer in the backward pass
+    remat: bool | str = False            # recompute each layer in the backward pass (or a policy name)
 
     kind = "instruction"
     family = "llama"

@@ -114,8 +114,10 @@ def test_plan_finds_the_largest_batch_and_what_fits():
     on = planner.estimate(TINY, LORA, batch=16, seq=128, remat=True, backend="gpu")
     assert on.peak < off.peak
     card = planner.Hardware("card", "a test card", memory=int((on.peak + off.peak) / 2 / 0.92))
-    big = planner.plan(TINY, LORA, hardware=card, batch=16, seq=128, remat=False)
+    big = planner.plan(TINY, LORA, hardware=card, batch=16, seq=128, remat=False, compile=True)
     assert not big.fits and big.headroom == card.usable - off.peak < 0
+    assert big.estimate.compiled["peak"] > 0                     # compiled once, for the verdict's own estimate
+    assert all(alt.compiled is None for _, alt in big.suggestions)
     changes = [c for c, _ in big.suggestions]
     assert "turn remat on (--remat)" in changes, changes
     assert any("--accum-steps" in c and "the same effective batch 16" in c for c in changes), changes
