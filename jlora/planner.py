@@ -57,7 +57,7 @@ from jlora.methods.dora import DoRA, QDoRA
 from jlora.methods.lora import LoRA
 from jlora.methods.qlora import QLoRA
 from jlora.models import llama
-from jlora.train.losses import masked_lm_loss
+from jlora.train.losses import check_loss_chunk
 from jlora.train.step import make_step
 
 __all__ = ["estimate", "plan", "Estimate", "Verdict", "Hardware", "HARDWARE", "SHAPES", "hardware", "model_config",
@@ -232,9 +232,10 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
 }
 
 #: The step's transient working set beyond the saved activations, per device, in multiples of
-#: sizes the analytic model knows. Read off XLA's memory analysis of jlora's Llama step (a least-
-#: squares fit over 115 points: Llama shapes, methods, batches, sequence lengths, remat, meshes);
-#: ``benchmarks/estimate_memory.py`` checks them on points the fit did not see.
+#: sizes the analytic model knows. Read off XLA's memory analysis of jlora's Llama step (least-
+#: squares fits: 115 points of Llama shapes, methods, batches, sequence lengths, remat and meshes;
+#: then the loss-phase terms refitted on 70 points with the model's own, optionally chunked, loss);
+#: ``benchmarks/estimate_memory.py`` checks them on points the fits did not see.
 #:
 #: * ``grads``: bytes per trainable byte (the gradients and the optimizer's update temporaries);
 #: * ``layer_weights``: one layer's frozen weights in the compute dtype, sliced out of the stack
@@ -243,21 +244,29 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
 #: * ``head_gather``: the vocabulary matrix (lm_head or tied embedding), gathered whole for the
 #:   logits when FSDP splits it;
 #: * ``logits``: float32 (tokens, vocab) logits live at the loss's peak on top of the saved
-#:   activations (the cotangent, the softmax, the upcast; ``logits_no_remat`` when every layer's
-#:   activations are kept);
-#: * ``layer``: one layer's intermediates, recomputed in its backward under remat, at which point
-#:   ``logits_freed`` float32 logits of the loss are gone again;
+#:   activations, which already hold one copy (the cotangent, the softmax; ``logits_no_remat`` when
+#:   every layer's activations are kept). With ``loss_chunk`` the logits are one chunk's
+#:   (``logits_chunk``, ``logits_chunk_no_remat``), and under FSDP the chunk loop keeps
+#:   ``head_chunk`` gathered copies of the vocabulary matrix;
+#: * ``layer``: one layer's intermediates, recomputed in its backward under remat (``layer_chunk``
+#:   with a chunked loss, whose logits' cotangent no longer shares the phase);
 #: * ``dequantised``: QLoRA's largest kernel dequantised to the compute dtype, with its unpacking
-#:   temporaries, in a layer's backward.
+#:   temporaries, in a layer's backward;
+#: * ``tied_gather``: a tied embedding under FSDP, gathered for the lookup and for the head at once
+#:   (a third phase, on top of the arguments; it decides the peak of short sequences).
 WORKSPACE = {
     "grads": 2.5,
     "layer_weights": 0.2,
     "layer_weights_fsdp": 0.6,
     "head_gather": 1.1,
-    "logits": 2.6,
-    "logits_no_remat": 2.55,
-    "layer": 1.3,
-    "logits_freed": 0.5,
+    "logits": 0.9,
+    "logits_no_remat": 0.55,
+    "logits_chunk": 2.0,
+    "logits_chunk_no_remat": 1.2,
+    "head_chunk": 1.5,
+    "layer": 0.77,
+    "layer_chunk": 1.18,
+    "tied_gather": 2.2,
     "dequantised": 2.0,
 }
 
@@ -324,25 +333,26 @@ def _abstract_cached(config: llama.LlamaConfig, spec):
     return model, trainable, frozen
 
 
-def _loss_fn(model):
-    """The CLI's causal-LM loss on the lifted model (every position a target)."""
+def _loss_fn(model, chunk=None):
+    """The CLI's causal-LM loss on the lifted model (every position a target), its head and loss
+    ``chunk`` positions at a time when given."""
     forward = lift(model.apply)
 
     def loss(params, batch, key=None):
-        return masked_lm_loss(forward(params, batch["input_ids"]), batch["labels"])[0]
+        return forward(params, batch["input_ids"], batch["labels"], method="loss", chunk=chunk)[0]
 
     return loss
 
 
-def _residual_bytes(config: llama.LlamaConfig, spec, batch: int, seq: int) -> int:
+def _residual_bytes(config: llama.LlamaConfig, spec, batch: int, seq: int, chunk: int | None = None) -> int:
     try:
-        return _residual_bytes_cached(config, spec, batch, seq)
+        return _residual_bytes_cached(config, spec, batch, seq, chunk)
     except TypeError:   # an unhashable spec
-        return _residual_bytes_cached.__wrapped__(config, spec, batch, seq)
+        return _residual_bytes_cached.__wrapped__(config, spec, batch, seq, chunk)
 
 
 @functools.lru_cache(maxsize=256)
-def _residual_bytes_cached(config: llama.LlamaConfig, spec, batch: int, seq: int) -> int:
+def _residual_bytes_cached(config: llama.LlamaConfig, spec, batch: int, seq: int, chunk: int | None) -> int:
     """Bytes of what reverse-mode autodiff keeps from the loss's forward pass for the backward pass
     and that grows with the batch: the activations. (Inputs and frozen weights are the step's
     arguments; values made from the weights alone, such as a transposed embedding or a dequantised
@@ -350,7 +360,7 @@ def _residual_bytes_cached(config: llama.LlamaConfig, spec, batch: int, seq: int
     the difference between ``2 * batch`` and ``batch`` sequences, so it is exact for anything linear
     in the batch."""
     model, trainable, frozen = _abstract(config, spec)
-    loss = _loss_fn(model)
+    loss = _loss_fn(model, chunk)
 
     def saved(b):
         ids = jax.ShapeDtypeStruct((b, seq), jnp.int32)
@@ -383,6 +393,7 @@ class Estimate:
     compiled: dict | None = None
     inputs: dict = dataclasses.field(default_factory=dict, repr=False)
     notes: list = dataclasses.field(default_factory=list)
+    loss_chunk: int | None = None
 
     @property
     def devices(self) -> int:
@@ -407,7 +418,8 @@ class Estimate:
     def table(self) -> str:
         mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items()) or "1 device"
         lines = [f"{self.model}  {self.method}  batch {self.batch} x {self.seq} tokens  mesh {mesh}  "
-                 f"remat {'on' if self.remat is True else self.remat or 'off'}  compute {self.compute_dtype}  weights {self.param_dtype}  "
+                 f"remat {'on' if self.remat is True else self.remat or 'off'}  "
+                 f"{f'loss chunk {self.loss_chunk}  ' if self.loss_chunk else ''}compute {self.compute_dtype}  weights {self.param_dtype}  "
                  f"{self.optimizer}  ({self.backend})",
                  f"{'per device':44s}{'GiB':>10s}"]
         for name, value in self.parts.items():
@@ -420,7 +432,7 @@ class Estimate:
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("model", "method", "batch", "seq", "mesh", "remat", "compute_dtype",
+        out = {k: getattr(self, k) for k in ("model", "method", "batch", "seq", "mesh", "remat", "loss_chunk", "compute_dtype",
                                               "param_dtype", "optimizer", "backend", "parts", "peak", "compiled", "notes")}
         out["error"] = self.error
         return out
@@ -458,7 +470,7 @@ def _layer_weight_bytes(config: llama.LlamaConfig, itemsize: int) -> int:
 def estimate(model, spec: AdapterSpec | None = None, *, batch: int, seq: int, mesh=None, rules=None,
              remat: bool | None = None, optimizer: str | optax.GradientTransformation = "adamw",
              param_dtype=None, compute_dtype=None, accum_steps: int = 1, backend: str | None = None,
-             compile: bool = False) -> Estimate:
+             loss_chunk: int | None = None, compile: bool = False) -> Estimate:
     """Per-device memory of one jlora training step; see the module docstring.
 
     Args:
@@ -473,6 +485,8 @@ def estimate(model, spec: AdapterSpec | None = None, *, batch: int, seq: int, me
       optimizer: a name in :data:`OPTIMIZERS` or an optax transformation.
       param_dtype, compute_dtype: storage and compute dtypes (default: the config's).
       accum_steps: gradient accumulation (micro-batches of ``batch / accum_steps``).
+      loss_chunk: the vocabulary head and the loss on this many positions at a time (``jlora train
+        --loss-chunk``; None or 0: the whole sequence at once).
       backend: ``"gpu"``, ``"tpu"`` or ``"cpu"``, where the step will run (default: JAX's default
         backend); the figure is the same, and on ``"cpu"`` with a 16-bit compute dtype a note says
         that XLA:CPU needs far more (it multiplies bfloat16 in float32).
@@ -485,6 +499,9 @@ def estimate(model, spec: AdapterSpec | None = None, *, batch: int, seq: int, me
             raise ValueError(f"{what} must be a positive int, got {v!r}")
     if batch % accum_steps:
         raise ValueError(f"batch {batch} is not divisible by accum_steps {accum_steps}")
+    loss_chunk = check_loss_chunk(loss_chunk)
+    if loss_chunk is not None and loss_chunk >= seq:
+        loss_chunk = None   # one chunk: the same program as no chunking
     if seq > config.max_position_embeddings:
         raise ValueError(f"seq {seq} exceeds the model's max_position_embeddings ({config.max_position_embeddings})")
     changes = dict(scan_layers=True)
@@ -531,13 +548,13 @@ def estimate(model, spec: AdapterSpec | None = None, *, batch: int, seq: int, me
     b_dev = micro // split                  # sequences of one micro-batch on one device
 
     local = _local_config(config, mesh)
-    saved = _residual_bytes(local, spec, b_dev, seq)
+    saved = _residual_bytes(local, spec, b_dev, seq, loss_chunk)
     one = _residual_bytes(local.replace(num_hidden_layers=1, remat=False), spec, b_dev, seq)
     layer = _residual_bytes(local.replace(num_hidden_layers=2, remat=False), spec, b_dev, seq) - one
     c_bytes = jnp.dtype(config.dtype).itemsize
     p_bytes = jnp.dtype(config.param_dtype).itemsize
     w = WORKSPACE
-    pe = {"saved": saved / b_dev, "logits": seq * local.vocab_size * 4, "layer": layer / b_dev}
+    pe = {"saved": saved / b_dev, "logits": (loss_chunk or seq) * local.vocab_size * 4, "layer": layer / b_dev}
     fixed = {
         "frozen weights": _device_bytes(frozen, f_sh),
         "adapter (trainable)": t_bytes,
@@ -549,21 +566,22 @@ def estimate(model, spec: AdapterSpec | None = None, *, batch: int, seq: int, me
         fixed["one layer's weights, compute dtype"] = int(coef * _layer_weight_bytes(local, c_bytes))
     largest = max(local.hidden_size * local.intermediate_size, local.hidden_size * local.num_attention_heads * local.head_dim)
     dequantised = int(w["dequantised"] * largest * c_bytes) if isinstance(spec, QLoRA) else 0
-    if _fsdp(mesh) > 1:
-        fixed["vocabulary matrix gathered (FSDP)"] = int(w["head_gather"] * local.vocab_size * config.hidden_size * p_bytes)
+    head = local.vocab_size * config.hidden_size * p_bytes if _fsdp(mesh) > 1 else 0
+    if head:
+        fixed["vocabulary matrix gathered (FSDP)"] = int(w["head_gather"] * head)
     est = Estimate(model=name, method=_method_name(spec), batch=batch, seq=seq,
                    mesh=dict(mesh.shape) if mesh is not None else {}, remat=config.remat,
                    compute_dtype=_dtype_name(config.dtype), param_dtype=_dtype_name(config.param_dtype),
-                   optimizer=opt_name, backend=backend, parts={}, peak=0, per_example=pe,
+                   optimizer=opt_name, backend=backend, parts={}, peak=0, per_example=pe, loss_chunk=loss_chunk,
                    inputs=dict(fixed=fixed, accum_steps=accum_steps, split=split, per_device=per_device,
-                               dequantised=dequantised))
+                               dequantised=dequantised, head_fsdp=head, tied=bool(config.tie_word_embeddings)))
     est.parts, est.peak = _parts(est, batch)
     if backend == "cpu" and c_bytes < 4:
         est.notes.append("XLA:CPU has no bfloat16 matmul: it multiplies in float32 and keeps float32 copies of the "
                          "operands (the stacked frozen weights among them), so a CPU compile of this step needs far "
                          "more than this estimate, which follows GPUs and TPUs")
     if compile:
-        est.compiled = _compile(config, spec, optimizer, batch, seq, mesh, rules, axes, accum_steps)
+        est.compiled = _compile(config, spec, optimizer, batch, seq, mesh, rules, axes, accum_steps, loss_chunk)
     return est
 
 
@@ -585,13 +603,19 @@ def _parts(est: Estimate, batch: int) -> tuple[dict, int]:
     parts = dict(fixed)
     parts["batch"] = 2 * (batch // inp["split"]) * est.seq * 4
     parts["saved activations"] = int(pe["saved"] * b_dev)
-    loss = int(w["logits" if est.remat else "logits_no_remat"] * pe["logits"] * b_dev)
-    layer = (int((w["layer"] * pe["layer"] if est.remat else 0) * b_dev - w["logits_freed"] * pe["logits"] * b_dev)
-             + inp["dequantised"])
-    if loss >= layer:
-        parts["peak phase: loss over the logits"] = loss
+    if est.loss_chunk:   # one chunk's logits at a time
+        loss = int(w["logits_chunk" if est.remat else "logits_chunk_no_remat"] * pe["logits"] * b_dev
+                   + w["head_chunk"] * inp["head_fsdp"])
     else:
-        parts["peak phase: one layer's backward"] = layer
+        loss = int(w["logits" if est.remat else "logits_no_remat"] * pe["logits"] * b_dev)
+    layer = int((w["layer_chunk" if est.loss_chunk else "layer"] * pe["layer"] if est.remat else 0) * b_dev)
+    layer += inp["dequantised"]
+    phases = {"peak phase: loss over the logits": loss, "peak phase: one layer's backward": layer}
+    if inp.get("tied") and inp.get("head_fsdp"):
+        tied = int((w["tied_gather"] - w["head_gather"]) * inp["head_fsdp"]) - parts["saved activations"]
+        phases["peak phase: the tied embedding gathered twice"] = tied
+    name = max(phases, key=phases.get)
+    parts[name] = phases[name]
     return parts, sum(parts.values())
 
 
@@ -610,7 +634,7 @@ def _devices_for(n: int) -> list:
                      f"out compile=True for the analytic figure alone")
 
 
-def _compile(config, spec, optimizer, batch, seq, mesh, rules, axes, accum_steps) -> dict:
+def _compile(config, spec, optimizer, batch, seq, mesh, rules, axes, accum_steps, loss_chunk=None) -> dict:
     """The compiler's memory analysis of the real step (``jlora.train.make_step`` with the CLI's
     loss) on abstract inputs, per device."""
     model, trainable, frozen = _abstract(config, spec)
@@ -619,7 +643,7 @@ def _compile(config, spec, optimizer, batch, seq, mesh, rules, axes, accum_steps
         shape, names = tuple(dict(mesh.shape).values()), tuple(mesh.shape)
         real = shd.make_mesh(shape, names, devices=_devices_for(math.prod(shape)))
         rules = resolve_rules(config.partition_rules(), real) if rules is None else rules
-    step = make_step(_loss_fn(model), optimizer, mesh=real, rules=rules if real is not None else None,
+    step = make_step(_loss_fn(model, loss_chunk), optimizer, mesh=real, rules=rules if real is not None else None,
                      batch_axes=axes or ("data",), accum_steps=accum_steps)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
@@ -771,6 +795,10 @@ def _suggestions(model, spec, est, base, usable, hw) -> list:
 
     if not est.remat:
         attempt("turn remat on (--remat)", remat=True)
+    chunk = 512 if base["seq"] >= 1024 else 128
+    if not est.loss_chunk and base["seq"] > chunk:
+        attempt(f"the loss {chunk} positions at a time (--loss-chunk {chunk}): no full float32 logits",
+                loss_chunk=chunk)
     q = _quantized(spec if spec is not None else LoRA(rank=16, alpha=32.0, targets=ALL_LINEAR))
     if q is not None:
         attempt(f"{type(q).__name__} instead ({q.quant} frozen base, --method qlora)", spec=q)

@@ -78,7 +78,7 @@ METHOD_FIELDS = _method_fields()
 
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
-                seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, remat=False, out=None, progress=True,
+                seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, remat=False, loss_chunk=0, out=None, progress=True,
                 eval_limit=None, param_dtype="float32",
                 # the methods' own settings (their cli_fields)
                 **{name: field.default for name, field in METHOD_FIELDS.items()},
@@ -92,7 +92,7 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 # sharding over this machine's devices
                 mesh=None, rules=None)
 #: settings that may differ when a run is resumed (they do not change what is computed)
-RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit", "remat")
+RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit", "remat", "loss_chunk")
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
 DATA_KEYS = ("text_column", "label_column", "prompt_column", "response_column", "messages_column",
@@ -116,7 +116,8 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--validation-file", help="validation split (default: cut from --data, seeded)")
     g.add_argument("--test-file", help="test split (default: cut from --data, seeded)")
     g.add_argument("--packing", action="store_true", default=None,
-                   help="plain-text LM: pack documents into full rows of --max-length tokens")
+                   help="LM: pack examples into full rows of --max-length tokens (no padding); each example "
+                        "attends only to itself and restarts its positions (segment ids)")
     t = p.add_argument_group("the trainer")
     t.add_argument("--optimizer", choices=OPTIMIZERS)
     t.add_argument("--schedule", choices=SCHEDULES, help="learning-rate decay after warm-up (default cosine)")
@@ -184,6 +185,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--remat", nargs="?", const=True, default=None, metavar="POLICY",
                    help="recompute each layer in the backward pass: activations of one layer instead of all, for about a "
                         "third more compute (see jlora estimate); or keep what a policy saves: " + ", ".join(REMAT_POLICIES))
+    p.add_argument("--loss-chunk", type=int, metavar="N",
+                   help="causal LMs: run the vocabulary head and the loss on N positions at a time, so the float32 "
+                        "(batch, length, vocab) logits never exist (0: all at once, the default; see jlora estimate)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--out", help="run directory (created; must not hold another run)")
 
@@ -248,6 +252,7 @@ def _validate(cfg: dict) -> None:
     if cfg["warmup_steps"] is not None and (not _is_int(cfg["warmup_steps"]) or not 0 <= cfg["warmup_steps"] < cfg["steps"]):
         bad("warmup_steps", cfg["warmup_steps"], f"an integer in [0, --steps={cfg['steps']})")
     _check_value("eval_limit", "optional_positive_int", cfg["eval_limit"], bad)
+    _check_value("loss_chunk", "int>=0", cfg["loss_chunk"], bad)
     if not isinstance(cfg["scan_layers"], bool):
         bad("scan_layers", cfg["scan_layers"], "true or false")
     if not isinstance(cfg["remat"], bool) and cfg["remat"] not in REMAT_POLICIES:
@@ -374,7 +379,7 @@ def make_task(cfg: dict):
     try:
         return _make(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
                      scan_layers=cfg["scan_layers"], remat=cfg["remat"], options={k: cfg[k] for k in DATA_KEYS},
-                     param_dtype=cfg["param_dtype"])
+                     param_dtype=cfg["param_dtype"], loss_chunk=cfg["loss_chunk"])
     except (ValueError, FileNotFoundError, DataFileError) as e:
         raise SystemExit(f"jlora: {e}") from None
 
@@ -1000,7 +1005,7 @@ def _estimate(args) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
     spec = _estimate_spec(cfg)
     mesh = cfg["mesh"] or ({"fsdp": n} if n > 1 else None)
-    kwargs = dict(batch=cfg["batch"], seq=cfg["max_length"], mesh=mesh, remat=cfg["remat"],
+    kwargs = dict(batch=cfg["batch"], seq=cfg["max_length"], mesh=mesh, remat=cfg["remat"], loss_chunk=cfg["loss_chunk"],
                   param_dtype=cfg["param_dtype"], optimizer=cfg["optimizer"], accum_steps=cfg["accum_steps"])
     if cfg["rules"]:
         raise SystemExit("jlora: estimate uses the model's own partition rules; --rules is not supported yet")

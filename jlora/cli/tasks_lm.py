@@ -22,7 +22,7 @@ from jlora.cli.options import DATA_OPTIONS
 from jlora.data import chat, files
 from jlora.data.chat import _special_prefix, generation_prompt
 from jlora.data.instruct import chat_prompt
-from jlora.train.losses import masked_lm_loss
+from jlora.train.losses import check_loss_chunk, masked_lm_loss  # noqa: F401 (re-exported)
 
 
 #: prompt / response column pairs recognised in a data file, in order of preference
@@ -83,6 +83,7 @@ class InstructionTask:
     options: dict | None = None          # jlora.cli.options.DATA_OPTIONS for a data file
     param_dtype: str | None = None       # read the weights in this dtype (e.g. "bfloat16"); None: float32
     remat: bool | str = False            # recompute each layer in the backward pass (or a policy name)
+    loss_chunk: int | None = 0           # the head and loss on this many positions at a time (0: all at once)
 
     kind = "instruction"
     family = "llama"
@@ -93,6 +94,7 @@ class InstructionTask:
         if self.loaded is None:
             self.loaded = llama.load_pretrained(self.model_path or "smollm2", scan_layers=self.scan_layers,
                                                 remat=self.remat, param_dtype=jnp.dtype(self.param_dtype or "float32"))
+        self.loss_chunk = check_loss_chunk(self.loss_chunk)
         self.model, self.params, self.tokenizer = self.loaded
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_path} has no tokenizer.json; the task needs one to read text")
@@ -172,12 +174,25 @@ class InstructionTask:
         """Logits; ``P + T`` positions long when ``params`` carries a prompt-tuning / P-tuning prompt."""
         kwargs = {"jlora_rng": key} if (train and key is not None) else {}
         kwargs.update(prompt_kwargs(params, batch["input_ids"].shape[0]))
+        if "segment_ids" in batch:
+            kwargs["segment_ids"] = batch["segment_ids"]
         return lifted(params, batch["input_ids"], batch["attention_mask"], **kwargs)
+
+    def lm_loss(self, lifted: Callable, params, batch, train: bool = False, key=None):
+        """(mean cross-entropy on the batch's labelled tokens, their number), through the model's
+        own :meth:`~jlora.models.llama.LlamaForCausalLM.loss`: the head and the loss run
+        ``loss_chunk`` positions at a time when it is set, so the float32 logits of the whole
+        batch never exist."""
+        kwargs = {"jlora_rng": key} if (train and key is not None) else {}
+        kwargs.update(prompt_kwargs(params, batch["input_ids"].shape[0]))
+        if "segment_ids" in batch:   # packed rows (--packing)
+            kwargs["segment_ids"] = batch["segment_ids"]
+        return lifted(params, batch["input_ids"], batch["labels"], batch["attention_mask"], method="loss",
+                      chunk=self.loss_chunk, **kwargs)
 
     def loss_fn(self, lifted: Callable):
         def loss(params, batch, key):
-            logits = self.forward(lifted, params, batch, train=True, key=key)
-            value, n = masked_lm_loss(logits, batch["labels"])
+            value, n = self.lm_loss(lifted, params, batch, train=True, key=key)
             return value, {"response_tokens": n.astype(jnp.float32)}
         return loss
 
@@ -190,7 +205,7 @@ class InstructionTask:
         arrays = self.arrays[split]
         n = len(arrays["input_ids"]) if limit is None else min(limit, len(arrays["input_ids"]))
         batch_size = min(batch_size, n)
-        fn = jax.jit(lambda p, b: masked_lm_loss(self.forward(lifted, p, b), b["labels"]))
+        fn = jax.jit(lambda p, b: self.lm_loss(lifted, p, b))
         total, tokens = 0.0, 0
         for s in range(0, n, batch_size):
             b = {k: v[s:min(s + batch_size, n)] for k, v in arrays.items()}

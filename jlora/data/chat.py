@@ -191,15 +191,26 @@ def _rows_to_arrays(rows: Sequence[tuple[list[int], list[int]]], max_length: int
 
 def _pack(rows: Sequence[tuple[list[int], list[int]]], max_length: int) -> dict[str, np.ndarray]:
     """The rows' tokens and labels concatenated and cut into full rows of ``max_length`` (the short
-    tail dropped): no padding, attention across the joined examples (as ``run_clm.py`` and TRL's
-    constant-length packing do); labels keep their masks, so prompts stay unsupervised."""
+    tail dropped): no padding. ``segment_ids`` number the examples within each packed row (1, 2, ...;
+    an example cut by a row boundary continues as the next row's first segment), and the model
+    lets a token attend only to its own example, with positions restarting at each example's start
+    (:class:`jlora.models.llama.LlamaForCausalLM`), so no example sees another. The first token of
+    every segment gets no label, so no example's last token is trained to predict the next one's
+    first (as ``transformers``' ``DataCollatorWithFlattening`` does); prompts stay unsupervised."""
     toks = np.asarray([t for r, _ in rows for t in r], np.int32)
     labs = np.asarray([t for _, r in rows for t in r], np.int32)
+    example = np.repeat(np.arange(len(rows), dtype=np.int64), [len(r) for r, _ in rows])
     n = len(toks) // max_length
     if n == 0:
         raise ValueError(f"packing: the rows hold {len(toks)} tokens, fewer than one row of max_length={max_length}")
     ids = toks[:n * max_length].reshape(n, max_length)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labs[:n * max_length].reshape(n, max_length)}
+    labels = labs[:n * max_length].reshape(n, max_length).copy()
+    example = example[:n * max_length].reshape(n, max_length)
+    start = np.ones_like(example, bool)
+    start[:, 1:] = example[:, 1:] != example[:, :-1]
+    labels[start] = IGNORE_INDEX
+    segments = np.cumsum(start, axis=1).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels, "segment_ids": segments}
 
 
 def _finish(rows, max_length: int, pad: int, packing: bool) -> dict[str, np.ndarray]:
@@ -262,8 +273,8 @@ def tokenize_texts(texts: Sequence[str], tokenizer, fmt: TextFormat, max_length:
     """Plain text for causal-LM training, loss on every token: ``[bos] + text + [eos]`` per row.
 
     ``packing=True`` concatenates the rows (each closed by EOS) and cuts the stream into full rows of
-    ``max_length`` tokens, as ``transformers``' ``run_clm.py`` does (attention spans document
-    boundaries; the short tail is dropped); no token is padding, so no compute is wasted."""
+    ``max_length`` tokens (the short tail dropped), each document a segment of its own
+    (:func:`_pack`); no token is padding, so no compute is wasted."""
     tok = _plain_tokenizer(tokenizer)
     head, eos = _special_prefix(tokenizer), _token_id(tok, fmt.eos_token)
     enc = tok.encode_batch([str(t) for t in texts], add_special_tokens=False)

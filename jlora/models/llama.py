@@ -44,6 +44,7 @@ from jlora.core.errors import CheckpointError
 from jlora.core.lift import lift
 from jlora.distributed.sharding import constrain_batch
 from jlora.methods.prompt import check_prefix
+from jlora.train.losses import chunked_lm_loss
 from jlora.models import _hf
 from safetensors import safe_open
 from jlora import assets
@@ -411,7 +412,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, prompt_embeddings=None,
-                 prefix=None):
+                 prefix=None, segment_ids=None):
         c = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -419,6 +420,10 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         new_mask = (jnp.ones((B, T), bool) if attention_mask is None
                     else jnp.broadcast_to(jnp.asarray(attention_mask).astype(bool), (B, T)))
+        if segment_ids is not None:
+            segment_ids = _check_segment_ids(segment_ids, (B, T), cache, prompt_embeddings, prefix)
+            if positions is None:   # each packed example counts its positions from 0
+                positions = segment_positions(segment_ids)
         x = constrain_batch(self.embed_tokens(input_ids))
         if prompt_embeddings is not None:   # jlora prompt protocol: virtual tokens in front
             prompt_embeddings = _check_prompt_embeddings(prompt_embeddings, B, c.hidden_size)
@@ -457,7 +462,10 @@ class LlamaModel(nn.Module):
         if c.sliding_window is not None:
             allowed = allowed & (q_slot[:, None] - k_slot[None, :] < c.sliding_window)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
-        ctx = {"cos": cos, "sin": sin, "mask": allowed[None] & key_valid[:, None, :], "index": index}
+        mask = allowed[None] & key_valid[:, None, :]
+        if segment_ids is not None:   # packed rows: a token attends only to its own example
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        ctx = {"cos": cos, "sin": sin, "mask": mask, "index": index}
 
         layers_cache = None if cache is None else cache["layers"]
         if c.scan_layers:
@@ -495,6 +503,10 @@ class LlamaForCausalLM(nn.Module):
       Face cache entries); real tokens' positions start at ``P``; the logits cover the ``T``
       tokens. With a KV cache, put the prefix in the cache instead:
       ``init_cache(config, B, max_len, prefix=prefix)``.
+
+    ``segment_ids`` (B, T) ints: rows that pack several examples (``jlora train --packing``). A
+    token attends only to earlier tokens with its own id, and positions restart at 0 where the id
+    changes, so each example is computed exactly as it would be alone in its own row.
     """
 
     config: LlamaConfig
@@ -520,11 +532,37 @@ class LlamaForCausalLM(nn.Module):
         return jax.lax.stop_gradient(jnp.moveaxis(kv, 1, 0).astype(jnp.float32))
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, prompt_embeddings=None,
-                 prefix=None):
-        h, new_cache = self.model(input_ids, attention_mask, positions, cache, prompt_embeddings, prefix)
+                 prefix=None, segment_ids=None):
+        h, new_cache = self.model(input_ids, attention_mask, positions, cache, prompt_embeddings, prefix, segment_ids)
         logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         logits = constrain_batch(logits)   # the (batch, T, vocab) logits stay split over the batch axes
         return logits if cache is None else (logits, new_cache)
+
+    def loss(self, input_ids, labels, attention_mask=None, positions=None, prompt_embeddings=None, prefix=None,
+             segment_ids=None, *, chunk: int | None = None):
+        """Mean next-token cross-entropy on ``labels`` (unshifted, ``IGNORE_INDEX`` where there is
+        no target) and the number of target tokens: ``(loss, n)``, what
+        :func:`jlora.train.losses.masked_lm_loss` gives on this model's logits. With ``chunk``
+        the vocabulary head runs on ``chunk`` positions at a time and the full float32
+        ``(batch, T, vocab)`` logits are never formed (:func:`jlora.train.losses.chunked_lm_loss`):
+        the loss's memory drops from ``B*T*vocab`` floats to ``B*chunk*vocab``.
+
+        ``model.apply(params, ids, labels, mask, method="loss", chunk=256)``; through
+        ``jlora.lift(model.apply)`` adapters on the head stay factored."""
+        h, _ = self.model(input_ids, attention_mask, positions, None, prompt_embeddings, prefix, segment_ids)
+        c = self.config
+        if c.tie_word_embeddings:
+            w = self.variables["params"]["model"]["embed_tokens"]["embedding"]
+            dims = (((2,), (1,)), ((), ()))    # h @ embedding.T, as nn.Embed.attend
+        else:
+            w = self.variables["params"]["lm_head"]["kernel"]
+            dims = (((2,), (0,)), ((), ()))    # h @ kernel, as nn.Dense
+        dtype = c.dtype
+
+        def logits_fn(x):
+            return constrain_batch(jax.lax.dot_general(x.astype(dtype), jnp.asarray(w).astype(dtype), dims))
+
+        return chunked_lm_loss(h, logits_fn, labels, chunk)
 
     def init_params(self, key=None):
         """Random parameters (``initializer_range`` normal kernels, unit norms)."""
@@ -569,6 +607,27 @@ def _prefix_length(prefix, config: LlamaConfig, batch: int) -> int:
     """Validates a prompt-protocol prefix against the config; returns its length P."""
     return check_prefix(prefix, config.num_hidden_layers, batch, config.num_key_value_heads, config.head_dim,
                         heads_name="num_kv_heads")
+
+
+def segment_positions(segment_ids):
+    """Positions that restart at 0 where ``segment_ids`` (B, T) changes value: each example packed
+    into a row is numbered as if it were alone."""
+    seg = jnp.asarray(segment_ids)
+    t = jnp.arange(seg.shape[1], dtype=jnp.int32)
+    start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(start, t, 0), axis=1)
+
+
+def _check_segment_ids(segment_ids, shape, cache, prompt_embeddings, prefix):
+    seg = jnp.asarray(segment_ids)
+    if seg.shape != tuple(shape):
+        raise ValueError(f"segment_ids must have the shape of input_ids {tuple(shape)}, got {seg.shape}")
+    if not jnp.issubdtype(seg.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integers (one id per packed example), got dtype {seg.dtype}")
+    if cache is not None or prompt_embeddings is not None or prefix is not None:
+        raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache, prompt_embeddings or a "
+                         "prefix: virtual tokens and cached keys belong to no single packed example")
+    return seg
 
 
 def _check_prompt_embeddings(prompt_embeddings, batch: int, hidden: int):

@@ -101,6 +101,9 @@ def test_texts_pack_into_full_rows_and_pairs_supervise_the_response():
     assert plain["labels"][1].tolist() == [6, 2, -100, -100, -100]
     packed = chat.tokenize_texts(["a b c", "d", "a b"], tok, fmt, max_length=4, packing=True)   # 9 tokens
     assert packed["input_ids"].tolist() == [[3, 4, 5, 2], [6, 2, 3, 4]] and packed["attention_mask"].all()
+    # one segment per document; no document's first token is a target (nothing predicts across them)
+    assert packed["segment_ids"].tolist() == [[1, 1, 1, 1], [1, 1, 2, 2]]
+    assert packed["labels"].tolist() == [[-100, 4, 5, 2], [-100, 2, -100, 4]]
     pairs = chat.tokenize_pairs(["a b"], ["c d"], tok, fmt, max_length=6)
     assert pairs["input_ids"][0].tolist() == [3, 4, 5, 6, 2, 0]
     assert pairs["labels"][0].tolist() == [-100, -100, 5, 6, 2, -100]
@@ -139,6 +142,7 @@ def test_pairs_and_conversations_pack_with_their_masks():
     # stream: a c </s> | b a d d </s>  ->  rows [a c </s> b] [a d d </s>], prompts unsupervised
     assert packed["input_ids"].tolist() == [[3, 5, 2, 4], [3, 6, 6, 2]]
     assert packed["labels"].tolist() == [[-100, 5, 2, -100], [-100, 6, 6, 2]] and packed["attention_mask"].all()
+    assert packed["segment_ids"].tolist() == [[1, 1, 1, 2], [1, 1, 1, 1]]
     fmt = chat.TextFormat("{% for m in messages %}{{ m['content'] }} {% endfor %}", eos_token="</s>")
     conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b c"}]
     packed = chat.tokenize_conversations([conv, conv], tok, fmt, 3, packing=True)

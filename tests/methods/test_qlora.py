@@ -105,6 +105,31 @@ def test_no_dense_copy_of_all_layers_exists_at_once():
     assert [op for op in _kernel_sized_ops(jaxpr, sizes, []) if op[0] == "dot_general"] == []
 
 
+@pytest.mark.parametrize("scan,remat", [(True, False), (False, False), (True, True)])
+def test_llama_backward_keeps_no_dequantised_kernel(scan, remat):
+    """On jlora's Llama with QLoRA on every projection, nothing autodiff saves for the backward pass
+    has a kernel's size: each dequantised kernel is rebuilt from its codes where the backward pass
+    needs it, with or without remat, stacked or unrolled layers."""
+    from jlora.core import _compat
+    from jlora.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, scan_layers=scan, remat=remat)
+    model = llama.LlamaForCausalLM(cfg)
+    ids = np.zeros((3, 16), np.int32)   # batch 3, 2 layers: a stacked kernel would lead with 2
+    adapted = jlora.apply(model.init_params(), jlora.QLoRA(rank=4, targets=llama.DEFAULT_TARGETS["all-linear"]),
+                          key=KEY, model=model.apply, example=(ids[:1],))
+    trainable, frozen = jlora.partition(adapted)
+    lifted = jlora.lift(model.apply, strict=True)
+    saved = _compat.saved_residuals(lambda t, f: lifted(jlora.combine(t, f), ids, ids, method="loss")[0],
+                                    trainable, frozen)
+    kernels = {128 * 128, 128 * 64, 128 * 384}
+    computed = [(tuple(a.shape), why) for a, why in saved if "from the argument" not in why]
+    assert computed, "the backward pass saves activations"
+    assert [c for c in computed if int(np.prod(c[0][-2:])) in kernels and len(c[0]) >= 2
+            and c[0][0] != 3] == []
+
+
 def test_merge_requantize_reports_error_and_unmerge_restores_codes():
     model, params, ad = _adapted(compute_dtype=jnp.float32)
     full = jlora.merge(ad)

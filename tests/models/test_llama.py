@@ -529,3 +529,79 @@ def test_hf_checkpoints_load_tensor_by_tensor_in_the_dtype_asked_for(tmp_path):
     eager = llama.params_from_hf_tensors({k: np.asarray(v, np.float32) for k, v in tensors.items()}, cfg)
     for a, b in zip(leaves, jax.tree_util.tree_leaves(eager)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize("attention", ["explicit", "xla"])
+def test_packed_rows_compute_each_example_as_if_alone(attention):
+    """Examples packed into rows with segment ids (what `jlora train --packing` builds) give each
+    example the logits it has alone in its own row (its positions restart, nothing attends across),
+    and the packed loss equals the loss over those logits, chunked or not."""
+    from jlora.data.chat import _pack
+    from jlora.train.losses import masked_lm_loss
+
+    config = tiny(attention=attention)
+    params = tiny_params(config, seed=5)
+    model = llama.LlamaForCausalLM(config)
+    rng = np.random.default_rng(1)
+    examples = [rng.integers(0, 101, n).tolist() for n in (5, 7, 4, 6, 2)]   # 24 tokens: 3 rows of 8
+    labels = [[-100, -100] + e[2:] for e in examples]                           # 2-token prompts
+    packed = _pack(list(zip(examples, labels)), 8)
+    assert packed["segment_ids"].tolist() == [[1] * 5 + [2] * 3, [1] * 4 + [2] * 4, [1] * 6 + [2] * 2]
+    logits = model.apply(params, packed["input_ids"], segment_ids=packed["segment_ids"])
+
+    def alone(tokens):
+        return model.apply(params, jnp.asarray([tokens]))[0]
+
+    # example 1 is cut by the row boundary: its tail starts row 1 as a segment of its own
+    for row, cols, tokens in [(0, slice(0, 5), examples[0]), (0, slice(5, 8), examples[1][:3]),
+                              (1, slice(0, 4), examples[1][3:]), (1, slice(4, 8), examples[2]),
+                              (2, slice(0, 6), examples[3]), (2, slice(6, 8), examples[4])]:
+        np.testing.assert_allclose(logits[row, cols], alone(tokens), atol=2e-5)
+    ref = masked_lm_loss(logits, packed["labels"])
+    for chunk in (None, 3):
+        loss, n = model.apply(params, packed["input_ids"], packed["labels"], method="loss",
+                              segment_ids=packed["segment_ids"], chunk=chunk)
+        np.testing.assert_allclose(float(loss), float(ref[0]), rtol=1e-6)
+        assert int(n) == int(ref[1])
+    with pytest.raises(ValueError, match="segment_ids must have the shape of input_ids"):
+        model.apply(params, packed["input_ids"], segment_ids=packed["segment_ids"][:, :4])
+    with pytest.raises(ValueError, match="segment_ids .* cannot be combined with a KV cache, prompt_embeddings"):
+        model.apply(params, packed["input_ids"], segment_ids=packed["segment_ids"],
+                    prompt_embeddings=jnp.zeros((3, 2, 32)))
+
+
+@pytest.mark.parametrize("method", ["LoRA", "DoRA", "QLoRA"])
+def test_bf16_compute_with_float32_master_factors(method):
+    """With bfloat16 compute, the factors stay float32 in the trainable tree (the optimizer's master
+    copy) and their gradients come back float32, while every matmul over the tokens, adapter paths
+    included, runs in bfloat16 (lift casts the factors to the compute dtype inside each adapted
+    matmul). The only float32 matmuls are DoRA's weight norms, on factor-sized matrices."""
+    from jax.extend import core as jcore
+
+    config = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, scan_layers=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = llama.LlamaForCausalLM(config)
+    ids = np.ones((2, 16), np.int32)
+    spec = getattr(jlora, method)(rank=4, targets=llama.DEFAULT_TARGETS["all-linear"])
+    adapted = jlora.apply(model.init_params(), spec, key=jax.random.key(0), model=model.apply, example=(ids[:1],))
+    trainable, frozen = jlora.partition(adapted)
+    lifted = jlora.lift(model.apply, strict=True)
+    grad = jax.grad(lambda t: lifted(jlora.combine(t, frozen), ids, ids, method="loss", chunk=8)[0])
+    assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(grad(trainable))} == {jnp.dtype("float32")}
+    dots = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append([v.aval for v in eqn.invars])
+            for value in eqn.params.values():
+                for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                    if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                        walk(getattr(sub, "jaxpr", sub))
+
+    walk(jax.make_jaxpr(grad)(trainable).jaxpr)
+    wide = [d for d in dots if any(a.dtype != jnp.bfloat16 for a in d)]
+    assert len(dots) > 60
+    assert all(a.ndim == 2 and min(a.shape) <= 4 for d in wide for a in d), wide
+    assert bool(wide) == (method == "DoRA")

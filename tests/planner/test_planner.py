@@ -127,6 +127,26 @@ def test_plan_finds_the_largest_batch_and_what_fits():
     assert "does NOT fit" in text and "changes that fit" in text and "turn remat on" in text
 
 
+def test_loss_chunk_is_estimated_compiled_and_suggested():
+    """loss_chunk (jlora train --loss-chunk): the analytic and the compiled peak both fall, they agree
+    within 10 %, and a verdict that does not fit for the logits offers it."""
+    small = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    whole = planner.estimate(small, LORA, batch=4, seq=512, remat=True, compile=True)
+    chunked = planner.estimate(small, LORA, batch=4, seq=512, remat=True, loss_chunk=128, compile=True)
+    assert chunked.loss_chunk == 128 and "loss chunk 128" in chunked.table()
+    assert chunked.compiled["peak"] < 0.6 * whole.compiled["peak"]
+    assert chunked.peak < 0.6 * whole.peak
+    assert abs(whole.error) < 0.10 and abs(chunked.error) < 0.10, (whole.table(), chunked.table())
+    assert planner.estimate(small, LORA, batch=4, seq=512, loss_chunk=512).loss_chunk is None   # one chunk: none
+    card = planner.Hardware("card", "a test card", memory=int((chunked.peak + whole.peak) / 2 / 0.92))
+    verdict = planner.plan(small, LORA, hardware=card, batch=4, seq=512, remat=True)
+    assert not verdict.fits
+    assert any(c.startswith("the loss 128 positions at a time (--loss-chunk 128)") for c, _ in verdict.suggestions)
+    with pytest.raises(ValueError, match="loss_chunk must be a positive number"):
+        planner.estimate(small, LORA, batch=4, seq=512, loss_chunk=-8)
+
+
 def test_plan_suggests_qlora_and_fsdp():
     config = planner.model_config("llama-3.1-8b")[1]
     v = planner.plan(config, LORA, hardware="rtx4090", batch=2, seq=2048, remat=True, param_dtype="bfloat16")
