@@ -39,7 +39,8 @@ def spec(method, rank):
 
 
 def grid(n, seed, dtype):
-    """``n`` random points (model, method, rank, batch, seq, remat, mesh), reproducible from ``seed``."""
+    """``n`` random points (model, method, rank, batch, seq, remat, mesh, dtype, loss chunk),
+    reproducible from ``seed``."""
     rng = random.Random(seed)
     points = []
     while len(points) < n:
@@ -48,21 +49,22 @@ def grid(n, seed, dtype):
         batch = 8 * rng.choice([1, 2]) if mesh else rng.choice([1, 2, 4, 8])
         if model == "llama-3.1-70b" and not mesh:
             batch = min(batch, 2)
-        points.append((model, method, rank, batch, seq, remat, mesh, dtype))
+        chunk = rng.choice([None, None, 256, 512])
+        points.append((model, method, rank, batch, seq, remat, mesh, dtype, chunk))
     return points
 
 
 def agreement(points):
     rows = []
-    for model, method, rank, batch, seq, remat, mesh, dtype in points:
+    for model, method, rank, batch, seq, remat, mesh, dtype, chunk in points:
         t0 = time.perf_counter()
         e = planner.estimate(model, spec(method, rank), batch=batch, seq=seq, remat=remat, mesh=mesh,
-                             param_dtype=dtype, compute_dtype=dtype, compile=True)
+                             param_dtype=dtype, compute_dtype=dtype, loss_chunk=chunk, compile=True)
         rows.append({"model": model, "method": method, "rank": rank, "batch": batch, "seq": seq, "remat": remat,
-                     "mesh": mesh, "dtype": dtype, "analytic_gib": e.peak / GiB, "compiled_gib": e.compiled["peak"] / GiB,
+                     "mesh": mesh, "dtype": dtype, "loss_chunk": chunk, "analytic_gib": e.peak / GiB, "compiled_gib": e.compiled["peak"] / GiB,
                      "error": e.error, "parts_gib": {k: v / GiB for k, v in e.parts.items()},
                      "compiled": e.compiled, "seconds": time.perf_counter() - t0})
-        print(f"{model:14s} {method:5s} r{rank:<3d} {batch:2d}x{seq:<5d} remat={remat!s:5s} {str(mesh):16s} {dtype:8s} "
+        print(f"{model:14s} {method:5s} r{rank:<3d} {batch:2d}x{seq:<5d} remat={remat!s:5s} {str(mesh):16s} {dtype:8s} chunk={chunk!s:4s} "
               f"analytic {e.peak / GiB:8.2f} GiB  compiled {e.compiled['peak'] / GiB:8.2f} GiB  {100 * e.error:+6.1f} %",
               flush=True)
     return rows
