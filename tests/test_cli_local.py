@@ -110,8 +110,9 @@ def test_remat_flag_reaches_the_model(files):
 
 
 def test_loss_chunk_trains_the_same_adapter_and_packing_keeps_examples_apart(files, tmp_path):
-    """--loss-chunk changes memory, not the result: the same adapter as the whole-sequence loss. With
-    --packing the rows carry segment ids into the model. Bad values are refused by name."""
+    """--loss-chunk, --attention xla and --fuse-projections change memory and speed, not the result:
+    the same adapter as the whole-sequence loss. With --packing the rows carry segment ids into the
+    model. Bad values are refused by name."""
     common = ["train", "--model", str(files / "my_llama"), "--data", str(files / "pairs.jsonl"), "--steps", "4",
               "--batch", "4", "--lr", "1e-2", "--max-length", "24", "--no-progress"]
     assert cli.main(common + ["--out", str(tmp_path / "whole")]) == 0
@@ -120,13 +121,19 @@ def test_loss_chunk_trains_the_same_adapter_and_packing_keeps_examples_apart(fil
     assert whole.keys() == chunked.keys()
     for k in whole:
         np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    assert "loss_chunk" in cli.RESUMABLE_CHANGES
+    assert cli.main(common + ["--loss-chunk", "7", "--attention", "xla", "--fuse-projections",
+                              "--out", str(tmp_path / "fused")]) == 0
+    for k, v in _adapter_arrays(tmp_path / "fused").items():    # other kernels, the same numbers
+        np.testing.assert_allclose(v, whole[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert {"loss_chunk", "attention", "fuse_projections"} <= set(cli.RESUMABLE_CHANGES)
     cfg = cli.load_config({"model": str(files / "my_llama"), "data": str(files / "chat.jsonl"), "packing": True,
                            "max_length": 32})
     train = cli.make_task(cfg).arrays["train"]
     assert train["segment_ids"].shape == train["input_ids"].shape and train["segment_ids"].max() > 1
     with pytest.raises(SystemExit, match=r"--loss-chunk must be an integer >= 0, got -3"):
         cli.load_config({"loss_chunk": -3})
+    with pytest.raises(SystemExit, match=r"--attention must be one of \('explicit', 'xla', 'cudnn'\), got 'flash'"):
+        cli.load_config({"attention": "flash"})
     with pytest.raises(SystemExit, match=r"a chunked loss is for causal LMs.*bert classifier"):
         cli.make_task(cli.load_config({"model": str(files / "my_bert"), "data": str(files / "reviews.csv"),
                                        "text_column": "review", "label_column": "sentiment", "loss_chunk": 8}))

@@ -49,7 +49,7 @@ from jlora.data import batches, files
 from jlora.data.files import DataFileError, looks_like_file
 from jlora.methods.adalora import kept_ranks
 from jlora.models.hf_export import hf_tensors, llama_config_json, save_hf_directory
-from jlora.models.llama import DEFAULT_TARGETS as LLAMA_TARGETS
+from jlora.models.llama import ATTENTION, DEFAULT_TARGETS as LLAMA_TARGETS
 from jlora.models._hf import REMAT_POLICIES
 from jlora.train import init_opt_state, make_step, plot_history
 from jlora.distributed import barrier, initialize, is_main_process, load_rules, make_mesh, resolve_rules, shard
@@ -78,7 +78,8 @@ METHOD_FIELDS = _method_fields()
 
 DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, alpha=16.0, targets="default",
                 rslora=False, init="kaiming", dropout=0.0, steps=300, batch=16, lr=2e-3, weight_decay=0.0,
-                seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, remat=False, loss_chunk=0, out=None, progress=True,
+                seed=0, max_length=48, eval_every=0, accum_steps=1, scan_layers=False, remat=False, loss_chunk=0, attention=None,
+                fuse_projections=False, out=None, progress=True,
                 eval_limit=None, param_dtype="float32",
                 # the methods' own settings (their cli_fields)
                 **{name: field.default for name, field in METHOD_FIELDS.items()},
@@ -92,7 +93,7 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 # sharding over this machine's devices
                 mesh=None, rules=None)
 #: settings that may differ when a run is resumed (they do not change what is computed)
-RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit", "remat", "loss_chunk")
+RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit", "remat", "loss_chunk", "attention", "fuse_projections")
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
 DATA_KEYS = ("text_column", "label_column", "prompt_column", "response_column", "messages_column",
@@ -188,6 +189,11 @@ def _add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--loss-chunk", type=int, metavar="N",
                    help="causal LMs: run the vocabulary head and the loss on N positions at a time, so the float32 "
                         "(batch, length, vocab) logits never exist (0: all at once, the default; see jlora estimate)")
+    p.add_argument("--attention", choices=ATTENTION,
+                   help="decoders: how a layer attends; 'xla' / 'cudnn' are jax.nn.dot_product_attention's kernels "
+                        "(cudnn: NVIDIA GPUs, bfloat16); the same numbers (default: explicit)")
+    p.add_argument("--fuse-projections", action="store_true", default=None,
+                   help="decoders: q/k/v and gate/up as one matmul each, LoRA's A factors joined; the same numbers")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--out", help="run directory (created; must not hold another run)")
 
@@ -253,6 +259,10 @@ def _validate(cfg: dict) -> None:
         bad("warmup_steps", cfg["warmup_steps"], f"an integer in [0, --steps={cfg['steps']})")
     _check_value("eval_limit", "optional_positive_int", cfg["eval_limit"], bad)
     _check_value("loss_chunk", "int>=0", cfg["loss_chunk"], bad)
+    if cfg["attention"] is not None and cfg["attention"] not in ATTENTION:
+        bad("attention", cfg["attention"], f"one of {ATTENTION}")
+    if not isinstance(cfg["fuse_projections"], bool):
+        bad("fuse_projections", cfg["fuse_projections"], "true or false")
     if not isinstance(cfg["scan_layers"], bool):
         bad("scan_layers", cfg["scan_layers"], "true or false")
     if not isinstance(cfg["remat"], bool) and cfg["remat"] not in REMAT_POLICIES:
@@ -379,7 +389,8 @@ def make_task(cfg: dict):
     try:
         return _make(cfg["model"], cfg["data"], max_length=cfg["max_length"], seed=cfg["seed"],
                      scan_layers=cfg["scan_layers"], remat=cfg["remat"], options={k: cfg[k] for k in DATA_KEYS},
-                     param_dtype=cfg["param_dtype"], loss_chunk=cfg["loss_chunk"])
+                     param_dtype=cfg["param_dtype"], loss_chunk=cfg["loss_chunk"],
+                     attention=cfg["attention"], fuse_projections=cfg["fuse_projections"])
     except (ValueError, FileNotFoundError, DataFileError) as e:
         raise SystemExit(f"jlora: {e}") from None
 

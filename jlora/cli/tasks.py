@@ -200,17 +200,21 @@ def make_task(model: str, data: str, *, options: dict | None = None, param_dtype
     decoder's weights are read in this dtype, tensor by tensor (an encoder loads in float32: its new
     head must stay float32; cast the rest afterwards)."""
     family, path = resolve_model(model)
-    loss_chunk = kw.pop("loss_chunk", 0)
-    if loss_chunk and family != "llama":
-        raise ValueError(f"loss_chunk={loss_chunk}: a chunked loss is for causal LMs (a Llama-family decoder); "
-                         f"model {model!r} is a {family} classifier (its loss is over a handful of labels)")
+    decoder = {k: kw.pop(k) for k in ("loss_chunk", "attention", "fuse_projections") if k in kw}
+    if family != "llama":
+        if decoder.get("loss_chunk"):
+            raise ValueError(f"loss_chunk={decoder['loss_chunk']}: a chunked loss is for causal LMs (a Llama-family "
+                             f"decoder); model {model!r} is a {family} classifier (its loss is over a handful of labels)")
+        if decoder.get("attention") not in (None, "explicit") or decoder.get("fuse_projections"):
+            raise ValueError(f"attention={decoder.get('attention')!r} / fuse_projections="
+                             f"{decoder.get('fuse_projections')}: these are options of the Llama-family decoders; "
+                             f"model {model!r} is a {family} model")
     if family == "vit":
         return ImageClassificationTask(data=data, model_path=path, options=options, **kw)
     if family == "bert":
         return ClassificationTask(data=data, model_path=path, options=options, **kw)
 
-    return InstructionTask(data=data, model_path=path, options=options, param_dtype=param_dtype, loss_chunk=loss_chunk,
-                           **kw)
+    return InstructionTask(data=data, model_path=path, options=options, param_dtype=param_dtype, **decoder, **kw)
 
 
 def _resample(name_or_code) -> int:

@@ -84,6 +84,8 @@ class InstructionTask:
     param_dtype: str | None = None       # read the weights in this dtype (e.g. "bfloat16"); None: float32
     remat: bool | str = False            # recompute each layer in the backward pass (or a policy name)
     loss_chunk: int | None = 0           # the head and loss on this many positions at a time (0: all at once)
+    attention: str | None = None         # LlamaConfig.attention ("explicit", "xla", "cudnn"); None: the model's
+    fuse_projections: bool = False       # q/k/v and gate/up as one matmul each (LlamaConfig.fuse_projections)
 
     kind = "instruction"
     family = "llama"
@@ -96,6 +98,9 @@ class InstructionTask:
                                                 remat=self.remat, param_dtype=jnp.dtype(self.param_dtype or "float32"))
         self.loss_chunk = check_loss_chunk(self.loss_chunk)
         self.model, self.params, self.tokenizer = self.loaded
+        changes = {k: v for k, v in (("attention", self.attention), ("fuse_projections", self.fuse_projections)) if v}
+        if changes:   # how the layers compute, not what: the same parameters
+            self.model = llama.LlamaForCausalLM(self.model.config.replace(**changes))
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_path} has no tokenizer.json; the task needs one to read text")
         self.text_format = _text_format(self.model_path, self.tokenizer)

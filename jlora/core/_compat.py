@@ -38,6 +38,7 @@ transpose_p = P.transpose_p
 sharding_constraint_p = P.sharding_constraint_p
 copy_p = P.copy_p
 mul_p = P.mul_p
+concatenate_p = P.concatenate_p
 
 PASS_THROUGH = tuple(p for p in (P.sharding_constraint_p, P.copy_p, getattr(P, "device_put_p", None),
                                  getattr(P, "reduce_precision_p", None)) if p is not None)

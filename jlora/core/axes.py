@@ -29,8 +29,9 @@ class _Use:
 
 
 def _record(found, leaf, layout):
-    if leaf not in found and layout is not None:
-        found[leaf] = layout
+    for one in (leaf if isinstance(leaf, tuple) else (leaf,)):   # a tuple: kernels joined by a concatenate
+        if one not in found and layout is not None:
+            found[one] = layout
 
 
 def _dot_layout(ndim, stripped, batch, contract):
@@ -88,6 +89,11 @@ def _walk(jaxpr, env, found):
         elif prim in (C.convert_element_type_p,) + C.PASS_THROUGH:
             for v in eqn.outvars:
                 env[v] = ins[0]
+        elif prim is C.concatenate_p and all(ins) and len({u.stripped for u in ins}) == 1 \
+                and eqn.params["dimension"] == len(eqn.outvars[0].aval.shape) - 1:
+            # kernels joined along their output axis for one matmul (fused q/k/v): each is used as the join is
+            leaves = tuple(l for u in ins for l in (u.leaf if isinstance(u.leaf, tuple) else (u.leaf,)))
+            env[eqn.outvars[0]] = _Use(leaves, ins[0].stripped)
         else:
             for sub, _ in C.sub_jaxprs(eqn):
                 if len(sub.invars) == len(ins):

@@ -49,6 +49,33 @@ class _Live:
         return self.dtype if self.dtype is not None else self.node.dtype
 
 
+@dataclasses.dataclass(frozen=True)
+class _LiveCat:
+    """Nodes concatenated along their (single) output axis, e.g. a model's q / k / v kernels
+    joined for one matmul. ``x @ concat(W_i)`` is emitted as one matmul on the concatenated bases
+    and, for plain low-rank nodes, one matmul on the concatenated ``A`` factors: ``x @ [A_1 ..
+    A_n]``, then each slice times its own ``B_i``. Nodes that scale their base (DoRA, IA3) keep
+    their own factored matmul, one per part, joined after."""
+
+    parts: tuple   # _Live nodes, and plain arrays for kernels without an adapter
+
+    @property
+    def live(self):
+        return [p for p in self.parts if isinstance(p, _Live)]
+
+    @property
+    def out_dtype(self):
+        return self.live[0].out_dtype
+
+    def materialize(self):
+        return jnp.concatenate([p.node.materialize(p.out_dtype) if isinstance(p, _Live) else p.astype(self.out_dtype)
+                                for p in self.parts], axis=-1)
+
+    @property
+    def path(self):
+        return " + ".join(p.node.path or "?" for p in self.live)
+
+
 @dataclasses.dataclass
 class _Ctx:
     strict: bool
@@ -63,8 +90,8 @@ class _Ctx:
         self.counter[0] += 1
         return jax.random.fold_in(self.rng, self.counter[0])
 
-    def fallback(self, prim, live: _Live, why: str):
-        path = live.node.path or "<adapted weight>"
+    def fallback(self, prim, live, why: str):
+        path = (live.path if isinstance(live, _LiveCat) else live.node.path) or "<adapted weight>"
         msg = (f"jlora.lift: cannot factor `{prim}` on adapted weight {path!r} ({why}); "
                f"materialising W0 + delta for this op")
         if self.strict:
@@ -72,11 +99,13 @@ class _Ctx:
         if (str(prim), path) not in self.warned:
             self.warned.add((str(prim), path))
             warnings.warn(msg, stacklevel=4)
+        if isinstance(live, _LiveCat):
+            return live.materialize()
         return live.node.materialize(live.out_dtype)
 
 
 def _is_live(x):
-    return isinstance(x, _Live)
+    return isinstance(x, (_Live, _LiveCat))
 
 
 def _base_op(eqn, live: _Live, operands, where: int, params=None):
@@ -130,6 +159,9 @@ def _arrays(vals, ctx, prim):
 
 def _dispatch(eqn, invals, ctx):
     prim = eqn.primitive
+    if any(isinstance(v, _LiveCat) for v in invals) and prim not in (C.dot_general_p, C.convert_element_type_p,
+                                                                      *C.PASS_THROUGH):
+        return _materialising(eqn, invals, ctx, "a concatenated kernel used other than in a matmul")
     rule = _RULES.get(prim)
     if rule is None and prim in C.PASS_THROUGH:
         return [invals[0]] if _is_live(invals[0]) and len(eqn.outvars) == 1 else _materialising(eqn, invals, ctx, "")
@@ -153,7 +185,26 @@ def _convert(eqn, invals, ctx):
     new = eqn.params["new_dtype"]
     if not jnp.issubdtype(new, jnp.floating):
         return None
+    if isinstance(live, _LiveCat):
+        return [_LiveCat(tuple(_Live(p.node, jnp.dtype(new)) if isinstance(p, _Live) else p.astype(new)
+                               for p in live.parts))]
     return [_Live(live.node, jnp.dtype(new))]
+
+
+def _concat(eqn, invals, ctx):
+    """Kernels joined along their last (output) axis: kept as nodes for the matmul that follows."""
+    dim = eqn.params["dimension"]
+    live = [v for v in invals if isinstance(v, _Live)]
+    if len(live) < len([v for v in invals if _is_live(v)]):
+        return None
+    layouts = {(v.node.layout.stack, v.node.layout.inputs, v.node.layout.ndim) for v in live}
+    dtypes = {jnp.dtype(v.out_dtype) for v in live} | {jnp.dtype(v.dtype) for v in invals if not _is_live(v)}
+    if len(layouts) != 1 or len(dtypes) != 1:
+        return None
+    stack, inputs, ndim = layouts.pop()
+    if ndim - stack - inputs != 1 or dim != ndim - 1 or any(np.ndim(v) != ndim for v in invals if not _is_live(v)):
+        return None
+    return [_LiveCat(tuple(invals))]
 
 
 def _dropout(x, p, ctx):
@@ -163,8 +214,70 @@ def _dropout(x, p, ctx):
     return jnp.where(keep, x / (1.0 - p), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
+def _plain(live: _Live) -> bool:
+    """A node whose matmul is ``x @ W0 + sum_i s_i (x @ A_i) @ B_i`` and nothing more."""
+    return not live.node.scales_base and not _denser_than_dense(live.node)
+
+
+def _dot_cat(eqn, x, cat: _LiveCat, ctx):
+    """``x @ concat(W_1 .. W_n)`` (the concatenated axis the result's last): one matmul on the
+    joined bases; for plain nodes without active dropout one matmul on the joined ``A`` factors,
+    then each part's ``B``; any other node its own factored matmul. The parts' outputs are joined."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lay = cat.live[0].node.layout
+    s, ni = lay.stack, lay.inputs
+    if tuple(rb) != tuple(range(s)) or set(rc) != set(range(s, s + ni)) or len(rc) != ni:
+        return None
+    live = cat.live
+    plain = [p for p in live if _plain(p)]
+    if len(plain) < len(live) or (ctx.rng is not None and any(
+            m.dropout > 0 for p in plain for _, _, _, m in p.node.active_factors())):
+        outs = []
+        for p in cat.parts:
+            if not isinstance(p, _Live):
+                outs.append(C.bind(eqn, [x, p])[0])
+                continue
+            out = _dot(eqn, [x, p], ctx)
+            outs.append(out[0] if out is not None else C.bind(eqn, [x, ctx.fallback(eqn.primitive, p, "unfactorable")])[0])
+        return [jnp.concatenate(outs, axis=-1)]
+    w_dtype = jnp.dtype(cat.out_dtype)
+
+    def base_matmul(x, *bases):
+        return C.bind(eqn, [x, jnp.concatenate([dense(b, p.dtype) if isinstance(p, _Live) else b
+                                                for b, p in zip(bases, cat.parts)], axis=-1)])[0]
+
+    bases = [p.node.base if isinstance(p, _Live) else p for p in cat.parts]
+    if any(p.node.quantized for p in live):   # dequantised again in the backward pass, as _base_op
+        total = jax.checkpoint(base_matmul)(x, *bases)
+    else:
+        total = base_matmul(x, *bases)
+    factors = [(a, b, meta) for p in live for _, a, b, meta in p.node.active_factors()]
+    if not factors:
+        return [total]
+    owner = [i for i, p in enumerate(cat.parts) if isinstance(p, _Live) for _ in p.node.active_factors()]
+    precision, preferred = eqn.params.get("precision"), eqn.params.get("preferred_element_type")
+    stack = tuple(range(s))
+    a_cat = jnp.concatenate([a.astype(w_dtype) for a, _, _ in factors], axis=-1)
+    first = lax.dot_general(x, a_cat, ((tuple(lc), tuple(rc)), (tuple(lb), stack)), precision=precision,
+                            preferred_element_type=preferred)
+    cuts = np.cumsum([a.shape[-1] for a, _, _ in factors])[:-1].tolist()
+    terms = [[] for _ in cat.parts]
+    for i, (piece, (_, b, meta)) in enumerate(zip(jnp.split(first, cuts, axis=-1), factors)):
+        term = lax.dot_general(piece, b.astype(w_dtype), (((piece.ndim - 1,), (s,)), (stack, stack)),
+                               precision=precision, preferred_element_type=preferred)
+        terms[owner[i]].append(term * jnp.asarray(meta.scale, term.dtype))
+    widths = [p.node.shape[-1] if isinstance(p, _Live) else p.shape[-1] for p in cat.parts]
+    delta = jnp.concatenate([sum(t) if t else jnp.zeros(total.shape[:-1] + (w,), total.dtype)
+                             for t, w in zip(terms, widths)], axis=-1)
+    return [total + delta.astype(total.dtype)]
+
+
 def _dot(eqn, invals, ctx):
     lhs, rhs = invals
+    if isinstance(rhs, _LiveCat) and not _is_live(lhs):
+        return _dot_cat(eqn, lhs, rhs, ctx)
+    if isinstance(lhs, _LiveCat) or isinstance(rhs, _LiveCat):
+        return None
     if _is_live(lhs) and _is_live(rhs):
         return None
     node_is_rhs = _is_live(rhs)
@@ -457,6 +570,7 @@ _RULES = {
     C.convert_element_type_p: _convert,
     C.transpose_p: _transpose,
     C.mul_p: _scalar_mul,
+    C.concatenate_p: _concat,
     C.jit_p: _inline,
     C.remat_p: _remat,
     C.scan_p: _scan,

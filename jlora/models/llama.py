@@ -92,6 +92,8 @@ class LlamaConfig:
     ``attention``: ``"explicit"`` (softmax(QK^T) written out, the default), ``"xla"``
     (``jax.nn.dot_product_attention``'s XLA implementation) or ``"cudnn"`` (its cuDNN fused
     attention: NVIDIA GPUs, 16-bit compute dtypes); the same numbers from each, masks and GQA included.
+    ``fuse_projections``: q/k/v as one matmul and gate/up as one (the kernels joined at call time;
+    the parameter tree is unchanged, and through ``jlora.lift`` the LoRA ``A`` factors are joined too).
     """
 
     vocab_size: int = 32000
@@ -118,6 +120,7 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "explicit"
+    fuse_projections: bool = False
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -146,7 +149,7 @@ class LlamaConfig:
         if self.sliding_window is not None:
             self._check_positive_int("sliding_window")
         _hf.check_remat(self, "LlamaConfig")
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "scan_layers"):
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "scan_layers", "fuse_projections"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
@@ -202,7 +205,7 @@ class LlamaConfig:
         if act not in ("silu", "swish"):
             raise ValueError(f"config.hidden_act={act!r} is not supported (SwiGLU needs 'silu')")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "param_dtype", "scan_layers", "remat", "attention")}
+        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "param_dtype", "scan_layers", "remat", "attention", "fuse_projections")}
 
         rope = d.get("rope_parameters") or {}
         scaling = d.get("rope_scaling") or {}
@@ -331,6 +334,37 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+class _Kernel(nn.Module):
+    """The parameters of an ``nn.Dense`` of this name (same shapes, initialisers and dtypes), returned
+    instead of applied: ``(kernel, bias or None)`` for projections that run as one joined matmul."""
+
+    config: LlamaConfig
+    features: int
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        c = self.config
+        kernel = self.param("kernel", nn.initializers.normal(c.initializer_range), (in_features, self.features),
+                            c.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), c.param_dtype) if self.use_bias else None
+        return kernel, bias
+
+
+def _joined(config, x, specs):
+    """``[x @ W_i + b_i for each (features, use_bias, name)]`` as ONE matmul on the joined kernels
+    (the parameter tree is that of separate ``nn.Dense`` layers); ``lift`` joins LoRA's ``A`` factors."""
+    dt = config.dtype
+    parts = [_Kernel(config, f, b, name=name)(x.shape[-1]) for f, b, name in specs]
+    w = jnp.concatenate([jnp.asarray(k, dt) for k, _ in parts], axis=-1)
+    x = jnp.asarray(x, dt)
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+    if any(b is not None for _, b in parts):
+        y = y + jnp.concatenate([jnp.asarray(b, dt) if b is not None else jnp.zeros((f,), dt)
+                                 for (_, b), (f, _, _) in zip(parts, specs)])
+    return jnp.split(y, np.cumsum([f for f, _, _ in specs])[:-1].tolist(), axis=-1)
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional per-layer KV cache ``{"k", "v"}``."""
 
@@ -341,9 +375,14 @@ class LlamaAttention(nn.Module):
         c = self.config
         B, T, _ = x.shape
         H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = _dense(c, H * D, c.attention_bias, "q_proj")(x).reshape(B, T, H, D)
-        k = _dense(c, KV * D, c.attention_bias, "k_proj")(x).reshape(B, T, KV, D)
-        v = _dense(c, KV * D, c.attention_bias, "v_proj")(x).reshape(B, T, KV, D)
+        if c.fuse_projections:
+            q, k, v = _joined(c, x, [(H * D, c.attention_bias, "q_proj"), (KV * D, c.attention_bias, "k_proj"),
+                                     (KV * D, c.attention_bias, "v_proj")])
+        else:
+            q = _dense(c, H * D, c.attention_bias, "q_proj")(x)
+            k = _dense(c, KV * D, c.attention_bias, "k_proj")(x)
+            v = _dense(c, KV * D, c.attention_bias, "v_proj")(x)
+        q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
         q = apply_rope(q, ctx["cos"], ctx["sin"])
         k = apply_rope(k, ctx["cos"], ctx["sin"])
         new_kv = None
@@ -373,8 +412,12 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
-        up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
+        if c.fuse_projections:
+            gate, up = _joined(c, x, [(c.intermediate_size, c.mlp_bias, "gate_proj"),
+                                      (c.intermediate_size, c.mlp_bias, "up_proj")])
+        else:
+            gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
+            up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
         return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate) * up)
 
 
