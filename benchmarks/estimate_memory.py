@@ -76,7 +76,7 @@ TABLE_MODELS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b"]
 TABLE_HARDWARE = ["rtx4090", "h100-80g", "h200", "v5e-8", "v5e-64"]
 
 
-def table(per_device=4, seq=2048):
+def table(per_device=4, seq=2048, loss_chunk=None):
     rows = []
     for model in TABLE_MODELS:
         for method in METHODS:
@@ -84,7 +84,8 @@ def table(per_device=4, seq=2048):
             for name in TABLE_HARDWARE:
                 hw = planner.hardware(name)
                 v = planner.plan(model, spec(method, 16), hardware=hw, batch=per_device * hw.devices, seq=seq,
-                                 remat=True, param_dtype="bfloat16", compute_dtype="bfloat16", suggest=False,
+                                 remat=True, param_dtype="bfloat16", compute_dtype="bfloat16", loss_chunk=loss_chunk,
+                                 suggest=False,
                                  search_seq=False)
                 row["cells"][name] = {"peak_gib": v.estimate.peak / GiB, "fits": v.fits, "usable_gib": hw.usable / GiB,
                                       "largest_batch_per_device": v.largest_batch // hw.devices,
@@ -113,6 +114,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="float32 (XLA:CPU computes it natively) or bfloat16")
     p.add_argument("--table", action="store_true", help="the README table instead of the agreement grid")
+    p.add_argument("--loss-chunk", type=int, default=None, help="--table: with the loss this many positions at a time")
     p.add_argument("--out")
     a = p.parse_args(argv)
     if len(jax.devices()) < 8:
@@ -121,9 +123,10 @@ def main(argv=None):
     machine = {"backend": jax.default_backend(), "devices": f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
                "cpu": platform.processor() or platform.machine(), "jax": jax.__version__}
     if a.table:
-        rows = table()
+        rows = table(loss_chunk=a.loss_chunk)
         result = {"benchmark": "estimate_table", "what": "analytic peak GiB per device (rule of thumb), fits?, largest "
-                  "batch per device; bf16, remat, 4 x 2048 tokens per device, r=16 all projections, AdamW",
+                  "batch per device; bf16, remat, 4 x 2048 tokens per device, r=16 all projections, AdamW"
+                  + (f", loss chunk {a.loss_chunk}" if a.loss_chunk else ""), "loss_chunk": a.loss_chunk,
                   "machine": machine, "rows": rows, "markdown": markdown(rows)}
         print(result["markdown"])
     else:

@@ -89,7 +89,9 @@ fi
 run attention-xla --variants "$XLA_VARIANTS" --attention xla --loss-chunk "$CHUNK" \
     --timeout "$TIMEOUT" --deadline $(( $(left) - RESERVE / 2 )) --out "$OUT/llama_step_gpu_xla.json"
 run no-loss-chunk --variants jlora-lora --attention "$NOCHUNK_ATTN" --loss-chunk 0 \
-    --timeout "$TIMEOUT" --deadline "$(left)" --out "$OUT/llama_step_gpu_nochunk.json"
+    --timeout "$TIMEOUT" --deadline $(( $(left) - RESERVE / 4 )) --out "$OUT/llama_step_gpu_nochunk.json"
+run fused --variants jlora-lora --attention "$NOCHUNK_ATTN" --loss-chunk "$CHUNK" --fuse-projections \
+    --timeout "$TIMEOUT" --deadline "$(left)" --out "$OUT/llama_step_gpu_fused.json"
 
 echo "gpu_check_16: done in $(( SECONDS - START )) s" | tee -a "$OUT/summary.txt"
 ls -l "$OUT" | tee -a "$OUT/summary.txt"

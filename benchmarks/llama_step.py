@@ -113,6 +113,8 @@ def parse_args(argv=None):
                    help="jlora: model.loss(..., chunk=N): the vocabulary head on N sequence positions at a time "
                         "(0: off; N >= seq is the same as off)")
     k.add_argument("--no-scan", action="store_true", help="jlora: scan_layers=False (an unrolled layer loop)")
+    k.add_argument("--fuse-projections", action="store_true",
+                   help="jlora: LlamaConfig(fuse_projections=True): q/k/v and gate/up as one matmul each")
     k.add_argument("--peft-attention", default="sdpa", help="transformers' attn_implementation")
     k.add_argument("--peft-gradient-checkpointing", action="store_true",
                    help="PEFT: model.gradient_checkpointing_enable() (the counterpart of --remat)")
@@ -193,7 +195,7 @@ def resolve(args, probe):
         "optimizer": f"AdamW(lr={args.lr}, b1=0.9, b2=0.999, eps=1e-8, weight_decay={args.weight_decay})",
         "dtype": dtype, "adapter_dtype": "float32",
         "jlora": {"attention": attention, "remat": args.remat or False, "loss_chunk": args.loss_chunk,
-                  "scan_layers": not args.no_scan},
+                  "scan_layers": not args.no_scan, "fuse_projections": args.fuse_projections},
         "peft": {"attn_implementation": args.peft_attention, "gradient_checkpointing": args.peft_gradient_checkpointing,
                  "torch_compile": "torch.compile(peft_model) (default mode); optimizer step eager"},
         "steps": steps, "warmup": warmup, "rounds": args.rounds, "seed": args.seed, "timeout_s": args.timeout,
@@ -397,7 +399,8 @@ def jlora_config(cfg, **overrides):
               rope_theta=cfg["rope_theta"], rms_norm_eps=cfg["rms_norm_eps"],
               max_position_embeddings=max(2048, cfg["seq"]), tie_word_embeddings=False,
               scan_layers=cfg["jlora"]["scan_layers"], remat=cfg["jlora"]["remat"],
-              attention=cfg["jlora"]["attention"], dtype=dt, param_dtype=dt)
+              attention=cfg["jlora"]["attention"], fuse_projections=cfg["jlora"].get("fuse_projections", False),
+              dtype=dt, param_dtype=dt)
     kw.update(overrides)
     return llama.LlamaConfig(**kw)
 

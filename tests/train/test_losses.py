@@ -22,7 +22,7 @@ def _labels(rng, shape, vocab):
     return labels
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 4, 7, 13, 64])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 64])
 @pytest.mark.parametrize("prompt", [0, 3])
 def test_chunked_equals_the_full_logits(chunk, prompt):
     """Value, token count and gradients (w.r.t. the hidden states and the head) equal
