@@ -175,25 +175,27 @@ class InstructionTask:
         a = self.arrays["train"]
         return (a["input_ids"][:1], a["attention_mask"][:1])
 
-    def forward(self, lifted: Callable, params, batch, train: bool = False, key=None):
-        """Logits; ``P + T`` positions long when ``params`` carries a prompt-tuning / P-tuning prompt."""
+    @staticmethod
+    def _model_kwargs(params, batch, train: bool, key) -> dict:
+        """What the model call takes beside ids and mask: the dropout key when training, a prompt
+        method's virtual tokens or prefix, and the segment ids of packed rows (--packing)."""
         kwargs = {"jlora_rng": key} if (train and key is not None) else {}
         kwargs.update(prompt_kwargs(params, batch["input_ids"].shape[0]))
         if "segment_ids" in batch:
             kwargs["segment_ids"] = batch["segment_ids"]
-        return lifted(params, batch["input_ids"], batch["attention_mask"], **kwargs)
+        return kwargs
+
+    def forward(self, lifted: Callable, params, batch, train: bool = False, key=None):
+        """Logits; ``P + T`` positions long when ``params`` carries a prompt-tuning / P-tuning prompt."""
+        return lifted(params, batch["input_ids"], batch["attention_mask"], **self._model_kwargs(params, batch, train, key))
 
     def lm_loss(self, lifted: Callable, params, batch, train: bool = False, key=None):
         """(mean cross-entropy on the batch's labelled tokens, their number), through the model's
         own :meth:`~jlora.models.llama.LlamaForCausalLM.loss`: the head and the loss run
         ``loss_chunk`` positions at a time when it is set, so the float32 logits of the whole
         batch never exist."""
-        kwargs = {"jlora_rng": key} if (train and key is not None) else {}
-        kwargs.update(prompt_kwargs(params, batch["input_ids"].shape[0]))
-        if "segment_ids" in batch:   # packed rows (--packing)
-            kwargs["segment_ids"] = batch["segment_ids"]
         return lifted(params, batch["input_ids"], batch["labels"], batch["attention_mask"], method="loss",
-                      chunk=self.loss_chunk, **kwargs)
+                      chunk=self.loss_chunk, **self._model_kwargs(params, batch, train, key))
 
     def loss_fn(self, lifted: Callable):
         def loss(params, batch, key):
