@@ -42,6 +42,9 @@ import jlora
 import jlora.train
 from jlora import assets
 from jlora import io as jio
+from jlora.cli import analyze as analyze_cli
+from jlora.cli import data_check as data_check_cli
+from jlora.cli import evaluate as evaluate_cli
 from jlora.cli.tasks import make_task as _make
 from jlora.core.paths import flatten_with_paths, matches
 from jlora.core.spec import AdapterSpec
@@ -89,11 +92,13 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 # the trainer
                 optimizer="adamw", schedule="cosine", warmup_ratio=0.1, warmup_steps=None, clip_norm=0.0,
                 log_every=10, logdir=None, checkpoint_every=100, keep_checkpoints=2, best_metric=None,
-                early_stopping=0, max_nonfinite=5,
+                early_stopping=0, max_nonfinite=5, eval_generate=0, eval_max_new_tokens=64,
                 # sharding over this machine's devices
                 mesh=None, rules=None)
 #: settings that may differ when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit", "remat", "loss_chunk", "attention", "fuse_projections")
+#: generation metrics a language-model run can select its checkpoint by (with --eval-generate N)
+GENERATION_METRICS = ("exact_match", "token_f1", "rougeL", "bleu", "chrf")
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
 DATA_KEYS = ("text_column", "label_column", "prompt_column", "response_column", "messages_column",
@@ -131,7 +136,12 @@ def _add_train_args(p: argparse.ArgumentParser):
                                                         "at the end and on SIGTERM / Ctrl-C)")
     t.add_argument("--keep-checkpoints", type=int, help="training states kept (default 2)")
     t.add_argument("--best-metric", help="with --eval-every: keep the adapter with the best validation metric "
-                                         "(loss, accuracy, perplexity) instead of the last")
+                                         "instead of the last: loss, accuracy, macro_f1 (classifiers), perplexity, "
+                                         "or with --eval-generate a generation metric: " + ", ".join(GENERATION_METRICS))
+    t.add_argument("--eval-generate", type=int, metavar="N",
+                   help="language models: at each evaluation also decode the first N validation prompts greedily and "
+                        "score the replies (exact match, token F1, ROUGE-L, BLEU, chrF; default 0: off)")
+    t.add_argument("--eval-max-new-tokens", type=int, help="with --eval-generate: the longest reply (default 64)")
     t.add_argument("--early-stopping", type=int, help="with --best-metric: stop after N evaluations without improvement")
     t.add_argument("--mesh", help="shard the run over this machine's devices: named mesh axes, e.g. data=2,fsdp=4 "
                                   "(one size may be -1: the rest); the batch is split over data and fsdp, the "
@@ -245,8 +255,8 @@ def _validate(cfg: dict) -> None:
         if not isinstance(cfg[key], str) or not cfg[key]:
             bad(key, cfg[key], "a name or a path")
     for kind, keys in (("positive_int", ("steps", "batch", "rank", "max_length", "accum_steps", "log_every",
-                                          "keep_checkpoints", "max_nonfinite")),
-                       ("int>=0", ("eval_every", "checkpoint_every", "early_stopping", "seed")),
+                                          "keep_checkpoints", "max_nonfinite", "eval_max_new_tokens")),
+                       ("int>=0", ("eval_every", "checkpoint_every", "early_stopping", "seed", "eval_generate")),
                        ("positive_number", ("lr", "alpha")),
                        ("number>=0", ("weight_decay", "clip_norm"))):
         for key in keys:
@@ -270,6 +280,12 @@ def _validate(cfg: dict) -> None:
     for key in ("text_column", "prompt_column", "response_column", "messages_column", "validation_file", "test_file",
                 "image_column", "logdir", "label_column", "out"):
         _check_value(key, "optional_str", cfg[key], bad)
+    files_given = {k: cfg[k] for k in ("data", "validation_file", "test_file") if isinstance(cfg[k], str)
+                   and cfg[k] and os.path.isfile(cfg[k])}
+    if "test_file" in files_given and any(os.path.samefile(files_given["test_file"], files_given[k])
+                                          for k in ("data", "validation_file") if k in files_given):
+        raise SystemExit(f"jlora: --test-file {cfg['test_file']} is also the training or validation data; the test "
+                         f"split must be one that nothing trains or selects on")
     for field in METHOD_FIELDS.values():   # each method's own settings, by the kind it declares
         _check_value(field.name, field.kind, cfg[field.name], bad, field.choices)
     if cfg["batch"] % cfg["accum_steps"]:
@@ -279,6 +295,9 @@ def _validate(cfg: dict) -> None:
             bad("best_metric", cfg["best_metric"], f"one of {tuple(BEST_METRICS)}")
         if not cfg["eval_every"]:
             raise SystemExit("jlora: --best-metric needs --eval-every N (the metric is measured every N steps)")
+        if cfg["best_metric"] in GENERATION_METRICS and not cfg["eval_generate"]:
+            raise SystemExit(f"jlora: --best-metric {cfg['best_metric']} is a generation metric; it needs "
+                             f"--eval-generate N (validation prompts decoded at each evaluation)")
     _check_value("rules", "optional_str", cfg["rules"], bad)
     if cfg["mesh"] is not None:
         parse_mesh(cfg["mesh"])
@@ -380,7 +399,8 @@ _KIND_TYPES = {"positive_int": int, "int>=0": int, "optional_positive_int": int,
 
 
 #: validation metrics --best-metric can select on, and whether larger is better
-BEST_METRICS = {"loss": False, "accuracy": True, "perplexity": False}
+BEST_METRICS = {"loss": False, "accuracy": True, "macro_f1": True, "perplexity": False,
+                **{m: True for m in GENERATION_METRICS}}
 
 
 def make_task(cfg: dict):
@@ -557,7 +577,9 @@ def _out_decision(out: pathlib.Path, cfg: dict, overwrite: bool, resume: bool | 
             raise SystemExit(f"jlora: {out} holds an interrupted run; run without --no-resume to continue it, or "
                              "pass --overwrite to start again")
         saved = json.loads((out / "config.json").read_text())
-        diff = sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k))
+        # a setting the saved run predates ran at its default
+        diff = sorted(k for k in set(saved) | set(cfg)
+                      if k not in RESUMABLE_CHANGES and saved.get(k, DEFAULTS.get(k)) != cfg.get(k))
         if diff:
             raise SystemExit(f"jlora: {out} holds an interrupted run with other settings: "
                              + ", ".join(f"{k}: {saved.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:6])
@@ -634,6 +656,9 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     out = pathlib.Path(cfg["out"]) if cfg["out"] else _default_out(cfg)
     t0 = time.perf_counter()
     task, adapted, spec = build(cfg, task)   # bad models, data and settings fail before anything is written
+    if cfg["eval_generate"] and task.kind != "instruction":
+        raise SystemExit(f"jlora: --eval-generate {cfg['eval_generate']} decodes replies of a language model; "
+                         f"this run's model is a {task.kind} model (its metrics are accuracy and macro_f1)")
     mesh, rules, batch_axes = _sharding(cfg, task)
     lifted = jlora.lift(task.model.apply)
     optimizer, schedule = make_optimizer(cfg)
@@ -687,7 +712,9 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
 
     def eval_fn(t):
         nonlocal best_tree
-        metrics = task.evaluate(lifted, jlora.combine(t, frozen), "validation", limit=cfg["eval_limit"])
+        generate = {"generate": cfg["eval_generate"], "max_new_tokens": cfg["eval_max_new_tokens"]} \
+            if cfg["eval_generate"] else {}
+        metrics = task.evaluate(lifted, jlora.combine(t, frozen), "validation", limit=cfg["eval_limit"], **generate)
         if best_metric:
             if best_metric not in metrics:
                 raise SystemExit(f"jlora: --best-metric {best_metric} is not measured for this task; "
@@ -732,6 +759,7 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     stream = batches(task.arrays["train"], cfg["batch"], seed=cfg["seed"], epochs=None, start=start)
     setup_s = time.perf_counter() - t0
     trainable, new = state["trainable"], []
+    task.sealed = {"test"}   # validation selects; the test split is read once, below, on the final adapter
     try:
         with stop:
             if start < cfg["steps"]:   # else: killed after its last checkpoint, before the results
@@ -747,6 +775,7 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
     except FloatingPointError as e:  # a diverged run saves no adapter and exits non-zero
         raise SystemExit(f"jlora: training stopped, no adapter saved: {e}") from None
     finally:
+        task.sealed = set()
         manager.wait_until_finished()
         manager.close()
         if writer is not None:
@@ -776,7 +805,7 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
         "skipped_steps": history[-1].get("skipped", 0), "resumed_from_step": start or None,
         "stopped": history[-1].get("stopped"),
         "steps_per_s": (timed[-1]["step"] - new[0]["step"]) / (timed[-1]["elapsed_s"] - new[0]["elapsed_s"]) if timed else None,
-        "setup_s": setup_s, "wall_s": time.perf_counter() - t0,
+        "setup_s": setup_s, "wall_s": time.perf_counter() - t0, "data_fingerprint": data_fingerprint(task),
     }
     if best_metric:
         results["best"] = {"metric": best_metric, "step": int(best["best_step"]), "value": float(best["best_value"])}
@@ -797,6 +826,37 @@ def train(cfg: dict, task=None, log=print, *, overwrite: bool = False, resume: b
 
 #: the Hub names of the bundled checkpoints (what PEFT's AutoPeftModel loads as the base)
 HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def data_fingerprint(task) -> dict:
+    """sha256 of each split's model inputs (the tokenised arrays, or the images), so a later
+    evaluation can prove it reads the rows the run was split into."""
+    import hashlib
+
+    out = {}
+    for split, arrays in task.arrays.items():
+        h = hashlib.sha256()
+        for key in sorted(arrays):
+            a = np.ascontiguousarray(arrays[key])
+            h.update(f"{key}:{a.dtype}:{a.shape};".encode())
+            h.update(a.tobytes())
+        out[split] = h.hexdigest()
+    return out
+
+
+def check_data_unchanged(run, task) -> None:
+    """Refuses to evaluate ``run`` on splits other than those it trained with: a changed data file
+    or loader would move training rows into the test split without a word."""
+    results = pathlib.Path(run) / "results.json"
+    saved = json.loads(results.read_text()).get("data_fingerprint") if results.is_file() else None
+    if not saved:   # a run from before fingerprints: nothing to compare
+        return
+    now = data_fingerprint(task)
+    changed = sorted(k for k in saved if now.get(k) != saved[k])
+    if changed:
+        raise SystemExit(f"jlora: the {', '.join(changed)} split(s) of {run} are not the rows the run was trained and "
+                         f"selected with (the data file, the tokenizer or jlora's splitting changed since); evaluating "
+                         f"them could mix training rows into the test split. Re-train, or evaluate with the data as it was")
 
 
 def _base_model_name(model: str) -> str | None:
@@ -1089,12 +1149,21 @@ def main(argv=None) -> int:
     p_est.add_argument("--compile", action="store_true",
                        help="also compile the real step on abstract inputs and print the compiler's figure")
     p_est.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    evaluate_cli.add_parser(sub)
+    analyze_cli.add_parser(sub)
+    data_check_cli.add_parser(sub)
     p_ins = sub.add_parser("inspect", help="print the adapter summary table for a run or a spec")
     p_ins.add_argument("--run")
     _add_train_args(p_ins)
     args = parser.parse_args(argv)
     if args.command == "estimate":
         return _estimate(args)
+    if args.command == "evaluate":
+        return evaluate_cli.main(args)
+    if args.command == "analyze":
+        return analyze_cli.main(args)
+    if args.command == "data":
+        return data_check_cli.main(args)
 
     if args.command == "train" and args.distributed:
         try:
@@ -1108,6 +1177,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in results.items() if not k.startswith("_") and k != "config"}, indent=2))
     elif args.command == "eval":
         cfg, task, adapted = _load_run(args.run)
+        check_data_unchanged(args.run, task)
         metrics = task.evaluate(jlora.lift(task.model.apply), adapted, args.split, limit=args.limit)
         print(json.dumps({"run": args.run, "split": args.split, **metrics}, indent=2))
     elif args.command == "export":

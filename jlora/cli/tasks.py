@@ -32,7 +32,8 @@ from jlora.data import files
 from jlora.models import bert
 from jlora.methods.prompt import prompt_kwargs
 from jlora.data import tokenize_classification
-from jlora.cli.options import DATA_OPTIONS
+from jlora.cli.options import DATA_OPTIONS, check_unsealed
+from jlora.eval.metrics import classification_metrics
 from jlora.cli.tasks_lm import InstructionTask
 from jlora.models import vit
 
@@ -113,6 +114,7 @@ class ClassificationTask:
             raise ValueError(f"data {self.data!r} is not a classification set; choose one of {CLASSIFICATION_DATA} "
                              "or give a CSV / TSV / JSON / JSONL / Parquet file")
         self.label_names = self.splits["train"].features[label_col].names
+        self.input_column, self.label_column = text_col, label_col
         self.model, self.params, self.tokenizer = bert.load_pretrained(
             self.model_path, num_labels=len(self.label_names), scan_layers=self.scan_layers, seed=self.seed,
             remat=self.remat)
@@ -155,15 +157,24 @@ class ClassificationTask:
 
     def evaluate(self, lifted: Callable, params, split: str = "validation", batch_size: int = 256,
                  limit: int | None = None) -> dict:
-        """Accuracy and mean cross-entropy over a whole split (the last partial batch included)."""
+        """Accuracy, macro-F1 and mean cross-entropy over a whole split (the last partial batch
+        included). The test split is sealed while a run trains (:func:`check_unsealed`)."""
+        check_unsealed(self, split)
         arrays = self.arrays[split]
         n = len(arrays["labels"]) if limit is None else min(limit, len(arrays["labels"]))
-        correct, total_loss = 0, 0.0
+        total_loss, predictions = 0.0, []
         for s, logits in self._logits(lifted, params, arrays, n, batch_size):
             labels = arrays["labels"][s:s + len(logits)]
-            correct += int((logits.argmax(-1) == labels).sum())
+            predictions.append(logits.argmax(-1))
             total_loss += float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum())
-        return {"accuracy": correct / n, "loss": total_loss / n, "examples": n}
+        predictions = np.concatenate(predictions)
+        scores = classification_metrics(arrays["labels"][:n], predictions, self.label_names)
+        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "loss": total_loss / n, "examples": n}
+
+    def inputs(self, split: str) -> list[str]:
+        """The split's raw inputs (texts, or image paths as the data file gives them), row by row."""
+        check_unsealed(self, split)
+        return [str(t) for t in self.splits[split][self.input_column]]
 
     def _logits(self, lifted: Callable, params, arrays, n: int, batch_size: int):
         """Yields ``(start, float32 logits)`` for the first ``n`` rows of ``arrays`` in batches padded
@@ -249,6 +260,7 @@ class ImageClassificationTask(ClassificationTask):
                                             input_column=image_col, label_column=label_col,
                                             flags=("--image-column", "--label-column"))
         self.label_names = self.splits["train"].features[label_col].names
+        self.input_column, self.label_column = image_col, label_col
         self.model, self.params = vit.load_pretrained(self.model_path, num_labels=len(self.label_names),
                                                       scan_layers=self.scan_layers, seed=self.seed,
                                                       remat=self.remat)

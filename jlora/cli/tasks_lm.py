@@ -18,7 +18,7 @@ from jlora import assets
 from jlora.models.llama import SMOLLM2_GGUF
 from jlora import data as jdata
 from jlora.models import llama
-from jlora.cli.options import DATA_OPTIONS
+from jlora.cli.options import DATA_OPTIONS, check_unsealed
 from jlora.data import chat, files
 from jlora.data.chat import _special_prefix, generation_prompt
 from jlora.data.instruct import chat_prompt
@@ -165,6 +165,37 @@ class InstructionTask:
             f"(chat), a prompt / response pair ({', '.join('+'.join(p) for p in _PAIRS)}) or 'text'; or name "
             f"them with {', '.join(flags)}")
 
+    def reference_pairs(self, split: str) -> list[tuple[str, list[str]]]:
+        """``(prompt, acceptable replies)`` of a split, for generation metrics: one entry per distinct
+        prompt, in first-seen order, holding every reply the split gives it (the bundled sets group a
+        prompt's answers into one split). A chat row contributes its first user turn and the
+        assistant reply after it; a plain-text data set has no prompts and gives ``[]``."""
+        check_unsealed(self, split)
+        ds = self.splits[split]
+        if not self.from_file:
+            pairs = [(_prompt(i, x), r) for i, x, r in zip(ds["instruction"], ds["input"], ds["response"])]
+        else:
+            opts = {**DATA_OPTIONS, **(self.options or {})}
+            cols = ds.column_names
+            if opts["messages_column"] or ("messages" in cols and not (opts["prompt_column"] or opts["text_column"])):
+                pairs = []
+                for conv in ds[opts["messages_column"] or "messages"]:
+                    turns = [m for m in conv if m.get("role") != "system"]
+                    if len(turns) >= 2 and turns[0].get("role") == "user" and turns[1].get("role") == "assistant":
+                        pairs.append((str(turns[0]["content"]), str(turns[1]["content"])))
+            elif (pair := _pair_columns(cols, opts)) is not None:
+                p_col, in_col, r_col = pair
+                inputs = ds[in_col] if in_col else [""] * len(ds)
+                pairs = [(_prompt(str(p), str(x or "")), str(r)) for p, x, r in zip(ds[p_col], inputs, ds[r_col])]
+            else:
+                return []
+        grouped: dict[str, list[str]] = {}
+        for prompt, reply in pairs:
+            grouped.setdefault(prompt, [])
+            if reply not in grouped[prompt]:
+                grouped[prompt].append(reply)
+        return list(grouped.items())
+
     def _chat_format(self):
 
         if self.bundled_chatml and (self.text_format.chat_template is None or not self.from_file):
@@ -207,10 +238,30 @@ class InstructionTask:
         return self.max_length
 
     def evaluate(self, lifted: Callable, params, split: str = "validation", batch_size: int = 8,
-                 limit: int | None = None) -> dict:
-        """Token-weighted mean cross-entropy on response tokens and its perplexity."""
-        arrays = self.arrays[split]
+                 limit: int | None = None, generate: int = 0, max_new_tokens: int = 64) -> dict:
+        """Token-weighted mean cross-entropy on response tokens and its perplexity; with ``generate``
+        also the generation metrics (:func:`jlora.eval.metrics.generation_metrics`) of greedy replies
+        to the split's first ``generate`` prompts. The test split is sealed while a run trains
+        (:func:`~jlora.cli.options.check_unsealed`)."""
+        check_unsealed(self, split)
+        out = self.evaluate_arrays(lifted, params, self.arrays[split], batch_size, limit)
+        pairs = self.reference_pairs(split)[:generate] if generate else []
+        if pairs:
+            from jlora.eval.metrics import generation_metrics
+
+            replies = []
+            for s in range(0, len(pairs), batch_size):
+                replies += self.generate_batch(lifted, params, [p for p, _ in pairs[s:s + batch_size]], max_new_tokens)
+            scores = generation_metrics(replies, [r for _, r in pairs])
+            out.update({k: scores[k] for k in ("exact_match", "token_f1", "rougeL", "bleu", "chrf")},
+                       prompts_decoded=len(pairs))
+        return out
+
+    def evaluate_arrays(self, lifted: Callable, params, arrays, batch_size: int = 8, limit: int | None = None) -> dict:
+        """:meth:`evaluate` on any tokenised rows (``input_ids``, ``attention_mask``, ``labels``)."""
         n = len(arrays["input_ids"]) if limit is None else min(limit, len(arrays["input_ids"]))
+        if n < 1:
+            raise ValueError("nothing to evaluate: no rows")
         batch_size = min(batch_size, n)
         fn = jax.jit(lambda p, b: self.lm_loss(lifted, p, b))
         total, tokens = 0.0, 0

@@ -30,7 +30,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jlora import assets  # noqa: E402
-from jlora.data.text import SPLIT_NAMES, _column, _pad_id, split_indices  # noqa: E402
+from jlora.data.text import SPLIT_NAMES, _column, _pad_id, split_indices, split_key  # noqa: E402
 
 IGNORE_INDEX = -100
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -263,7 +263,8 @@ def instruction_data(source: str = "chatterbot", seed: int = 0, splits: Sequence
 
     ``source`` is ``"chatterbot"`` or ``"natural_instructions:<subtask>"`` (a unique prefix such as
     ``"natural_instructions:subtask047"`` works). Splits are stratified by ``category`` and grouped
-    by prompt (instruction + input): a question with several answers never straddles two splits.
+    by prompt (instruction + input, up to case, whitespace and a trailing ``.?!``: :func:`~jlora.data.text.split_key`):
+    a question with several answers, or asked twice in other case, never straddles two splits.
     ``test`` is for reporting only; select on ``validation``.
     """
     if source == "chatterbot":
@@ -273,7 +274,7 @@ def instruction_data(source: str = "chatterbot", seed: int = 0, splits: Sequence
     else:
         raise ValueError(f"unknown instruction source {source!r}; use 'chatterbot' or "
                          "'natural_instructions:<subtask>'")
-    groups = [f"{i}\x00{x}" for i, x in zip(_column(ds, "instruction"), _column(ds, "input"))]
+    groups = [f"{split_key(i)}\x00{split_key(x)}" for i, x in zip(_column(ds, "instruction"), _column(ds, "input"))]
     idx = split_indices(_column(ds, "category"), seed=seed, splits=splits, groups=groups)
     return datasets.DatasetDict({name: ds.select(i) for name, i in zip(SPLIT_NAMES, idx)})
 

@@ -229,7 +229,7 @@ def plot_history(history, path: str, title: str = "") -> str:
 
     if not history:
         raise ValueError("history is empty: nothing to plot")
-    counts = ("eval_examples", "eval_response_tokens")  # bookkeeping, not metrics
+    counts = ("eval_examples", "eval_response_tokens", "eval_prompts_decoded")  # bookkeeping, not metrics
     evals = sorted({k for r in history for k in r if k.startswith("eval_") and k not in counts})
     fig, axes = plt.subplots(1, 1 + bool(evals), figsize=(10 if evals else 5, 3.5), squeeze=False)
     ax = axes[0, 0]
