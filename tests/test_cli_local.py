@@ -563,3 +563,9 @@ def test_vit_directory_on_an_image_csv_trains_evaluates_predicts_and_exports(tmp
         theirs = model(pixel_values=nchw).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     assert model.config.id2label == {0: "blue", 1: "red"}
+    # jlora evaluate on an image classifier: the task metrics, and the text-only checks said to be skipped
+    assert cli.main(["evaluate", "--run", str(run), "--review", "2"]) == 0
+    report = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    assert report["task"]["adapted"]["accuracy"] == pytest.approx(results["test"]["accuracy"])
+    assert "image" in report["generalisation"]["skipped"] and "image corpus" in report["forgetting"]["skipped"]
+    assert (run / "evaluation" / "review.md").read_text().count("img/") == 2
