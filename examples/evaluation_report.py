@@ -59,6 +59,18 @@ def _analyze(run: pathlib.Path, compare: pathlib.Path | None, reuse: bool) -> di
     return json.loads((run / "analysis" / "analysis.json").read_text())
 
 
+def _data_check(name: str, argv: list[str], out: pathlib.Path) -> dict:
+    """``jlora data check`` on a bundled set, as a run's data would be checked before training."""
+    import contextlib
+    import io
+
+    from jlora import cli
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli.main(["data", "check", name, "--out", str(out), *argv])
+    return json.loads((out / "data_check.json").read_text())
+
+
 def _copy(src: pathlib.Path, dst: pathlib.Path, patterns=("*.png", "*.html", "*.md", "*.json", "*.csv")) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for pattern in patterns:
@@ -238,6 +250,26 @@ def _reading(summary: dict) -> list[str]:
     return out
 
 
+def _data_lines(checks: dict) -> list[str]:
+    lines = ["| data | tokenizer, max length | rows (train / validation / test) | errors | warnings | notes |",
+             "|---|---|---|---|---|---|"]
+    for name, r in checks.items():
+        rows = " / ".join(str(r["splits"][k]["rows"]) for k in ("train", "validation", "test"))
+        lines.append(f"| {name} | {r['model']}, {r['max_length']} | {rows} | {r['summary']['error']} | "
+                     f"{r['summary']['warning']} | {r['summary']['info']} |")
+    lines.append("")
+    for name, r in checks.items():
+        found = "; ".join(f"{p['severity']}: {p['message']}" for p in r["problems"] if p["severity"] != "info")
+        lines.append(f"* **{name}** ([report](evaluation/data_check/{name}/data_check.md)): {found or 'no problem found'}.")
+    leaks = [f"{name}: {p['message']}" for name, r in checks.items() for p in r["problems"] if p["check"] == "leakage"]
+    lines += ["", ("No validation or test input is also a training input in either set. " if not leaks else
+                   f"Leakage found: {'; '.join(leaks)}. ")
+              + "The first version of this check found ChatterBot's \"Why?\" in validation and \"why?\" in train; "
+              "the loaders now keep every "
+              "case / whitespace / trailing-punctuation variant of a prompt in one split (`jlora.data.text.split_key`)."]
+    return lines
+
+
 def _markdown(summary: dict, sections: dict) -> str:
     ev_c, ev_g = summary["evaluation"]["minilm_r8"], summary["evaluation"]["smollm2_r8"]
     tr_c, tr_g = summary["train"]["minilm_r8"], summary["train"]["smollm2_r8"]
@@ -278,6 +310,10 @@ def _markdown(summary: dict, sections: dict) -> str:
         "as the SQuAD v1.1 script defines them, classification metrics from the confusion matrix (tested against "
         "scikit-learn). `jlora analyze` runs the LoRA paper's §7 analysis on any low-rank adapter; `jlora data "
         "check` looks for problems in the data before training.",
+        "",
+        "## The data, checked first: `jlora data check`",
+        "",
+        *_data_lines(summary["data_check"]),
         "",
         "## The runs",
         "",
@@ -382,6 +418,12 @@ def main(argv=None) -> int:
         results[name] = _train(cfg, runs / name, args.reuse)
         timings[f"train {name}"] = results[name]["wall_s"]   # the run's own clock, also when reused
     t = time.perf_counter()
+    checks = {"rotten_tomatoes": _data_check("rotten_tomatoes", ["--model", "minilm", "--max-length", "48"],
+                                             runs / "data_check" / "rotten_tomatoes"),
+              "chatterbot": _data_check("chatterbot", ["--model", "smollm2", "--max-length", "96"],
+                                        runs / "data_check" / "chatterbot")}
+    timings["data check"] = time.perf_counter() - t
+    t = time.perf_counter()
     done = {n: (runs / n / "evaluation" / "evaluation.json").is_file() and args.reuse for n in ("minilm_r8", "smollm2_r8")}
     ev_minilm = _evaluate(runs / "minilm_r8", ["--review", "20", "--general-passages", "64"], args.reuse)
     if not done["minilm_r8"]:
@@ -403,6 +445,8 @@ def main(argv=None) -> int:
     target = docs / "evaluation"
     if target.exists():
         shutil.rmtree(target)
+    for name in checks:
+        _copy(runs / "data_check" / name, target / "data_check" / name, ("*.md", "*.png", "*.json"))
     for name in ("minilm_r8", "smollm2_r8"):
         _copy(runs / name / "evaluation", target / name)
         _copy(runs / name / "analysis", target / name / "analysis", ("*.png", "*.json"))
@@ -412,7 +456,7 @@ def main(argv=None) -> int:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()} {jax.devices()[0].platform}, {__import__('os').cpu_count()} CPU cores, jax {jax.__version__}"
     summary = {"generated": when, "commit": commit, "machine": machine, "timings_s": timings,
-               "train": results, "evaluation": {"minilm_r8": ev_minilm, "smollm2_r8": ev_smollm},
+               "train": results, "data_check": checks, "evaluation": {"minilm_r8": ev_minilm, "smollm2_r8": ev_smollm},
                "analysis": {"minilm_r8_vs_r64": an_minilm, "smollm2_r8": an_smollm}}
     (target / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
