@@ -33,6 +33,7 @@ LAYERS = {
     "jlora.data": 4,
     "jlora.assets": 4,
     "jlora.planner": 4,   # the memory planner: jlora's Llama + the training step
+    "jlora.eval": 4,      # jlora evaluate's library: metrics, forgetting (data + models), review sheets
     "jlora.cli": 5,
     "jlora.cli.tasks": 5,
     "jlora.cli.tasks_lm": 5,
@@ -45,7 +46,7 @@ CORE_MODULES = {"jax", "jaxlib", "flax", "optax", "orbax", "chex", "numpy", "saf
 CORE_DISTRIBUTIONS = {"jax", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "safetensors"}
 #: import names of the optional extras' packages
 EXTRA_MODULES = {"datasets", "pandas", "tokenizers", "gguf", "yaml", "matplotlib", "tqdm", "tensorboardX",
-                 "jinja2", "PIL"}
+                 "jinja2", "PIL", "sacrebleu", "rouge_score", "scipy"}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -23,6 +23,7 @@ checkpoint when the same command is run again; a finished one is replaced only w
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import optax
 import jlora
 import jlora.train
 from jlora import assets
+from jlora import eval as jeval
 from jlora import io as jio
 from jlora.cli import analyze as analyze_cli
 from jlora.cli import data_check as data_check_cli
@@ -831,8 +833,6 @@ HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "Hug
 def data_fingerprint(task) -> dict:
     """sha256 of each split's model inputs (the tokenised arrays, or the images), so a later
     evaluation can prove it reads the rows the run was split into."""
-    import hashlib
-
     out = {}
     for split, arrays in task.arrays.items():
         h = hashlib.sha256()
@@ -857,6 +857,30 @@ def check_data_unchanged(run, task) -> None:
         raise SystemExit(f"jlora: the {', '.join(changed)} split(s) of {run} are not the rows the run was trained and "
                          f"selected with (the data file, the tokenizer or jlora's splitting changed since); evaluating "
                          f"them could mix training rows into the test split. Re-train, or evaluate with the data as it was")
+
+
+def evaluate_run(run, options: "jeval.EvalOptions | None" = None, out_dir=None) -> dict:
+    """:func:`jlora.eval.evaluate` on a finished run directory (what ``jlora evaluate --run`` does):
+    its final (or best) adapter against the pretrained weights it was trained from, on the splits it
+    was trained with (checked), the report written to ``out_dir`` (default ``<run>/evaluation``) as
+    ``evaluation.json`` and ``evaluation.md`` beside the plots and the review sheet."""
+    options = options or jeval.EvalOptions()
+    cfg, task, adapted = _load_run(str(run))
+    check_data_unchanged(run, task)
+    base = _cast_frozen(task.params, cfg["param_dtype"], task.head) if options.base else None
+    out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run) / "evaluation"
+    report = jeval.evaluate(task, jlora.lift(task.model.apply), adapted, base, options, out)
+    report["run"] = str(run)
+    report["base_model"] = {"model": cfg["model"], "weights": f"the pretrained weights as trained on ({cfg['param_dtype']})"
+                            + ("; its classification head is the untrained one the run started from"
+                               if task.kind == "classification" else "")}
+    title = (f"evaluation of {pathlib.Path(run).name}: {cfg['method']} on {pathlib.Path(str(cfg['model'])).name} / "
+             f"{pathlib.Path(str(cfg['data'])).name}")
+    (out / "evaluation.md").write_text(jeval.report_markdown(report, title))
+    tmp = out / "evaluation.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp.replace(out / "evaluation.json")
+    return report
 
 
 def _base_model_name(model: str) -> str | None:
@@ -1159,9 +1183,9 @@ def main(argv=None) -> int:
     if args.command == "estimate":
         return _estimate(args)
     if args.command == "evaluate":
-        return evaluate_cli.main(args)
+        return evaluate_cli.main(args, evaluate_run)
     if args.command == "analyze":
-        return analyze_cli.main(args)
+        return analyze_cli.main(args, _load_run)
     if args.command == "data":
         return data_check_cli.main(args)
 

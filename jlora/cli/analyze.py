@@ -79,9 +79,11 @@ def table(report: dict) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
-def main(args: argparse.Namespace) -> int:
-    """Runs ``jlora analyze`` for parsed ``args`` (see :func:`add_parser`); returns the exit status."""
-    from jlora.cli import _load_run   # late: jlora.cli imports this module
+def main(args: argparse.Namespace, load_run) -> int:
+    """Runs ``jlora analyze`` for parsed ``args`` (see :func:`add_parser`); returns the exit status.
+    ``load_run(dir) -> (config, task, adapted)`` is :func:`jlora.cli._load_run` (passed in: jlora.cli
+    imports this module)."""
+    _load_run = load_run
 
     if args.top_r is not None and args.top_r < 1:
         raise SystemExit(f"jlora: --top-r must be a positive number of directions, got {args.top_r}")

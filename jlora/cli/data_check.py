@@ -18,7 +18,14 @@ import argparse
 import json
 import pathlib
 
+from jlora import assets
+from jlora import data as jdata
+from jlora.cli.tasks import ModelError, resolve_model
+from jlora.cli.tasks_lm import CHATML_JINJA
 from jlora.data import check as dcheck
+from jlora.data import files
+from jlora.data.chat import TextFormat
+from jlora.models.llama import SMOLLM2_GGUF, tokenizer_from_gguf
 
 CLASSIFICATION_DATA = ("rotten_tomatoes", "bbc_news")
 INSTRUCTION_DATA = ("chatterbot", "natural_instructions:<subtask>")
@@ -98,8 +105,6 @@ def _file_kind(args, column_names) -> str:
 
 def load(args) -> tuple[dict, str, dict]:
     """``(splits, kind, columns)`` for DATA as ``jlora train`` would split it."""
-    from jlora import data as jdata
-    from jlora.data import files
 
     name = args.data
     kind = _bundled_kind(name)
@@ -138,7 +143,6 @@ def load(args) -> tuple[dict, str, dict]:
 def _gguf_tokenizer(path):
     import gguf
 
-    from jlora.models.llama import tokenizer_from_gguf
 
     reader = gguf.GGUFReader(str(path))
     return tokenizer_from_gguf(reader), reader
@@ -150,7 +154,6 @@ def tokenizer_for(model: str, kind: str, bundled: bool):
     (None: :func:`jlora.data.check.chatml`, the bundled SmolLM2's ChatML)."""
     from tokenizers import Tokenizer
 
-    from jlora import assets
 
     if model == "none":
         return None, None, "none (lengths in characters)"
@@ -159,8 +162,6 @@ def tokenizer_for(model: str, kind: str, bundled: bool):
             raise SystemExit("jlora: --model minilm is an encoder for classification; instruction data is counted with "
                              "a decoder's tokenizer (smollm2, a Llama / Mistral / Qwen2 directory or a .gguf file)")
         return Tokenizer.from_file(str(assets.path("minilm", "model", "tokenizer.json"))), None, "minilm"
-    from jlora.cli.tasks import ModelError, resolve_model
-    from jlora.models.llama import SMOLLM2_GGUF
 
     try:
         family, path = resolve_model(model)
@@ -174,7 +175,6 @@ def tokenizer_for(model: str, kind: str, bundled: bool):
         raise SystemExit(f"jlora: --model {model} is a {family} model; {kind} data trains {need}")
     if family == "bert":
         return Tokenizer.from_file(str(pathlib.Path(path) / "tokenizer.json")), None, model
-    from jlora.data.chat import TextFormat
 
     if path == "smollm2":
         path = str(assets.ensure("smollm2") / SMOLLM2_GGUF)
@@ -187,7 +187,6 @@ def tokenizer_for(model: str, kind: str, bundled: bool):
     if model == "smollm2" and bundled:
         return tok, None, "smollm2 (ChatML)"      # InstructionTask: tokenize_instructions(chat=True)
     if model == "smollm2" and fmt.chat_template is None:
-        from jlora.cli.tasks_lm import CHATML_JINJA
         fmt = TextFormat(CHATML_JINJA, eos_token="<|im_end|>")
     return tok, _render_with(fmt), model + (" (its chat template)" if fmt.chat_template else " (no chat template)")
 

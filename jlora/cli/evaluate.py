@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from jlora import eval as jeval
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="task metrics (base vs adapted), forgetting and generalisation checks, and a "
@@ -38,9 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--strict", action="store_true", help="exit 1 when the forgetting check fails")
 
 
-def main(args) -> int:
-    from jlora import eval as jeval
-
+def main(args, evaluate_run) -> int:
+    """``jlora evaluate`` for parsed ``args``; ``evaluate_run`` is :func:`jlora.cli.evaluate_run`
+    (passed in: jlora.cli imports this module)."""
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.run) / "evaluation"
     if args.read_scores:
         scores = pathlib.Path(args.read_scores)
@@ -58,7 +60,7 @@ def main(args) -> int:
             base=not args.no_base, forgetting=not args.no_forgetting, general_text=args.general_text,
             general_passages=args.general_passages, ppl_threshold=args.ppl_threshold,
             drift_threshold=args.drift_threshold, probes=args.probes, variants=args.variants, review=args.review)
-        report = jeval.evaluate_run(args.run, options, out)
+        report = evaluate_run(args.run, options, out)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"jlora: evaluate: {e}") from None
     print((out / "evaluation.md").read_text(), end="")

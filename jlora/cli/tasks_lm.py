@@ -19,6 +19,7 @@ from jlora.models.llama import SMOLLM2_GGUF
 from jlora import data as jdata
 from jlora.models import llama
 from jlora.cli.options import DATA_OPTIONS, check_unsealed
+from jlora.eval.metrics import generation_metrics
 from jlora.data import chat, files
 from jlora.data.chat import _special_prefix, generation_prompt
 from jlora.data.instruct import chat_prompt
@@ -247,8 +248,6 @@ class InstructionTask:
         out = self.evaluate_arrays(lifted, params, self.arrays[split], batch_size, limit)
         pairs = self.reference_pairs(split)[:generate] if generate else []
         if pairs:
-            from jlora.eval.metrics import generation_metrics
-
             replies = []
             for s in range(0, len(pairs), batch_size):
                 replies += self.generate_batch(lifted, params, [p for p, _ in pairs[s:s + batch_size]], max_new_tokens)

