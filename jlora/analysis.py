@@ -527,6 +527,14 @@ def _spread(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
+def _save(plt, fig, path) -> str:
+    """Lays out, writes and closes a figure; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plot(report: Mapping[str, Any], out_dir) -> list:
     """Draws :func:`analyze`'s report as PNG files in ``out_dir`` and returns their paths:
     ``spectrum.png`` (``σ_i / σ_1`` of ΔW per layer, one panel per kind of weight, one line per
@@ -569,10 +577,7 @@ def plot(report: Mapping[str, Any], out_dir) -> list:
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     fig.suptitle("singular values of ΔW")
-    fig.tight_layout()
-    paths.append(str(out / "spectrum.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "spectrum.png"))
 
     amp = {k: v["amplification"] for k, v in layers.items() if v.get("amplification")}
     if amp:
@@ -591,10 +596,7 @@ def plot(report: Mapping[str, Any], out_dir) -> list:
             ax.set_xticks(x)
             ax.set_xticklabels([_short(k, 28) for k in keys], rotation=90, fontsize=6)
             ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        paths.append(str(out / "amplification.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(plt, fig, out / "amplification.png"))
 
     sim = report.get("similarity") or {}
     if sim:
@@ -614,8 +616,5 @@ def plot(report: Mapping[str, Any], out_dir) -> list:
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
         fig.suptitle("subspace similarity φ(A1, A2, i, j)")
-        fig.tight_layout()
-        paths.append(str(out / "similarity.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(plt, fig, out / "similarity.png"))
     return paths

@@ -47,11 +47,13 @@ from jlora import io as jio
 from jlora.cli import analyze as analyze_cli
 from jlora.cli import data_check as data_check_cli
 from jlora.cli import evaluate as evaluate_cli
+from jlora.cli.options import add_decoding_args
 from jlora.cli.tasks import make_task as _make
 from jlora.core.paths import flatten_with_paths, matches
 from jlora.core.spec import AdapterSpec
 from jlora.data import batches, files
 from jlora.data.files import DataFileError, looks_like_file
+from jlora.eval.metrics import GENERATION_METRICS   # what --eval-generate lets --best-metric select on
 from jlora.methods.adalora import kept_ranks
 from jlora.models.hf_export import hf_tensors, llama_config_json, save_hf_directory
 from jlora.models.llama import ATTENTION, DEFAULT_TARGETS as LLAMA_TARGETS
@@ -99,8 +101,6 @@ DEFAULTS = dict(model="minilm", data="rotten_tomatoes", method="lora", rank=8, a
                 mesh=None, rules=None)
 #: settings that may differ when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = ("progress", "out", "logdir", "eval_limit", "remat", "loss_chunk", "attention", "fuse_projections")
-#: generation metrics a language-model run can select its checkpoint by (with --eval-generate N)
-GENERATION_METRICS = ("exact_match", "token_f1", "rougeL", "bleu", "chrf")
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
 DATA_KEYS = ("text_column", "label_column", "prompt_column", "response_column", "messages_column",
@@ -877,9 +877,7 @@ def evaluate_run(run, options: "jeval.EvalOptions | None" = None, out_dir=None) 
     title = (f"evaluation of {pathlib.Path(run).name}: {cfg['method']} on {pathlib.Path(str(cfg['model'])).name} / "
              f"{pathlib.Path(str(cfg['data'])).name}")
     (out / "evaluation.md").write_text(jeval.report_markdown(report, title))
-    tmp = out / "evaluation.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    tmp.replace(out / "evaluation.json")
+    _write_json(out / "evaluation.json", report)
     return report
 
 
@@ -1148,12 +1146,7 @@ def main(argv=None) -> int:
     p_gen.add_argument("--prompts-file", help="prompts: a .txt file (one a line) or a data file with --prompt-column")
     p_gen.add_argument("--prompt-column", default="prompt", help="the column of --prompts-file (default prompt)")
     p_gen.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line, until EOF")
-    p_gen.add_argument("--max-new-tokens", type=int, default=64)
-    p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p_gen.add_argument("--top-k", type=int)
-    p_gen.add_argument("--top-p", type=float)
-    p_gen.add_argument("--seed", type=int, default=0)
-    p_gen.add_argument("--batch", type=int, default=8, help="prompts decoded together")
+    add_decoding_args(p_gen)
     p_gen.add_argument("--out", help="write JSON lines here instead of stdout")
     p_pred = sub.add_parser("predict", help="class probabilities of a classification run for texts")
     p_pred.add_argument("--run", required=True)

@@ -7,6 +7,7 @@ import json
 import pathlib
 
 from jlora import eval as jeval
+from jlora.cli.options import add_decoding_args
 
 
 def add_parser(sub) -> None:
@@ -17,12 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--limit", type=int, help="rows of the split for the loss / classification metrics (default all)")
     p.add_argument("--generate-limit", type=int, default=64, help="prompts decoded for generation metrics (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0 samples with --seed")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=8, help="prompts decoded together")
+    add_decoding_args(p)
     p.add_argument("--no-base", action="store_true", help="skip the base model (and so the forgetting check)")
     p.add_argument("--no-forgetting", action="store_true", help="skip the forgetting check")
     p.add_argument("--general-text", help="general text for the forgetting check: a .txt file (one passage a line) "

@@ -19,7 +19,7 @@ from jlora.models.llama import SMOLLM2_GGUF
 from jlora import data as jdata
 from jlora.models import llama
 from jlora.cli.options import DATA_OPTIONS, check_unsealed
-from jlora.eval.metrics import generation_metrics
+from jlora.eval.metrics import GENERATION_METRICS, generation_metrics
 from jlora.data import chat, files
 from jlora.data.chat import _special_prefix, generation_prompt
 from jlora.data.instruct import chat_prompt
@@ -37,6 +37,20 @@ CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
 def _prompt(instruction: str, input: str = "") -> str:
     """An instruction and its optional input as one user prompt (blank line between)."""
     return instruction if not (input or "").strip() else f"{instruction}\n\n{input}"
+
+
+def _file_layout(cols, opts) -> tuple[str, object] | None:
+    """How the trainer reads a data file with columns ``cols`` and the data flags ``opts``:
+    ``("messages", column)``, ``("pairs", (prompt, input or None, response))``, ``("text", column)``,
+    or None when it holds nothing to train on (in that order of preference)."""
+    if opts["messages_column"] or ("messages" in cols and not (opts["prompt_column"] or opts["text_column"])):
+        return "messages", opts["messages_column"] or "messages"
+    pair = _pair_columns(cols, opts)
+    if pair is not None:
+        return "pairs", pair
+    if opts["text_column"] or "text" in cols:
+        return "text", opts["text_column"] or "text"
+    return None
 
 
 def _pair_columns(cols, opts) -> tuple[str, str | None, str] | None:
@@ -141,23 +155,21 @@ class InstructionTask:
 
         where, cols = f"data file {self.data}", ds.column_names
         flags = ("--messages-column", "--prompt-column", "--response-column", "--text-column")
-        if opts["messages_column"] or ("messages" in cols and not (opts["prompt_column"] or opts["text_column"])):
-            col = opts["messages_column"] or "messages"
+        kind, col = _file_layout(cols, opts) or (None, None)
+        if kind == "messages":
             files.require_columns(ds, [col], where, flags)
             try:
                 return chat.tokenize_conversations(list(ds[col]), self.tokenizer, self._chat_format(), self.max_length,
                                                    packing=self.packing)
             except ValueError as e:
                 raise files.DataFileError(f"{where}: {e}") from None
-        pair = _pair_columns(cols, opts)
-        if pair is not None:
-            files.require_columns(ds, [c for c in pair if c], where, flags)
-            p_col, in_col, r_col = pair
+        if kind == "pairs":
+            files.require_columns(ds, [c for c in col if c], where, flags)
+            p_col, in_col, r_col = col
             inputs = ds[in_col] if in_col else [""] * len(ds)
             return self._pairs([_prompt(str(p), str(x or "")) for p, x in zip(ds[p_col], inputs)],
                                [str(r) for r in ds[r_col]])
-        if opts["text_column"] or "text" in cols:
-            col = opts["text_column"] or "text"
+        if kind == "text":
             files.require_columns(ds, [col], where, flags)
             return chat.tokenize_texts([str(t) for t in ds[col]], self.tokenizer, self.text_format, self.max_length,
                                        packing=self.packing)
@@ -176,16 +188,15 @@ class InstructionTask:
         if not self.from_file:
             pairs = [(_prompt(i, x), r) for i, x, r in zip(ds["instruction"], ds["input"], ds["response"])]
         else:
-            opts = {**DATA_OPTIONS, **(self.options or {})}
-            cols = ds.column_names
-            if opts["messages_column"] or ("messages" in cols and not (opts["prompt_column"] or opts["text_column"])):
+            kind, col = _file_layout(ds.column_names, {**DATA_OPTIONS, **(self.options or {})}) or (None, None)
+            if kind == "messages":
                 pairs = []
-                for conv in ds[opts["messages_column"] or "messages"]:
+                for conv in ds[col]:
                     turns = [m for m in conv if m.get("role") != "system"]
                     if len(turns) >= 2 and turns[0].get("role") == "user" and turns[1].get("role") == "assistant":
                         pairs.append((str(turns[0]["content"]), str(turns[1]["content"])))
-            elif (pair := _pair_columns(cols, opts)) is not None:
-                p_col, in_col, r_col = pair
+            elif kind == "pairs":
+                p_col, in_col, r_col = col
                 inputs = ds[in_col] if in_col else [""] * len(ds)
                 pairs = [(_prompt(str(p), str(x or "")), str(r)) for p, x, r in zip(ds[p_col], inputs, ds[r_col])]
             else:
@@ -248,12 +259,9 @@ class InstructionTask:
         out = self.evaluate_arrays(lifted, params, self.arrays[split], batch_size, limit)
         pairs = self.reference_pairs(split)[:generate] if generate else []
         if pairs:
-            replies = []
-            for s in range(0, len(pairs), batch_size):
-                replies += self.generate_batch(lifted, params, [p for p, _ in pairs[s:s + batch_size]], max_new_tokens)
-            scores = generation_metrics(replies, [r for _, r in pairs])
-            out.update({k: scores[k] for k in ("exact_match", "token_f1", "rougeL", "bleu", "chrf")},
-                       prompts_decoded=len(pairs))
+            scores = generation_metrics(self.replies(lifted, params, [p for p, _ in pairs], max_new_tokens, batch_size),
+                                        [r for _, r in pairs])
+            out.update({k: scores[k] for k in GENERATION_METRICS}, prompts_decoded=len(pairs))
         return out
 
     def evaluate_arrays(self, lifted: Callable, params, arrays, batch_size: int = 8, limit: int | None = None) -> dict:
@@ -293,6 +301,14 @@ class InstructionTask:
         token = "<|im_end|>" if self.bundled_chatml else self.text_format.eos_token
         i = self.tokenizer.token_to_id(token) if token else None
         return [] if i is None else [int(i)]
+
+    def replies(self, lifted: Callable, params, prompts, max_new_tokens: int = 40, batch_size: int = 8,
+                **sampling) -> list[str]:
+        """:meth:`generate_batch` over any number of prompts, ``batch_size`` at a time."""
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            out += self.generate_batch(lifted, params, prompts[s:s + batch_size], max_new_tokens, **sampling)
+        return out
 
     def generate_batch(self, lifted: Callable, params, prompts, max_new_tokens: int = 40, *, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[str]:

@@ -29,6 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
+#: the generation metrics :func:`generation_metrics` reports (larger is better for each)
+GENERATION_METRICS = ("exact_match", "token_f1", "rougeL", "bleu", "chrf")
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
 

@@ -26,12 +26,9 @@ import optax
 
 from jlora.eval import forgetting as fg
 from jlora.eval import review as rv
-from jlora.eval.metrics import classification_metrics, generation_metrics, plot_confusion
+from jlora.eval.metrics import GENERATION_METRICS, classification_metrics, generation_metrics, plot_confusion
 
 _HERE = pathlib.Path(__file__).resolve().parent
-GENERATION_KEYS = ("exact_match", "token_f1", "rougeL", "bleu", "chrf")
-
-
 @dataclasses.dataclass
 class EvalOptions:
     """What :func:`evaluate` measures, and how much of it."""
@@ -194,11 +191,8 @@ def _evaluate_classification(task, lifted, adapted, base, opts, out: pathlib.Pat
 # generation
 
 def _generate(task, lifted, params, prompts, opts) -> list[str]:
-    out = []
-    for s in range(0, len(prompts), opts.batch):
-        out += task.generate_batch(lifted, params, prompts[s:s + opts.batch], opts.max_new_tokens,
-                                   temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
-    return out
+    return task.replies(lifted, params, prompts, opts.max_new_tokens, batch_size=opts.batch,
+                        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
 
 
 def _evaluate_generation(task, lifted, adapted, base, opts, out: pathlib.Path | None) -> dict:
@@ -214,7 +208,7 @@ def _evaluate_generation(task, lifted, adapted, base, opts, out: pathlib.Path | 
         for name, params in models.items():
             replies[name] = _generate(task, lifted, params, prompts, opts)
             scores = generation_metrics(replies[name], refs)
-            report["task"][name].update({k: scores[k] for k in GENERATION_KEYS}, prompts_decoded=len(prompts),
+            report["task"][name].update({k: scores[k] for k in GENERATION_METRICS}, prompts_decoded=len(prompts),
                                         signatures=scores["signatures"])
         report["outputs"] = [{"prompt": p, "references": r, **{name: replies[name][i] for name in replies}}
                              for i, (p, r) in enumerate(pairs)]
@@ -223,8 +217,8 @@ def _evaluate_generation(task, lifted, adapted, base, opts, out: pathlib.Path | 
             scores = generation_metrics(_generate(task, lifted, adapted, [apply_variant(v, p) for p in prompts], opts),
                                         refs)
             rows.append({"id": v["id"], "template": v["template"], "transform": v.get("transform"),
-                         **{k: scores[k] for k in GENERATION_KEYS},
-                         **{f"{k}_change": scores[k] - report["task"]["adapted"][k] for k in GENERATION_KEYS}})
+                         **{k: scores[k] for k in GENERATION_METRICS},
+                         **{f"{k}_change": scores[k] - report["task"]["adapted"][k] for k in GENERATION_METRICS}})
         report["generalisation"] = {"variants": rows, "examples": len(prompts)}
     else:
         report["generalisation"] = {"skipped": "the data has no prompts (plain text): nothing to generate"}
@@ -297,7 +291,7 @@ def report_markdown(report: dict, title: str = "evaluation") -> str:
     task = report["task"]
     have_base = "base" in task
     keys = (["accuracy", "macro_f1", "macro_precision", "macro_recall", "loss"] if report["kind"] == "classification"
-            else ["loss", "perplexity", *GENERATION_KEYS])
+            else ["loss", "perplexity", *GENERATION_METRICS])
     lines += [f"## Task metrics ({report['split']} split, {task['adapted']['examples']} examples)", "",
               "| metric | base | adapted | change |" if have_base else "| metric | adapted |",
               "|---|---|---|---|" if have_base else "|---|---|"]
