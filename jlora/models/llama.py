@@ -401,9 +401,24 @@ class LlamaAttention(nn.Module):
             out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
         else:   # GQA by jax.nn.dot_product_attention itself: query head h reads kv head h // (H / KV)
             out = jax.nn.dot_product_attention(q.astype(c.dtype), k.astype(c.dtype), v.astype(c.dtype),
-                                               mask=ctx["mask"][:, None], scale=D ** -0.5,
-                                               implementation=c.attention).reshape(B, T, H * D)
+                                               scale=D ** -0.5, implementation=c.attention,
+                                               **_attention_masks(c, ctx, B, T)).reshape(B, T, H * D)
         return _dense(c, c.hidden_size, c.attention_out_bias, "o_proj")(out), new_kv
+
+
+def _attention_masks(c, ctx, B, T):
+    """The mask arguments of ``jax.nn.dot_product_attention`` for one layer: ``is_causal`` (with the
+    sliding window as ``local_window_size``) plus the padding / segment mask where the layer runs
+    without a cache; the full ``(B, 1, T, S)`` mask otherwise (a cache or a prefix shifts the diagonal)."""
+    if "causal_rest" not in ctx:
+        return {"mask": ctx["mask"][:, None]}
+    rest = ctx["causal_rest"]
+    if rest is not None:
+        rest = rest[:, None]                                    # (B, 1, 1 or T, S)
+        if c.attention == "cudnn":   # cuDNN takes a bias of (B, N, T, S) with T and S whole
+            rest = jnp.broadcast_to(rest, (B, 1, T, rest.shape[-1]))
+    window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
+    return {"mask": rest, "is_causal": True, "local_window_size": window}
 
 
 class LlamaMLP(nn.Module):
@@ -509,6 +524,15 @@ class LlamaModel(nn.Module):
         if segment_ids is not None:   # packed rows: a token attends only to its own example
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         ctx = {"cos": cos, "sin": sin, "mask": mask, "index": index}
+        if cache is None:
+            # No cache: ``mask`` is the causal triangle (and window) AND padding AND segments. The fused
+            # attention gets the triangle as ``is_causal`` (cuDNN then skips the blocks above the diagonal
+            # instead of reading a dense bias over all of them) and only the rest as a mask.
+            rest = None if attention_mask is None else key_valid[:, None, :]            # (B, 1, S)
+            if segment_ids is not None:
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]               # (B, T, S)
+                rest = same if rest is None else rest & same
+            ctx["causal_rest"] = rest
 
         layers_cache = None if cache is None else cache["layers"]
         if c.scan_layers:

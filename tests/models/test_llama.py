@@ -274,6 +274,50 @@ def test_dot_product_attention_equals_the_explicit_softmax(kv_heads, window):
         tiny(attention="flash")
 
 
+def test_fused_attention_gets_the_causal_triangle_as_is_causal(monkeypatch):
+    """Without a cache the fused paths pass the causal triangle (and a sliding window) as
+    ``is_causal`` / ``local_window_size`` and only padding and segments as a mask, so cuDNN can skip
+    the blocks above the diagonal; cuDNN's mask is the whole (B, 1, T, S). A cache or a prefix keeps
+    the full mask. The "cudnn" configuration's arguments run here through the XLA implementation and
+    give the explicit path's logits."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append({"T": q.shape[1], "S": k.shape[1], "mask": None if kw.get("mask") is None else kw["mask"].shape,
+                      **{n: kw.get(n) for n in ("is_causal", "local_window_size", "implementation")}})
+        return real(q, k, v, **{**kw, "implementation": "xla"})
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    config = tiny(num_key_value_heads=2, sliding_window=4)
+    params = tiny_params(config, seed=4)
+    explicit = llama.LlamaForCausalLM(config)
+    rng = np.random.default_rng(2)
+    ids = jnp.asarray(rng.integers(0, 101, (2, 7)))
+    right = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3])
+    left = jnp.asarray([[1] * 7, [0] * 3 + [1] * 4])
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2], [1, 1, 2, 2, 2, 3, 3]])
+    prefix = {"k": jnp.asarray(rng.standard_normal((2, 2, 2, 2, 8)), jnp.float32),
+              "v": jnp.asarray(rng.standard_normal((2, 2, 2, 2, 8)), jnp.float32)}
+    cases = [({}, None), ({"attention_mask": right}, (2, 1, 1, 7)), ({"attention_mask": left}, (2, 1, 1, 7)),
+             ({"segment_ids": segments}, (2, 1, 7, 7)), ({"prefix": prefix}, "full")]
+    for implementation in ("xla", "cudnn"):
+        fused = llama.LlamaForCausalLM(config.replace(attention=implementation, scan_layers=False))
+        for kw, mask in cases:
+            calls.clear()
+            np.testing.assert_allclose(fused.apply(params, ids, **kw), explicit.apply(params, ids, **kw),
+                                       atol=2e-5, err_msg=f"{implementation} {sorted(kw)}")
+            assert len(calls) == config.num_hidden_layers and calls[0]["implementation"] == implementation
+            call = calls[0]
+            if mask == "full":   # the prefix's slots come first: the diagonal is shifted
+                assert call["is_causal"] is None and call["mask"] == (2, 1, 7, 9), call
+                continue
+            if implementation == "cudnn" and mask is not None:
+                mask = (2, 1, 7, 7)
+            assert call["is_causal"] is True and call["local_window_size"] == (3, 0), call
+            assert call["mask"] == mask, (kw, call)
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     model, params, fwd = tiny_model()          # same shapes as the cache test: compiled code is reused
     prompt = [1, 2, 3, 4, 5, 6]
