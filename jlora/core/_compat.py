@@ -9,6 +9,8 @@ inputs). Checked on jax 0.10.2 (CPU) and 0.11.2 (CUDA).
 
 from __future__ import annotations
 
+import contextlib
+
 from jax.extend import core as jcore
 
 try:   # JAX's own tracing-cache context (meshes, user contexts, dtype and precision settings)
@@ -20,6 +22,11 @@ try:   # what reverse-mode differentiation keeps from the forward pass (jax.ad_c
     from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
 except ImportError:   # pragma: no cover - a JAX without it
     _saved_residuals = None
+
+try:   # an equation's module path and source line, re-entered when lift re-binds it (profiles, HLO op_name)
+    from jax._src import source_info_util as _source_info
+except ImportError:   # pragma: no cover - a JAX without it: re-bound ops lose their names
+    _source_info = None
 
 P = jcore.primitives
 
@@ -110,6 +117,16 @@ def bind(eqn, invals):
     else:
         out = eqn.primitive.bind(*subfuns, *invals, **params)
     return out if eqn.primitive.multiple_results else [out]
+
+
+def source_context(eqn):
+    """A context that re-binds ``eqn``'s results under its own name stack (``model/layers/self_attn/...``)
+    and traceback, as ``jax.core.eval_jaxpr`` does: what lift re-binds keeps the module names that
+    profiles and the compiled HLO's ``op_name`` show."""
+    info = getattr(eqn, "source_info", None)
+    if _source_info is None or info is None:
+        return contextlib.nullcontext()
+    return _source_info.user_context(info.traceback, name_stack=_source_info.current_name_stack() + info.name_stack)
 
 
 def sub_jaxprs(eqn):

@@ -143,10 +143,8 @@ def _eval(jaxpr, consts, args, ctx):
         env[v] = a
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(_is_live(x) for x in invals):
-            outs = _dispatch(eqn, invals, ctx)
-        else:
-            outs = C.bind(eqn, invals)
+        with C.source_context(eqn):
+            outs = _dispatch(eqn, invals, ctx) if any(_is_live(x) for x in invals) else C.bind(eqn, invals)
         for v, o in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
@@ -348,6 +346,12 @@ def _low_rank_term(eqn, x, a, b, layout, mode, node_is_rhs, x_contract, x_batch,
     factor_contract = tuple(position[d] for d in w_contract)
     precision = eqn.params.get("precision")
     preferred = eqn.params.get("preferred_element_type")
+    if (node_is_rhs and mode == "in" and not stack_n and not x_batch
+            and tuple(x_contract) == tuple(range(x.ndim - inputs_n, x.ndim))
+            and tuple(w_contract) == tuple(range(inputs_n))):
+        k, r = int(np.prod(a.shape[:inputs_n])), a.shape[-1]
+        y = _lora_matmul(x.reshape(-1, k), a.reshape(k, r), b.reshape(r, -1), precision, preferred)
+        return y.reshape(x.shape[:x.ndim - inputs_n] + b.shape[1:])
     batch = tuple(range(len(stack)))
     if node_is_rhs:
         first = lax.dot_general(x, first_factor, ((tuple(x_contract), factor_contract), (tuple(x_batch), stack)),
@@ -358,6 +362,48 @@ def _low_rank_term(eqn, x, a, b, layout, mode, node_is_rhs, x_contract, x_batch,
                             precision=precision, preferred_element_type=preferred)
     return lax.dot_general(second_factor, first, (((second_rank_axis,), (len(stack),)), (stack, batch)),
                            precision=precision, preferred_element_type=preferred)
+
+
+def _mm(p, q, precision, preferred):
+    return lax.dot_general(p, q, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lora_matmul(x, a, b, precision, preferred):
+    """``(x @ a) @ b`` for ``x (T, in)``, ``a (in, r)``, ``b (r, out)``: autodiff's numbers. On XLA:CPU the
+    backward computes the factor gradients as plain row-major GEMMs over the tokens, ``(xa)^T @ g``
+    and ``((g b^T)^T @ x)^T``, with only the small ``(r, T)`` transposes materialised: left to itself,
+    XLA:CPU lays out the large ``(T, out)`` cotangent transposed (a copy per projection) and runs the
+    contraction over tokens outside its fast GEMM path (benchmarks/README.md, "Where the CPU time
+    goes"). Other platforms get autodiff's own contractions, whose transposes cuBLAS takes for free
+    (``lax.platform_dependent``: chosen when the step is lowered, so a compile for a GPU from a CPU
+    host gets the GPU's)."""
+    return _mm(_mm(x, a, precision, preferred), b, precision, preferred)
+
+
+def _lora_matmul_fwd(x, a, b, precision, preferred):
+    xa = _mm(x, a, precision, preferred)
+    return _mm(xa, b, precision, preferred), (x, a, b, xa)
+
+
+def _lora_matmul_bwd(precision, preferred, res, g):
+    x, a, b, xa = res
+    dt = g.dtype
+    gb = _mm(g, b.astype(dt).T, precision, preferred)                                            # (T, r)
+    dx = _mm(gb.astype(dt), a.astype(dt).T, precision, preferred)                                # (T, in)
+
+    def over_tokens(small, big, barrier):   # small (T, r), big (T, d) -> small^T @ big, (r, d)
+        t = small.astype(dt).T
+        return _mm(lax.optimization_barrier(t) if barrier else t, big.astype(dt), precision, preferred)
+
+    db, da_t = lax.platform_dependent(xa, g, gb, x, cpu=lambda *v: (over_tokens(v[0], v[1], True),
+                                                                   over_tokens(v[2], v[3], True)),
+                                      default=lambda *v: (over_tokens(v[0], v[1], False),
+                                                          over_tokens(v[2], v[3], False)))
+    return dx.astype(x.dtype), da_t.T.astype(a.dtype), db.astype(b.dtype)
+
+
+_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 def _denser_than_dense(node) -> bool:
