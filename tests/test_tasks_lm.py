@@ -26,6 +26,42 @@ def test_masked_lm_loss_matches_numpy():
     np.testing.assert_allclose(float(loss), np.mean(terms), rtol=1e-5)
 
 
+def test_attention_mask_left_out_only_where_the_loss_cannot_tell(tiny_loaded, monkeypatch):
+    """mask_is_redundant: right-padded rows with no label on a padded position. There the loss
+    without the attention mask equals the loss with it (value and gradients, explicit and xla
+    attention), and the fused attention gets no dense mask; left padding or a labelled padded
+    position keeps the mask."""
+    from jlora.cli.tasks_lm import mask_is_redundant
+
+    ids = np.array([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]], np.int32)
+    right = np.array([[1] * 6, [1, 1, 1, 0, 0, 0]], np.int32)
+    labels = np.where(right == 1, ids, IGNORE_INDEX)
+    assert mask_is_redundant({"attention_mask": right, "labels": labels})
+    assert mask_is_redundant({"attention_mask": np.ones_like(ids), "input_ids": ids})
+    assert not mask_is_redundant({"attention_mask": right[:, ::-1], "labels": labels[:, ::-1]})   # left padding
+    assert not mask_is_redundant({"attention_mask": right, "labels": ids})                         # labelled padding
+    assert not mask_is_redundant({"attention_mask": np.array([[1, 0, 1, 1, 1, 1]] * 2), "labels": labels})
+
+    model, params, _ = tiny_loaded
+    task = InstructionTask.__new__(InstructionTask)
+    task.loss_chunk = None
+    adapted = jlora.apply(params, jlora.LoRA(rank=2, targets=llama.DEFAULT_TARGETS["all-linear"]), key=jax.random.key(1))
+    trainable, frozen = jlora.partition(adapted)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(right), "labels": jnp.asarray(labels)}
+    for attention in ("explicit", "xla"):
+        lifted = jlora.lift(llama.LlamaForCausalLM(model.config.replace(attention=attention)).apply)
+        values = [jax.value_and_grad(lambda t: task.lm_loss(lifted, jlora.combine(t, frozen), batch, mask=m)[0])(trainable)
+                  for m in (True, False)]
+        np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(values[0][1]), jax.tree_util.tree_leaves(values[1][1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    seen = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: seen.append(kw.get("mask")) or real(*a, **kw))
+    task.lm_loss(lifted, params, batch, mask=False)
+    assert seen and all(m is None for m in seen)
+
+
 @pytest.fixture(scope="module")
 def tiny_loaded():
     import gguf

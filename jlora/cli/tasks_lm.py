@@ -79,6 +79,20 @@ def _text_format(model_path, tokenizer):
     return TextFormat.from_directory(pathlib.Path(model_path))
 
 
+def mask_is_redundant(arrays) -> bool:
+    """True when every row's attention mask is a run of ones then zeros (right padding) and no padded
+    position carries a label. A causal decoder's loss is then the same without the mask: a real token
+    attends only to earlier positions, all real, and its position ids are 0, 1, ... either way; only
+    the padded positions' logits change, and no label reads them. (Packed rows have an all-ones mask.)"""
+    mask = np.asarray(arrays["attention_mask"]).astype(bool)
+    if mask.ndim != 2:
+        return False
+    lengths = mask.sum(axis=1)
+    right = np.arange(mask.shape[1])[None, :] < lengths[:, None]
+    labels = arrays.get("labels")
+    return bool(np.array_equal(mask, right) and (labels is None or np.all(np.asarray(labels)[~mask] == IGNORE_INDEX)))
+
+
 @dataclasses.dataclass
 class InstructionTask:
     """A Llama-family decoder + data with the loss on response (assistant) tokens, or on every token
@@ -232,17 +246,21 @@ class InstructionTask:
         """Logits; ``P + T`` positions long when ``params`` carries a prompt-tuning / P-tuning prompt."""
         return lifted(params, batch["input_ids"], batch["attention_mask"], **self._model_kwargs(params, batch, train, key))
 
-    def lm_loss(self, lifted: Callable, params, batch, train: bool = False, key=None):
+    def lm_loss(self, lifted: Callable, params, batch, train: bool = False, key=None, *, mask: bool = True):
         """(mean cross-entropy on the batch's labelled tokens, their number), through the model's
         own :meth:`~jlora.models.llama.LlamaForCausalLM.loss`: the head and the loss run
         ``loss_chunk`` positions at a time when it is set, so the float32 logits of the whole
-        batch never exist."""
-        return lifted(params, batch["input_ids"], batch["labels"], batch["attention_mask"], method="loss",
-                      chunk=self.loss_chunk, **self._model_kwargs(params, batch, train, key))
+        batch never exist. ``mask=False`` leaves the attention mask out, which changes nothing the
+        loss sees when :func:`mask_is_redundant` holds for the rows (the fused attention then gets
+        no dense mask: on cuDNN no bias to read and no bias gradient to write)."""
+        return lifted(params, batch["input_ids"], batch["labels"], batch["attention_mask"] if mask else None,
+                      method="loss", chunk=self.loss_chunk, **self._model_kwargs(params, batch, train, key))
 
     def loss_fn(self, lifted: Callable):
+        mask = not mask_is_redundant(self.arrays["train"])
+
         def loss(params, batch, key):
-            value, n = self.lm_loss(lifted, params, batch, train=True, key=key)
+            value, n = self.lm_loss(lifted, params, batch, train=True, key=key, mask=mask)
             return value, {"response_tokens": n.astype(jnp.float32)}
         return loss
 
@@ -270,7 +288,8 @@ class InstructionTask:
         if n < 1:
             raise ValueError("nothing to evaluate: no rows")
         batch_size = min(batch_size, n)
-        fn = jax.jit(lambda p, b: self.lm_loss(lifted, p, b))
+        mask = not mask_is_redundant({k: v[:n] for k, v in arrays.items()})
+        fn = jax.jit(lambda p, b: self.lm_loss(lifted, p, b, mask=mask))
         total, tokens = 0.0, 0
         for s in range(0, n, batch_size):
             b = {k: v[s:min(s + batch_size, n)] for k, v in arrays.items()}
