@@ -138,6 +138,10 @@ def parse_args(argv=None):
     m.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU (default: 989 on an H100 / H200 in bf16 / fp16, else none)")
     m.add_argument("--no-memory-analysis", action="store_true", help="jlora: skip compiled.memory_analysis()")
+    m.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, N more under the framework's profiler: the time per category "
+                        "(head / layer matmuls, attention, loss, elementwise, copies, optimizer; "
+                        "benchmarks/step_profile.py) in the JSON and a side-by-side table")
     m.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("files")
     o.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jlora_llama_step"),
@@ -201,6 +205,7 @@ def resolve(args, probe):
         "steps": steps, "warmup": warmup, "rounds": args.rounds, "seed": args.seed, "timeout_s": args.timeout,
         "compile_timeout_s": args.compile_timeout, "deadline_s": args.deadline,
         "threads": args.threads, "cores": cores, "memory_analysis": not args.no_memory_analysis,
+        "profile_steps": args.profile,
     }
 
 
@@ -561,9 +566,14 @@ def child_jlora(cfg):
     setup_s = time.perf_counter() - t0
 
     lifted = jlora.lift(model.apply, strict=True)
+    # as `jlora train` does: no attention mask where the loss cannot tell (right padding, no label on
+    # a padded position; here an all-ones mask), so cuDNN gets no dense bias
+    from jlora.cli.tasks_lm import mask_is_redundant
+    use_mask = not mask_is_redundant({"attention_mask": np.ones_like(ids), "labels": ids})
 
     def loss_fn(p, b, key):
-        loss, n = lifted(p, b["input_ids"], b["labels"], b["attention_mask"], method="loss", chunk=chunk)
+        loss, n = lifted(p, b["input_ids"], b["labels"], b["attention_mask"] if use_mask else None, method="loss",
+                         chunk=chunk)
         return loss, {"n_tokens": n}
 
     optimizer = optax.adamw(cfg["lr"], b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg["weight_decay"])
@@ -590,7 +600,8 @@ def child_jlora(cfg):
            "first_call_s": first_call, "first_step_loss": losses[0], "n_target_tokens": n_tokens,
            "losses": losses, "final_loss": losses[-1], "all_finite": bool(np.all(np.isfinite(losses))),
            **_stats(times), "setup_s": setup_s, **counts, "spec": repr(spec),
-           "loss": f"jlora.lift(model.apply)(params, input_ids, labels, attention_mask, method='loss', chunk={chunk})",
+           "loss": f"jlora.lift(model.apply)(params, input_ids, labels, {'attention_mask' if use_mask else 'None'}, "
+                   f"method='loss', chunk={chunk})",
            "device_memory_after_setup": mem_setup, "device_memory_end": device_memory()}
     dm = out["device_memory_end"]
     if dm and "peak_bytes_in_use" in dm:
@@ -605,6 +616,20 @@ def child_jlora(cfg):
         t2 = time.perf_counter()
         out["compiled_memory"] = compiled_memory(compiled)
         out["aot_trace_lower_s"], out["aot_compile_s"] = t1 - t0, t2 - t1
+    if cfg.get("profile_steps"):
+        from step_profile import jax_profile
+
+        state = {"t": trainable, "o": opt_state}
+
+        def run_step():
+            state["t"], state["o"], _ = jax.block_until_ready(step(state["t"], frozen, state["o"], batch, None))
+
+        hlo = step.lower(trainable, frozen, opt_state, batch, None).compile().as_text()
+        trace_dir = os.path.join(cfg["workdir"], "profiles", variant)
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        out["profile"] = jax_profile(run_step, cfg["profile_steps"], hlo, trace_dir, cfg["vocab"],
+                                     step_ms=1e3 * out["step_s_median"])
+        out["profile"]["trace_dir"] = trace_dir
     out["ru_maxrss_bytes"] = _maxrss_bytes()
     if "peak_bytes" not in out:
         out["peak_bytes"], out["peak_kind"] = out["ru_maxrss_bytes"], "ru_maxrss (host RSS high-water mark)"
@@ -689,8 +714,9 @@ def child_peft(cfg):
     def step():
         out = fwd(input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("optimizer"):   # a label for --profile; free otherwise
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return out.loss.detach()
 
     t0 = time.perf_counter()
@@ -722,6 +748,11 @@ def child_peft(cfg):
         out["cuda_max_memory_reserved"] = int(torch.cuda.max_memory_reserved())
     else:
         out["peak_bytes"], out["peak_kind"] = out["ru_maxrss_bytes"], "ru_maxrss (host RSS high-water mark)"
+    if cfg.get("profile_steps"):
+        from step_profile import torch_profile
+
+        out["profile"] = torch_profile(lambda: (step(), sync()), cfg["profile_steps"], cfg["vocab"],
+                                       step_ms=1e3 * out["step_s_median"])
     out["process_s"] = time.perf_counter() - t_start
     out["affinity"] = _affinity()
     log(f"{variant}: step {1e3 * out['step_s_median']:.1f} ms (median of {len(times)}), "
@@ -892,6 +923,7 @@ def main(argv=None):
             order.append(v)
 
     cfg["weights_dir"] = os.path.join(args.workdir, "weights-" + weights_key(cfg))
+    cfg["workdir"] = args.workdir
     prep, prep_info = run_child("prepare", cfg, max(args.timeout, 900), os.path.join(log_dir, f"{stamp}-prepare.log"),
                                 jax_cpu=True)
     if prep is None:
@@ -986,6 +1018,9 @@ def main(argv=None):
         if pr.get("checked"):
             log(f"first-step loss {m}: jlora {pr['jlora']:.6f} peft {pr['peft']:.6f} rel diff {pr['rel_diff']:.2e} "
                 f"(rtol {chk['rtol']}{', enforced' if m == 'lora' else ''})")
+    if args.profile:
+        from step_profile import table
+        print(table([rep["results"][v] for v in wanted if v in rep["results"]]))
     log(f"wrote {out_path} ({rep['wall_s']:.0f} s)")
     if chk["passed"] is False:
         log("FAILED: the first-step losses of jlora-lora and peft-lora differ by more than rtol")
