@@ -327,7 +327,7 @@ class Hlo:
                     kinds[k] = kinds.get(k, 0) + 1
         return {"custom_call_targets": dict(sorted(targets.items())), "fusion_kinds": dict(sorted(kinds.items()))}
 
-    def _called_ops(self, comp, seen=None):
+    def called_ops(self, comp, seen=None):
         """All instructions of ``comp`` and of the computations it calls (nested fusions)."""
         seen = set() if seen is None else seen
         if comp in seen or comp not in self.comps:
@@ -336,14 +336,14 @@ class Hlo:
         out = list(self.comps[comp])
         for ins in self.comps[comp]:
             for callee in ins["calls"]:
-                out += self._called_ops(callee, seen)
+                out += self.called_ops(callee, seen)
         return out
 
     def _is_gemm(self, ins):
         if ins["op"] == "custom-call" and ins["target"] and ("gemm" in ins["target"] or "matmul" in ins["target"]):
             return True
         if ins["op"] == "fusion" and ins["calls"]:
-            return any(o["op"] == "dot" for o in self._called_ops(ins["calls"][0]))
+            return any(o["op"] == "dot" for o in self.called_ops(ins["calls"][0]))
         return False
 
     def _direction(self, comp, ins):
@@ -373,7 +373,7 @@ class Hlo:
             for ins in ins_list:
                 if ins["op"] != "fusion" or not ins["calls"]:
                     continue
-                inner = self._called_ops(ins["calls"][0])
+                inner = self.called_ops(ins["calls"][0])
                 has_u8 = any(o["op"] == "parameter" and o["shape"].startswith("u8[") for o in inner)
                 if not has_u8:
                     continue

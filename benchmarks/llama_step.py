@@ -561,7 +561,8 @@ def child_jlora(cfg):
               "trainable_bytes": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(trainable))),
               "frozen_bytes": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(frozen)))}
     ids = np.load(os.path.join(cfg["weights_dir"], "batch.npz"))["input_ids"].astype(np.int32)
-    batch = jax.device_put({"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}, dev)
+    host_batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
+    batch = jax.device_put(host_batch, dev)
     jax.block_until_ready((trainable, frozen, batch))
     setup_s = time.perf_counter() - t0
 
@@ -569,7 +570,7 @@ def child_jlora(cfg):
     # as `jlora train` does: no attention mask where the loss cannot tell (right padding, no label on
     # a padded position; here an all-ones mask), so cuDNN gets no dense bias
     from jlora.cli.tasks_lm import mask_is_redundant
-    use_mask = not mask_is_redundant({"attention_mask": np.ones_like(ids), "labels": ids})
+    use_mask = not mask_is_redundant(host_batch)
 
     def loss_fn(p, b, key):
         loss, n = lifted(p, b["input_ids"], b["labels"], b["attention_mask"] if use_mask else None, method="loss",

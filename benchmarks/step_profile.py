@@ -48,12 +48,9 @@ def index_hlo(text):
     return {i["name"]: i for ins in hlo.comps.values() for i in ins}, hlo
 
 
-def _contains(hlo, comp, opcodes, depth=0):
-    """Does computation ``comp`` (or one it calls) hold an instruction with one of ``opcodes``?"""
-    if comp not in hlo.comps or depth > 4:
-        return False
-    return any(i["op"] in opcodes or any(_contains(hlo, c, opcodes, depth + 1) for c in i["calls"])
-               for i in hlo.comps[comp])
+def _contains(hlo, ins, opcodes):
+    """Does a computation ``ins`` calls (or one nested in it) hold an instruction with one of ``opcodes``?"""
+    return any(o["op"] in opcodes for c in ins["calls"] for o in hlo.called_ops(c))
 
 
 def _root_opcode(hlo, comp):
@@ -70,7 +67,7 @@ def classify_hlo(name, instrs, hlo, vocab):
         return "parent"
     op, opcode = i["op_name"], i["op"]
     matmul = opcode in ("dot", "convolution") or (
-        opcode in ("fusion", "custom-call") and any(_contains(hlo, c, {"dot", "convolution"}) for c in i["calls"]))
+        opcode in ("fusion", "custom-call") and _contains(hlo, i, {"dot", "convolution"}))
     if opcode == "custom-call" and re.search(r"gemm|matmul|cublas", name + op, re.I):
         matmul = True
     in_grad = "jvp(" in op or "transpose(" in op
@@ -89,7 +86,7 @@ def classify_hlo(name, instrs, hlo, vocab):
         return "attention core"
     if "/model/" in op or "/layers/" in op:
         return "elementwise"
-    if ".loss" in op or "loss" in op:
+    if "loss" in op:
         return "loss"
     return "other"
 
@@ -101,6 +98,12 @@ def _trace_events(trace_dir):
     with gzip.open(files[-1], "rt") as f:
         data = json.load(f)
     return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def _add(per_op, key, cat, us, detail):
+    """Accumulates one event's time under ``key`` (its category and detail from the first event)."""
+    cat, total, detail = per_op.get(key, (cat, 0.0, detail))
+    per_op[key] = (cat, total + us, detail)
 
 
 def summarise(per_op, n_steps, step_ms, top):
@@ -128,13 +131,15 @@ def jax_profile(run_step, n_steps, hlo_text, trace_dir, vocab, step_ms=None, top
         for _ in range(n_steps):
             run_step()
     instrs, hlo = index_hlo(hlo_text)
-    per_op = {}
+    per_op, cats = {}, {}
     unmatched = collections.Counter()
     for e in _trace_events(trace_dir):
         if e.get("ph") != "X":
             continue
         name = e.get("name", "")
-        cat = classify_hlo(name, instrs, hlo, vocab)
+        if name not in cats:   # an instruction runs once per step per loop trip: classify it once
+            cats[name] = classify_hlo(name, instrs, hlo, vocab)
+        cat = cats[name]
         if cat == "parent":
             continue
         if cat is None:
@@ -142,8 +147,7 @@ def jax_profile(run_step, n_steps, hlo_text, trace_dir, vocab, step_ms=None, top
                 continue   # Python frames, the executor's own spans, thread-pool waits
             unmatched[name] += e.get("dur", 0)
             continue
-        prev = per_op.get(name, (cat, 0.0, instrs[name]["op_name"]))
-        per_op[name] = (cat, prev[1] + e.get("dur", 0), prev[2])
+        _add(per_op, name, cat, e.get("dur", 0), instrs[name]["op_name"])
     out = summarise(per_op, n_steps, step_ms, top)
     out["unmatched_events_ms_per_step"] = {k: round(v / 1e3 / n_steps, 3) for k, v in unmatched.most_common(8)}
     out["profiler"] = "jax.profiler.trace (per-HLO-instruction events), names looked up in compiled.as_text()"
@@ -171,9 +175,7 @@ def torch_profile(run_step, n_steps, vocab, step_ms=None, top=25):
     with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(n_steps):
             run_step()
-    # ops under the "optimizer" range: the range's own total, minus nothing (its children are not
-    # attributed elsewhere because they are only counted through the range)
-    opt_children = set()
+    # every op inside an "optimizer" range counts as optimizer time, whatever it is
     events = prof.events()
     opt_ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == "optimizer"]
 
@@ -188,7 +190,6 @@ def torch_profile(run_step, n_steps, vocab, step_ms=None, top=25):
             else e.self_cpu_time_total
         if in_optimizer(e):
             cat = "optimizer"
-            opt_children.add(e.name)
         else:
             shapes = str(getattr(e, "input_shapes", ""))
             cat = "other"
@@ -200,9 +201,7 @@ def torch_profile(run_step, n_steps, vocab, step_ms=None, top=25):
                 cat = "head matmul"
             if cat == "elementwise" and re.search(r"Backward|autograd", e.name):
                 cat = "other"
-        key = f"{e.name} {getattr(e, 'input_shapes', '')}"[:160]
-        prev = per_op.get(key, (cat, 0.0, e.name))
-        per_op[key] = (cat, prev[1] + us, prev[2])
+        _add(per_op, f"{e.name} {getattr(e, 'input_shapes', '')}"[:160], cat, us, e.name)
     out = summarise(per_op, n_steps, step_ms, top)
     out["profiler"] = "torch.profiler (self time per op, record_shapes)"
     return out

@@ -83,17 +83,15 @@ def main(args: argparse.Namespace, load_run) -> int:
     """Runs ``jlora analyze`` for parsed ``args`` (see :func:`add_parser`); returns the exit status.
     ``load_run(dir) -> (config, task, adapted)`` is :func:`jlora.cli._load_run` (passed in: jlora.cli
     imports this module)."""
-    _load_run = load_run
-
     if args.top_r is not None and args.top_r < 1:
         raise SystemExit(f"jlora: --top-r must be a positive number of directions, got {args.top_r}")
-    cfg, task, adapted = _load_run(args.run)
+    cfg, task, adapted = load_run(args.run)
     nodes = _check_has_delta(args.run, cfg, adapted)
     # PiSSA / OLoRA keep a residual as the frozen base: ΔW is measured from the pretrained weights
     base_params = task.params if any(rewrites_base(m) for n in nodes for _, m in n.adapters) else None
     other = None
     if args.compare:
-        cfg2, _, other = _load_run(args.compare)
+        cfg2, _, other = load_run(args.compare)
         if str(cfg2.get("model")) != str(cfg.get("model")):
             raise SystemExit(f"jlora: --compare {args.compare} fine-tunes the model {cfg2.get('model')!r}, but --run "
                              f"{args.run} fine-tunes {cfg.get('model')!r}; φ compares adapters of the same model")

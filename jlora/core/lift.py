@@ -392,14 +392,13 @@ def _lora_matmul_bwd(precision, preferred, res, g):
     gb = _mm(g, b.astype(dt).T, precision, preferred)                                            # (T, r)
     dx = _mm(gb.astype(dt), a.astype(dt).T, precision, preferred)                                # (T, in)
 
-    def over_tokens(small, big, barrier):   # small (T, r), big (T, d) -> small^T @ big, (r, d)
-        t = small.astype(dt).T
-        return _mm(lax.optimization_barrier(t) if barrier else t, big.astype(dt), precision, preferred)
+    def factor_grads(barrier):   # (xa^T @ g, gb^T @ x): (T, r) and (T, d) -> (r, d), twice
+        def over_tokens(small, big):
+            t = small.astype(dt).T
+            return _mm(lax.optimization_barrier(t) if barrier else t, big.astype(dt), precision, preferred)
+        return lambda xa, g, gb, x: (over_tokens(xa, g), over_tokens(gb, x))
 
-    db, da_t = lax.platform_dependent(xa, g, gb, x, cpu=lambda *v: (over_tokens(v[0], v[1], True),
-                                                                   over_tokens(v[2], v[3], True)),
-                                      default=lambda *v: (over_tokens(v[0], v[1], False),
-                                                          over_tokens(v[2], v[3], False)))
+    db, da_t = lax.platform_dependent(xa, g, gb, x, cpu=factor_grads(True), default=factor_grads(False))
     return dx.astype(x.dtype), da_t.T.astype(a.dtype), db.astype(b.dtype)
 
 
